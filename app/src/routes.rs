@@ -1,0 +1,542 @@
+//! Request routing: the worker's routes, their responses, and the state they share.
+//!
+//! | route          | methods   | answer                                                        |
+//! |----------------|-----------|---------------------------------------------------------------|
+//! | `/`            | GET, HEAD | home page: guest, or signed in for a verified identity        |
+//! | `/api/hello`   | GET, HEAD | `{"message", "timestamp", "worker"}`                           |
+//! | `/api/me`      | GET, HEAD | the verified identity + `worker`, or 401                      |
+//! | `/healthz`     | GET, HEAD | `ok` (200), or 503 once shutdown has begun                    |
+//! | anything else  |           | 404 JSON; a known path with another method gets 405 + `Allow` |
+//!
+//! [`handle`] is a plain function of the request head and [`AppState`], so tests call it without a
+//! socket; [`crate::server`] adds the configured delay and runs it under hyper.
+
+use std::fmt::{self, Write as _};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use serde::Serialize;
+
+use crate::identity::{verify_assertion, Identity, IDENTITY_HEADER};
+use crate::page::HomePage;
+
+/// One literal for [`HELLO_MESSAGE`] and the precomputed head of the hello JSON.
+macro_rules! hello_message {
+    () => {
+        "Hello, Custodia... This is Pascal!!!"
+    };
+}
+
+/// The greeting the seed's `/` returned ("Hello, Flask...") with the project's name.
+pub const HELLO_MESSAGE: &str = hello_message!();
+
+/// `{"message":"…","timestamp":"`: the constant head of the hello JSON (the message needs no
+/// JSON escaping).
+const HELLO_HEAD: &str = concat!(r#"{"message":""#, hello_message!(), r#"","timestamp":""#);
+
+const HTML: HeaderValue = HeaderValue::from_static("text/html; charset=utf-8");
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
+const TEXT: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
+const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
+const NO_CACHE: HeaderValue = HeaderValue::from_static("no-cache");
+const GET_HEAD: HeaderValue = HeaderValue::from_static("GET, HEAD");
+
+/// What a worker is told at startup; [`AppState::new`] turns it into the runtime state.
+#[derive(Clone, Default)]
+pub struct AppSettings {
+    /// Reported as `worker` in JSON answers; the CLI defaults it to the bound address.
+    pub worker_id: String,
+    /// Fixed delay before every response except `/healthz` (the "slow worker" knob).
+    pub delay: Duration,
+    /// HMAC key for identity assertions; `None` means every request is a guest.
+    pub assertion_key: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for AppSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AppSettings")
+            .field("worker_id", &self.worker_id)
+            .field("delay", &self.delay)
+            .field(
+                "assertion_key",
+                &self
+                    .assertion_key
+                    .as_ref()
+                    .map(|k| format!("<{} bytes>", k.len())),
+            )
+            .finish()
+    }
+}
+
+/// Everything a request needs, built once per worker and shared by all connections.
+pub struct AppState {
+    settings: AppSettings,
+    page: HomePage,
+    /// `","worker":"<id>"}`: the constant tail of the hello JSON, worker id already escaped.
+    hello_tail: String,
+    shutting_down: AtomicBool,
+    in_flight: AtomicUsize,
+}
+
+impl fmt::Debug for AppState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AppState")
+            .field("settings", &self.settings)
+            .field("shutting_down", &self.is_shutting_down())
+            .field("in_flight", &self.in_flight())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AppState {
+    /// Precomputes the guest page and the constant parts of the JSON answers.
+    pub fn new(settings: AppSettings) -> Self {
+        let worker_json = serde_json::Value::from(settings.worker_id.as_str()).to_string();
+        AppState {
+            hello_tail: format!(r#"","worker":{worker_json}}}"#),
+            page: HomePage::new(),
+            settings,
+            shutting_down: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn worker_id(&self) -> &str {
+        &self.settings.worker_id
+    }
+
+    pub fn delay(&self) -> Duration {
+        self.settings.delay
+    }
+
+    /// Whether identity assertions are checked (a key is configured).
+    pub fn verifies_identity(&self) -> bool {
+        self.settings.assertion_key.is_some()
+    }
+
+    /// Marks the worker as draining: `/healthz` answers 503 from now on.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Requests currently being answered (including any delay).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request as in flight until the guard is dropped (answered or cancelled).
+    pub(crate) fn track_request(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(&self.in_flight)
+    }
+
+    /// The identity vouched for by a valid assertion header, if a key is configured.
+    /// `X-Forwarded-User` and friends are never looked at. More than one assertion header, or
+    /// an invalid one, means guest.
+    fn verified_identity<B>(&self, req: &Request<B>, now_unix: u64) -> Option<Identity> {
+        let key = self.settings.assertion_key.as_deref()?;
+        let mut values = req.headers().get_all(IDENTITY_HEADER).iter();
+        let (Some(value), None) = (values.next(), values.next()) else {
+            return None;
+        };
+        let token = value.to_str().ok()?;
+        match verify_assertion(token, key, now_unix) {
+            Ok(identity) => Some(identity),
+            Err(error) => {
+                tracing::debug!(%error, "identity assertion refused; serving as guest");
+                None
+            }
+        }
+    }
+}
+
+pub(crate) struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Home,
+    Hello,
+    Me,
+    Health,
+}
+
+impl Route {
+    fn of(path: &str) -> Option<Route> {
+        match path {
+            "/" => Some(Route::Home),
+            "/api/hello" => Some(Route::Hello),
+            "/api/me" => Some(Route::Me),
+            HEALTH_PATH => Some(Route::Health),
+            _ => None,
+        }
+    }
+}
+
+/// The health check path; exempt from the configured delay.
+pub const HEALTH_PATH: &str = "/healthz";
+
+/// Answers one request from its head alone (bodies are never read), at the current time.
+pub fn handle<B>(req: &Request<B>, state: &AppState) -> Response<Full<Bytes>> {
+    handle_at(req, state, SystemTime::now())
+}
+
+/// [`handle`] at a given wall-clock time (used for `exp` checks and the hello timestamp).
+pub fn handle_at<B>(req: &Request<B>, state: &AppState, now: SystemTime) -> Response<Full<Bytes>> {
+    let Some(route) = Route::of(req.uri().path()) else {
+        return json_response(
+            StatusCode::NOT_FOUND,
+            Bytes::from_static(br#"{"error":"not found"}"#),
+        );
+    };
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut response = json_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            Bytes::from_static(br#"{"error":"method not allowed"}"#),
+        );
+        response.headers_mut().insert(ALLOW, GET_HEAD);
+        return response;
+    }
+    // A clock before 1970 is broken; clamp rather than fail the request.
+    let now = if now < UNIX_EPOCH { UNIX_EPOCH } else { now };
+    let now_unix = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    match route {
+        Route::Home => home(req, state, now_unix),
+        Route::Hello => hello(state, now),
+        Route::Me => me(req, state, now_unix),
+        Route::Health => health(state),
+    }
+}
+
+fn home<B>(req: &Request<B>, state: &AppState, now_unix: u64) -> Response<Full<Bytes>> {
+    let (body, cache) = match state.verified_identity(req, now_unix) {
+        Some(identity) => (state.page.signed_in(&identity), NO_STORE),
+        // The guest page is the same bytes for everyone, but must not be served from a browser
+        // cache after the user signs in.
+        None => (state.page.guest(), NO_CACHE),
+    };
+    let mut response = response(StatusCode::OK, HTML, body);
+    response.headers_mut().insert(CACHE_CONTROL, cache);
+    response
+}
+
+fn hello(state: &AppState, now: SystemTime) -> Response<Full<Bytes>> {
+    // "2025-01-01T00:00:00.000Z" is 24 bytes.
+    let mut body = String::with_capacity(HELLO_HEAD.len() + 24 + state.hello_tail.len());
+    body.push_str(HELLO_HEAD);
+    // Writing to a String cannot fail; humantime only refuses years past 9999 (then no timestamp).
+    let _ = write!(body, "{}", humantime::format_rfc3339_millis(now));
+    body.push_str(&state.hello_tail);
+    json_response(StatusCode::OK, Bytes::from(body))
+}
+
+#[derive(Serialize)]
+struct Me<'a> {
+    #[serde(flatten)]
+    identity: &'a Identity,
+    worker: &'a str,
+}
+
+fn me<B>(req: &Request<B>, state: &AppState, now_unix: u64) -> Response<Full<Bytes>> {
+    let Some(identity) = state.verified_identity(req, now_unix) else {
+        return json_response(
+            StatusCode::UNAUTHORIZED,
+            Bytes::from_static(br#"{"error":"unauthenticated"}"#),
+        );
+    };
+    let me = Me {
+        identity: &identity,
+        worker: state.worker_id(),
+    };
+    match serde_json::to_vec(&me) {
+        Ok(body) => {
+            let mut response = json_response(StatusCode::OK, Bytes::from(body));
+            response.headers_mut().insert(CACHE_CONTROL, NO_STORE);
+            response
+        }
+        Err(error) => {
+            tracing::error!(%error, "cannot serialise identity");
+            json_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Bytes::from_static(br#"{"error":"internal"}"#),
+            )
+        }
+    }
+}
+
+fn health(state: &AppState) -> Response<Full<Bytes>> {
+    if state.is_shutting_down() {
+        response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            TEXT,
+            Bytes::from_static(b"shutting down"),
+        )
+    } else {
+        response(StatusCode::OK, TEXT, Bytes::from_static(b"ok"))
+    }
+}
+
+fn json_response(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
+    response(status, JSON, body)
+}
+
+fn response(status: StatusCode, content_type: HeaderValue, body: Bytes) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, content_type);
+    response
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::identity::sign_assertion;
+    use http_body_util::BodyExt as _;
+
+    const KEY: &[u8] = b"routes-test-key-routes-test-key-0123";
+
+    fn state(key: Option<&[u8]>) -> AppState {
+        AppState::new(AppSettings {
+            worker_id: "w-\"1\"".into(),
+            delay: Duration::ZERO,
+            assertion_key: key.map(<[u8]>::to_vec),
+        })
+    }
+
+    fn get(path: &str) -> http::request::Builder {
+        Request::get(path)
+    }
+
+    fn body(response: Response<Full<Bytes>>) -> String {
+        let collected = ready_now(response.into_body().collect()).unwrap();
+        String::from_utf8(collected.to_bytes().to_vec()).unwrap()
+    }
+
+    /// `Full` is ready immediately, so one poll with a no-op waker collects it.
+    fn ready_now<F: std::future::Future>(future: F) -> F::Output {
+        let mut future = std::pin::pin!(future);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match future.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(output) => output,
+            std::task::Poll::Pending => panic!("Full<Bytes> body was not ready"),
+        }
+    }
+
+    fn alice() -> Identity {
+        Identity {
+            sub: "auth0|alice".into(),
+            email: Some("alice@example.com".into()),
+            name: Some("Alice <3".into()),
+            picture: None,
+        }
+    }
+
+    fn now_unix() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    fn signed(identity: &Identity, key: &[u8]) -> String {
+        sign_assertion(identity, key, now_unix(), 60)
+    }
+
+    #[test]
+    fn hello_is_json_with_message_timestamp_and_escaped_worker() {
+        let state = state(None);
+        let response = handle(&get("/api/hello").body(()).unwrap(), &state);
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()[CONTENT_TYPE], "application/json");
+        let json: serde_json::Value = serde_json::from_str(&body(response)).unwrap();
+        assert_eq!(json["message"], HELLO_MESSAGE);
+        assert_eq!(json["worker"], "w-\"1\"");
+        let timestamp = json["timestamp"].as_str().unwrap();
+        let parsed = humantime::parse_rfc3339(timestamp).unwrap();
+        assert!(SystemTime::now().duration_since(parsed).unwrap() < Duration::from_secs(60));
+        assert!(
+            timestamp.ends_with('Z') && timestamp.len() == 24,
+            "{timestamp}"
+        );
+        assert_eq!(json.as_object().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn hello_timestamp_uses_the_given_time() {
+        let at = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        let response = handle_at(&get("/api/hello").body(()).unwrap(), &state(None), at);
+        assert!(body(response).contains(r#""timestamp":"2023-11-14T22:13:20.123Z""#));
+    }
+
+    #[test]
+    fn home_is_guest_without_assertion_and_signed_in_with_one() {
+        let state = state(Some(KEY));
+        let guest = handle(&get("/").body(()).unwrap(), &state);
+        assert_eq!(guest.status(), StatusCode::OK);
+        assert_eq!(guest.headers()[CONTENT_TYPE], "text/html; charset=utf-8");
+        assert_ne!(guest.headers()[CACHE_CONTROL], "no-store");
+        assert!(body(guest).contains("Welcome.... Guest!!!"));
+
+        let req = get("/")
+            .header(IDENTITY_HEADER, signed(&alice(), KEY))
+            .body(())
+            .unwrap();
+        let response = handle(&req, &state);
+        assert_eq!(response.headers()[CACHE_CONTROL], "no-store");
+        let text = body(response);
+        assert!(
+            text.contains("Welcome to this space... Alice &lt;3!"),
+            "{text}"
+        );
+        assert!(!text.contains("Guest!!!"));
+    }
+
+    #[test]
+    fn forwarded_user_headers_alone_are_never_trusted() {
+        let state = state(Some(KEY));
+        let req = get("/")
+            .header("x-forwarded-user", "auth0|mallory")
+            .header("x-forwarded-email", "mallory@example.com")
+            .body(())
+            .unwrap();
+        assert!(body(handle(&req, &state)).contains("Welcome.... Guest!!!"));
+        let req = get("/api/me")
+            .header("x-forwarded-user", "auth0|mallory")
+            .body(())
+            .unwrap();
+        assert_eq!(handle(&req, &state).status(), StatusCode::UNAUTHORIZED);
+    }
+
+    #[test]
+    fn invalid_or_duplicated_assertions_mean_guest() {
+        let state = state(Some(KEY));
+        let forged = signed(&alice(), b"not-the-key-not-the-key-not-the-key!");
+        let req = get("/api/me")
+            .header(IDENTITY_HEADER, forged)
+            .body(())
+            .unwrap();
+        assert_eq!(handle(&req, &state).status(), StatusCode::UNAUTHORIZED);
+
+        let good = signed(&alice(), KEY);
+        let req = get("/api/me")
+            .header(IDENTITY_HEADER, good.clone())
+            .header(IDENTITY_HEADER, good)
+            .body(())
+            .unwrap();
+        assert_eq!(handle(&req, &state).status(), StatusCode::UNAUTHORIZED);
+    }
+
+    #[test]
+    fn without_a_key_even_valid_assertions_mean_guest() {
+        let state = state(None);
+        let req = get("/api/me")
+            .header(IDENTITY_HEADER, signed(&alice(), KEY))
+            .body(())
+            .unwrap();
+        assert_eq!(handle(&req, &state).status(), StatusCode::UNAUTHORIZED);
+    }
+
+    #[test]
+    fn me_is_401_without_and_the_identity_with_a_verified_assertion() {
+        let state = state(Some(KEY));
+        let response = handle(&get("/api/me").body(()).unwrap(), &state);
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(body(response), r#"{"error":"unauthenticated"}"#);
+
+        let req = get("/api/me")
+            .header(IDENTITY_HEADER, signed(&alice(), KEY))
+            .body(())
+            .unwrap();
+        let response = handle(&req, &state);
+        assert_eq!(response.status(), StatusCode::OK);
+        let json: serde_json::Value = serde_json::from_str(&body(response)).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "sub": "auth0|alice",
+                "email": "alice@example.com",
+                "name": "Alice <3",
+                "worker": "w-\"1\"",
+            })
+        );
+    }
+
+    #[test]
+    fn unknown_paths_are_404_and_wrong_methods_405() {
+        let state = state(None);
+        for path in ["/nope", "/api/hello/", "/api", "/healthz/x"] {
+            let response = handle(&get(path).body(()).unwrap(), &state);
+            assert_eq!(response.status(), StatusCode::NOT_FOUND, "{path}");
+            assert_eq!(body(response), r#"{"error":"not found"}"#);
+        }
+        for method in [Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS] {
+            let req = Request::builder()
+                .method(method.clone())
+                .uri("/api/hello")
+                .body(())
+                .unwrap();
+            let response = handle(&req, &state);
+            assert_eq!(
+                response.status(),
+                StatusCode::METHOD_NOT_ALLOWED,
+                "{method}"
+            );
+            assert_eq!(response.headers()[ALLOW], "GET, HEAD");
+            assert_eq!(response.headers()[CONTENT_TYPE], "application/json");
+        }
+    }
+
+    #[test]
+    fn head_is_answered_like_get() {
+        let state = state(None);
+        let req = Request::head("/").body(()).unwrap();
+        let response = handle(&req, &state);
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()[CONTENT_TYPE], "text/html; charset=utf-8");
+    }
+
+    #[test]
+    fn query_strings_do_not_change_the_route() {
+        let response = handle(&get("/api/hello?x=1").body(()).unwrap(), &state(None));
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+
+    #[test]
+    fn healthz_turns_503_once_shutdown_begins() {
+        let state = state(None);
+        let response = handle(&get("/healthz").body(()).unwrap(), &state);
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(body(response), "ok");
+        state.begin_shutdown();
+        let response = handle(&get("/healthz").body(()).unwrap(), &state);
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn in_flight_guard_counts_and_settings_debug_hides_the_key() {
+        let state = state(Some(KEY));
+        {
+            let _a = state.track_request();
+            let _b = state.track_request();
+            assert_eq!(state.in_flight(), 2);
+        }
+        assert_eq!(state.in_flight(), 0);
+        let debug = format!("{state:?}");
+        assert!(!debug.contains("routes-test-key"), "{debug}");
+        assert!(debug.contains("36 bytes"), "{debug}");
+    }
+}
