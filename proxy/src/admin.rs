@@ -1,0 +1,91 @@
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, served apart from public traffic.
+
+use async_trait::async_trait;
+use http::{Response, StatusCode};
+use pingora_core::apps::http_app::ServeHttp;
+use pingora_core::protocols::http::ServerSession;
+use prometheus::{Encoder, Registry, TextEncoder};
+
+use crate::runtime::SharedRuntime;
+
+pub struct AdminApp {
+    runtime: SharedRuntime,
+    registry: Registry,
+}
+
+impl AdminApp {
+    pub fn new(runtime: SharedRuntime) -> AdminApp {
+        let registry = crate::metrics::registry(runtime.clone());
+        AdminApp { runtime, registry }
+    }
+
+    /// Why the proxy cannot serve traffic right now, if it cannot.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        let runtime = self.runtime.load();
+        let pool = &runtime.pool;
+        if pool.healthy_count() == 0 {
+            return Some(format!(
+                "no healthy backend (0 of {} pass health checks)",
+                pool.members().len()
+            ));
+        }
+        None
+    }
+
+    fn metrics(&self) -> Response<Vec<u8>> {
+        let encoder = TextEncoder::new();
+        let mut body = Vec::with_capacity(8 * 1024);
+        match encoder.encode(&self.registry.gather(), &mut body) {
+            Ok(()) => reply(StatusCode::OK, encoder.format_type(), body),
+            Err(e) => reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain; charset=utf-8",
+                format!("cannot encode metrics: {e}\n").into_bytes(),
+            ),
+        }
+    }
+}
+
+fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    if let Ok(value) = http::HeaderValue::from_str(content_type) {
+        response
+            .headers_mut()
+            .insert(http::header::CONTENT_TYPE, value);
+    }
+    let len = response.body().len();
+    response
+        .headers_mut()
+        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+    response
+}
+
+fn text(status: StatusCode, body: String) -> Response<Vec<u8>> {
+    reply(status, "text/plain; charset=utf-8", body.into_bytes())
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let req = session.req_header();
+        if req.method != http::Method::GET && req.method != http::Method::HEAD {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into());
+        }
+        match req.uri.path() {
+            "/metrics" => self.metrics(),
+            "/healthz" => text(StatusCode::OK, "ok\n".into()),
+            "/readyz" => match self.not_ready_reason() {
+                None => text(StatusCode::OK, "ready\n".into()),
+                Some(reason) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {reason}\n"),
+                ),
+            },
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found: try /metrics, /healthz or /readyz\n".into(),
+            ),
+        }
+    }
+}

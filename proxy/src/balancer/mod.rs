@@ -1,0 +1,76 @@
+//! Backend pool: which workers exist, how busy and how healthy each is, and how one is chosen.
+//!
+//! Per-backend state ([`BackendSlot`]) lives outside the pool snapshot ([`Pool`]) and is shared
+//! through the [`SlotRegistry`], so the in-flight counters and health of a backend survive a
+//! rebuilt pool (reload, re-resolution). Choosing a backend hands out a [`Lease`]: the in-flight
+//! count goes up once when it is taken and down exactly once when it is dropped — also when the
+//! request fails or the client goes away.
+
+pub mod health;
+mod least_conn;
+mod round_robin;
+mod slot;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crate::config::Balance;
+pub use slot::{BackendSlot, Lease, SlotRegistry};
+
+/// A backend in the current pool with its configured weight.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub slot: Arc<BackendSlot>,
+    pub weight: u32,
+}
+
+/// An immutable snapshot of the pool, swapped whole on reload.
+#[derive(Debug)]
+pub struct Pool {
+    members: Box<[Member]>,
+    balance: Balance,
+    /// Weighted round-robin sequence of member indexes (round_robin only).
+    rr_order: Box<[usize]>,
+    rr_cursor: AtomicUsize,
+}
+
+impl Pool {
+    pub fn new(members: Vec<Member>, balance: Balance) -> Pool {
+        let rr_order = round_robin::weighted_order(&members);
+        Pool {
+            members: members.into_boxed_slice(),
+            balance,
+            rr_order,
+            rr_cursor: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn members(&self) -> &[Member] {
+        &self.members
+    }
+
+    pub fn balance(&self) -> Balance {
+        self.balance
+    }
+
+    /// Number of backends currently considered healthy.
+    pub fn healthy_count(&self) -> usize {
+        self.members.iter().filter(|m| m.slot.is_healthy()).count()
+    }
+
+    /// Choose a healthy backend not in `exclude` and take a lease on it.
+    pub fn pick(&self, exclude: &[SocketAddr]) -> Option<Lease> {
+        let member = match self.balance {
+            Balance::LeastConn => least_conn::pick(&self.members, exclude),
+            Balance::RoundRobin => {
+                let start = self.rr_cursor.fetch_add(1, Ordering::Relaxed);
+                round_robin::pick(&self.members, &self.rr_order, start, exclude)
+            }
+        }?;
+        Some(Lease::take(&member.slot, member.weight))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,143 @@
+//! Per-backend state that outlives pool snapshots: in-flight count, health, pick counters.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+/// Live state of one backend address.
+#[derive(Debug)]
+pub struct BackendSlot {
+    pub addr: SocketAddr,
+    /// `addr` as text, computed once (logs, metrics, headers).
+    pub label: String,
+    in_flight: AtomicUsize,
+    /// Total times chosen (a monotonic counter for metrics).
+    selected: AtomicU64,
+    /// Tie-breaker for least_conn: picks normalised by weight, so that equal loads are shared
+    /// in proportion to weight rather than by position in the list.
+    virtual_picks: AtomicU64,
+    healthy: AtomicBool,
+    /// Consecutive health results that disagree with `healthy`.
+    streak: AtomicU32,
+}
+
+impl BackendSlot {
+    fn new(addr: SocketAddr, virtual_picks: u64) -> BackendSlot {
+        BackendSlot {
+            addr,
+            label: addr.to_string(),
+            in_flight: AtomicUsize::new(0),
+            selected: AtomicU64::new(0),
+            virtual_picks: AtomicU64::new(virtual_picks),
+            // Like nginx and Pingora: usable until a check says otherwise.
+            healthy: AtomicBool::new(true),
+            streak: AtomicU32::new(0),
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn selected_total(&self) -> u64 {
+        self.selected.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn virtual_picks(&self) -> u64 {
+        self.virtual_picks.load(Ordering::Relaxed)
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Record an active health-check result; returns `Some(new_state)` when the state flips
+    /// after `rise` consecutive successes or `fall` consecutive failures.
+    pub fn observe_health(&self, success: bool, rise: u32, fall: u32) -> Option<bool> {
+        let healthy = self.is_healthy();
+        if success == healthy {
+            self.streak.store(0, Ordering::Relaxed);
+            return None;
+        }
+        let streak = self.streak.fetch_add(1, Ordering::Relaxed) + 1;
+        let threshold = if success { rise } else { fall };
+        if streak >= threshold {
+            self.healthy.store(success, Ordering::Relaxed);
+            self.streak.store(0, Ordering::Relaxed);
+            Some(success)
+        } else {
+            None
+        }
+    }
+
+    /// A request could not connect: take the backend out at once (passive check, like nginx's
+    /// `max_fails=1`); the active checks bring it back after `healthy_after` successes.
+    /// Returns true when this call flipped it.
+    pub fn mark_failed(&self) -> bool {
+        self.streak.store(0, Ordering::Relaxed);
+        self.healthy.swap(false, Ordering::Relaxed)
+    }
+}
+
+/// An in-flight request on a backend. Dropping it releases the count exactly once.
+#[derive(Debug)]
+pub struct Lease {
+    slot: Arc<BackendSlot>,
+}
+
+impl Lease {
+    pub(crate) fn take(slot: &Arc<BackendSlot>, weight: u32) -> Lease {
+        slot.in_flight.fetch_add(1, Ordering::Relaxed);
+        slot.selected.fetch_add(1, Ordering::Relaxed);
+        // Weighted: a weight-2 backend advances half as fast, so it wins twice as many ties.
+        slot.virtual_picks
+            .fetch_add(u64::from(WEIGHT_SCALE / weight.max(1)), Ordering::Relaxed);
+        Lease { slot: slot.clone() }
+    }
+
+    pub fn slot(&self) -> &Arc<BackendSlot> {
+        &self.slot
+    }
+}
+
+/// Fixed-point scale for weight-normalised pick counts (weights up to this value stay exact).
+const WEIGHT_SCALE: u32 = 720_720; // divisible by 1..=16
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.slot.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Hands out one [`BackendSlot`] per address, the same one for as long as any pool or lease
+/// still uses it.
+#[derive(Debug, Default)]
+pub struct SlotRegistry {
+    slots: Mutex<HashMap<SocketAddr, Weak<BackendSlot>>>,
+}
+
+impl SlotRegistry {
+    pub fn new() -> SlotRegistry {
+        SlotRegistry::default()
+    }
+
+    /// The slot for `addr`, created if needed. A new slot starts with the smallest pick count
+    /// among live slots so it does not receive a burst of tie-broken traffic to "catch up".
+    pub fn slot(&self, addr: SocketAddr) -> Arc<BackendSlot> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(existing) = slots.get(&addr).and_then(Weak::upgrade) {
+            return existing;
+        }
+        slots.retain(|_, weak| weak.strong_count() > 0);
+        let floor = slots
+            .values()
+            .filter_map(Weak::upgrade)
+            .map(|s| s.virtual_picks())
+            .min()
+            .unwrap_or(0);
+        let slot = Arc::new(BackendSlot::new(addr, floor));
+        slots.insert(addr, Arc::downgrade(&slot));
+        slot
+    }
+}

@@ -1,0 +1,337 @@
+//! The TOML file as operators write it: serde structs only, every default documented here.
+//!
+//! Values that can be checked on their own (durations, addresses, non-zero counts, paths) are
+//! checked while deserializing, so their errors carry the key and the line. Checks that span
+//! several keys live in [`super::validate`].
+
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub server: ServerSection,
+    pub upstream: UpstreamSection,
+    /// Absent: no admin listener.
+    pub admin: Option<AdminSection>,
+}
+
+/// `[admin]`: metrics and probes for operators, never on the public listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Default `127.0.0.1:9090`.
+    #[serde(default = "defaults::admin_listen")]
+    pub listen: Address,
+}
+
+/// `[server]`: the public listener and the process.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// One address or a list; default `127.0.0.1:8080`.
+    pub listen: Listen,
+    /// Worker threads; 0 (default) = one per core.
+    pub threads: usize,
+    /// How long SIGTERM lets in-flight requests finish; default 5 s.
+    pub grace_period: HumanDuration,
+    /// Idle time after which a downstream keep-alive connection is closed; default 60 s.
+    pub keepalive_timeout: HumanDuration,
+    /// Pid file, used by `--reload` and upgrades; default `/tmp/custodia-proxy.pid`.
+    pub pid_file: String,
+    /// Unix socket over which `--upgrade` takes the listeners over; default
+    /// `/tmp/custodia-proxy-upgrade.sock`.
+    pub upgrade_sock: String,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            listen: Listen(vec![Address(std::net::SocketAddr::from((
+                [127, 0, 0, 1],
+                8080,
+            )))]),
+            threads: 0,
+            grace_period: HumanDuration(Duration::from_secs(5)),
+            keepalive_timeout: HumanDuration(Duration::from_secs(60)),
+            pid_file: "/tmp/custodia-proxy.pid".into(),
+            upgrade_sock: "/tmp/custodia-proxy-upgrade.sock".into(),
+        }
+    }
+}
+
+/// `[upstream]`: the app workers and how requests reach them.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    /// `least_conn` (default) or `round_robin`.
+    #[serde(default)]
+    pub balance: BalanceName,
+    /// `"host:port"` or `{ addr = "host:port", weight = N }`; at least one.
+    pub backends: Spanned<Vec<BackendEntry>>,
+    /// Default 10 s, like the seed's nginx `proxy_connect_timeout`.
+    #[serde(default = "defaults::connect_timeout")]
+    pub connect_timeout: HumanDuration,
+    /// Default 30 s (nginx `proxy_read_timeout`).
+    #[serde(default = "defaults::read_timeout")]
+    pub read_timeout: HumanDuration,
+    /// Default 30 s (nginx `proxy_send_timeout`).
+    #[serde(default = "defaults::send_timeout")]
+    pub send_timeout: HumanDuration,
+    /// Idle upstream keep-alive connections are closed after this; default 60 s.
+    #[serde(default = "defaults::idle_timeout")]
+    pub idle_timeout: HumanDuration,
+    /// How many times a failed attempt may be retried on another backend; default 2.
+    #[serde(default = "defaults::retries")]
+    pub retries: u32,
+    #[serde(default)]
+    pub health: HealthSection,
+}
+
+/// `[upstream.health]`: active HTTP health checks.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthSection {
+    pub path: UrlPath,
+    pub interval: HumanDuration,
+    pub timeout: HumanDuration,
+    pub healthy_after: NonZeroU32,
+    pub unhealthy_after: NonZeroU32,
+}
+
+impl Default for HealthSection {
+    fn default() -> Self {
+        HealthSection {
+            path: UrlPath("/healthz".into()),
+            interval: HumanDuration(Duration::from_secs(2)),
+            timeout: HumanDuration(Duration::from_secs(1)),
+            healthy_after: TWO,
+            unhealthy_after: TWO,
+        }
+    }
+}
+
+const TWO: NonZeroU32 = NonZeroU32::MIN.saturating_add(1);
+
+mod defaults {
+    use super::HumanDuration;
+    use std::time::Duration;
+
+    pub fn connect_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(10))
+    }
+    pub fn read_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(30))
+    }
+    pub fn send_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(30))
+    }
+    pub fn idle_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(60))
+    }
+    pub fn retries() -> u32 {
+        2
+    }
+    pub fn admin_listen() -> super::Address {
+        super::Address(std::net::SocketAddr::from(([127, 0, 0, 1], 9090)))
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalanceName {
+    #[default]
+    LeastConn,
+    RoundRobin,
+}
+
+/// A backend as written: a bare address or a table with a weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendEntry {
+    pub addr: HostPort,
+    pub weight: NonZeroU32,
+}
+
+impl<'de> Deserialize<'de> for BackendEntry {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            addr: HostPort,
+            #[serde(default = "one")]
+            weight: NonZeroU32,
+        }
+        fn one() -> NonZeroU32 {
+            NonZeroU32::MIN
+        }
+
+        struct EntryVisitor;
+        impl<'de> Visitor<'de> for EntryVisitor {
+            type Value = BackendEntry;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(r#""host:port" or { addr = "host:port", weight = N }"#)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<BackendEntry, E> {
+                Ok(BackendEntry {
+                    addr: HostPort::parse(v).map_err(E::custom)?,
+                    weight: NonZeroU32::MIN,
+                })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<BackendEntry, A::Error> {
+                let t = Table::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(BackendEntry {
+                    addr: t.addr,
+                    weight: t.weight,
+                })
+            }
+        }
+        deserializer.deserialize_any(EntryVisitor)
+    }
+}
+
+/// `host:port` where host is an IP address or a DNS name (resolved at startup).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+impl HostPort {
+    pub fn parse(text: &str) -> Result<HostPort, String> {
+        if let Ok(addr) = text.parse::<std::net::SocketAddr>() {
+            return Ok(HostPort {
+                host: addr.ip().to_string(),
+                port: addr.port(),
+            });
+        }
+        let bad = || {
+            format!("invalid address `{text}`: expected \"host:port\", e.g. \"127.0.0.1:9001\" or \"app:8000\"")
+        };
+        let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let valid_name = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            });
+        if !valid_name || port == 0 {
+            return Err(bad());
+        }
+        Ok(HostPort {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for HostPort {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        HostPort::parse(&text).map_err(de::Error::custom)
+    }
+}
+
+impl std::fmt::Display for HostPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// A literal `IP:port` socket address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Address(pub std::net::SocketAddr);
+
+impl<'de> Deserialize<'de> for Address {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map(Address).map_err(|_| {
+            de::Error::custom(format!(
+                "invalid listen address `{text}`: expected \"IP:port\", e.g. \"127.0.0.1:8080\" or \"0.0.0.0:8080\""
+            ))
+        })
+    }
+}
+
+/// `listen = "addr"` or `listen = ["addr", ...]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listen(pub Vec<Address>);
+
+impl<'de> Deserialize<'de> for Listen {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ListenVisitor;
+        impl<'de> Visitor<'de> for ListenVisitor {
+            type Value = Listen;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(r#"an address "IP:port" or a list of them"#)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Listen, E> {
+                let addr = Address::deserialize(de::value::StrDeserializer::<E>::new(v))?;
+                Ok(Listen(vec![addr]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Listen, A::Error> {
+                let mut all = Vec::new();
+                while let Some(addr) = seq.next_element::<Address>()? {
+                    all.push(addr);
+                }
+                if all.is_empty() {
+                    return Err(de::Error::custom("the listen list is empty"));
+                }
+                Ok(Listen(all))
+            }
+        }
+        deserializer.deserialize_any(ListenVisitor)
+    }
+}
+
+/// A duration written the human way: `"10s"`, `"500ms"`, `"2m"`, `"1h 30m"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text)
+            .map(HumanDuration)
+            .map_err(|e| {
+                de::Error::custom(format!(
+                    "invalid duration `{text}` ({e}): expected e.g. \"10s\", \"500ms\", \"2m\""
+                ))
+            })
+    }
+}
+
+/// An absolute URL path such as `/healthz`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UrlPath(pub String);
+
+impl<'de> Deserialize<'de> for UrlPath {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        let ok = text.starts_with('/')
+            && !text.starts_with("//")
+            && text.bytes().all(|b| b.is_ascii_graphic());
+        if ok {
+            Ok(UrlPath(text))
+        } else {
+            Err(de::Error::custom(format!(
+                "invalid path `{text}`: expected an absolute path such as \"/healthz\""
+            )))
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! The validated runtime model: what the request path reads. Built only by [`super::validate`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// Where the configuration came from (for messages).
+    pub source: PathBuf,
+    pub server: ServerSettings,
+    pub upstream: UpstreamSettings,
+    pub admin: Option<AdminSettings>,
+}
+
+/// The operators' listener: `/metrics`, `/healthz`, `/readyz`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminSettings {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    pub listen: Vec<SocketAddr>,
+    /// Resolved: never 0.
+    pub threads: usize,
+    pub grace_period: Duration,
+    pub keepalive_timeout: Duration,
+    pub pid_file: PathBuf,
+    pub upgrade_sock: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    LeastConn,
+    RoundRobin,
+}
+
+impl Balance {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::LeastConn => "least_conn",
+            Balance::RoundRobin => "round_robin",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamSettings {
+    pub balance: Balance,
+    pub backends: Vec<BackendTarget>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub send_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub retries: u32,
+    pub health: HealthSettings,
+}
+
+/// One configured backend: an address as written (IP or DNS name) and its weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendTarget {
+    pub host: String,
+    pub port: u16,
+    pub weight: u32,
+}
+
+impl std::fmt::Display for BackendTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthSettings {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_after: u32,
+    pub unhealthy_after: u32,
+}

@@ -1,0 +1,174 @@
+//! Tests of parsing and validation: whole-model comparison and error messages.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::*;
+
+fn parse_str(text: &str) -> Result<ProxyConfig, ConfigError> {
+    parse(text, Path::new("test.toml"))
+}
+
+fn error_of(text: &str) -> String {
+    parse_str(text).unwrap_err().to_string()
+}
+
+#[test]
+fn a_full_file_becomes_the_expected_model() {
+    let text = r#"
+[server]
+listen = ["127.0.0.1:8080", "127.0.0.1:8081"]
+threads = 3
+grace_period = "2s"
+keepalive_timeout = "15s"
+pid_file = "/tmp/x.pid"
+upgrade_sock = "/tmp/x.sock"
+
+[upstream]
+balance = "round_robin"
+backends = ["127.0.0.1:9001", { addr = "127.0.0.1:9002", weight = 2 }]
+connect_timeout = "1s"
+read_timeout = "2s"
+send_timeout = "3s"
+idle_timeout = "4s"
+retries = 5
+
+[upstream.health]
+path = "/up"
+interval = "500ms"
+timeout = "250ms"
+healthy_after = 1
+unhealthy_after = 3
+
+[admin]
+listen = "127.0.0.1:9191"
+"#;
+    let expected = ProxyConfig {
+        source: "test.toml".into(),
+        admin: Some(AdminSettings {
+            listen: "127.0.0.1:9191".parse().unwrap(),
+        }),
+        server: ServerSettings {
+            listen: vec![
+                "127.0.0.1:8080".parse().unwrap(),
+                "127.0.0.1:8081".parse().unwrap(),
+            ],
+            threads: 3,
+            grace_period: Duration::from_secs(2),
+            keepalive_timeout: Duration::from_secs(15),
+            pid_file: "/tmp/x.pid".into(),
+            upgrade_sock: "/tmp/x.sock".into(),
+        },
+        upstream: UpstreamSettings {
+            balance: Balance::RoundRobin,
+            backends: vec![
+                BackendTarget {
+                    host: "127.0.0.1".into(),
+                    port: 9001,
+                    weight: 1,
+                },
+                BackendTarget {
+                    host: "127.0.0.1".into(),
+                    port: 9002,
+                    weight: 2,
+                },
+            ],
+            connect_timeout: Duration::from_secs(1),
+            read_timeout: Duration::from_secs(2),
+            send_timeout: Duration::from_secs(3),
+            idle_timeout: Duration::from_secs(4),
+            retries: 5,
+            health: HealthSettings {
+                path: "/up".into(),
+                interval: Duration::from_millis(500),
+                timeout: Duration::from_millis(250),
+                healthy_after: 1,
+                unhealthy_after: 3,
+            },
+        },
+    };
+    assert_eq!(parse_str(text).unwrap(), expected);
+}
+
+#[test]
+fn defaults_follow_the_seed_nginx() {
+    let c = parse_str("[upstream]\nbackends = [\"app:8000\"]\n").unwrap();
+    assert_eq!(c.server.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
+    assert!(c.server.threads >= 1, "0 resolves to the core count");
+    assert_eq!(c.upstream.balance, Balance::LeastConn);
+    assert_eq!(c.upstream.connect_timeout, Duration::from_secs(10));
+    assert_eq!(c.upstream.read_timeout, Duration::from_secs(30));
+    assert_eq!(c.upstream.send_timeout, Duration::from_secs(30));
+    assert_eq!(c.upstream.retries, 2);
+    assert_eq!(c.upstream.health.path, "/healthz");
+    assert_eq!(c.upstream.backends[0].host, "app");
+}
+
+#[test]
+fn errors_name_the_key_and_the_line() {
+    let cases: &[(&str, &str, &str)] = &[
+        // (file, expected key, expected words)
+        ("[upstream]\nbackends = [\"127.0.0.1:1\"]\nconnect_timeout = \"ten\"\n",
+         "upstream.connect_timeout", "invalid duration"),
+        ("[upstream]\nbackends = [\"127.0.0.1:1\"]\nretries = \"two\"\n",
+         "upstream.retries", "invalid type"),
+        ("[server]\nlisten = \"localhost\"\n[upstream]\nbackends = [\"127.0.0.1:1\"]\n",
+         "server.listen", "invalid listen address"),
+        ("[upstream]\nbackends = [\"127.0.0.1:1\"]\nbalance = \"fastest\"\n",
+         "upstream.balance", "unknown variant"),
+        ("[upstream]\nbackends = [\"127.0.0.1:1\"]\nbogus = 1\n",
+         "upstream", "unknown field `bogus`"),
+        ("[upstream]\nbackends = []\n", "upstream.backends", "no backends"),
+        ("[upstream]\nbackends = [\"127.0.0.1:1\"]\n[admin]\nlisten = \"127.0.0.1:8080\"\n",
+         "admin.listen", "must be separate"),
+        ("[upstream]\nbackends = [\"no port\"]\n", "upstream.backends", "invalid address"),
+        ("[upstream]\nbackends = [{ addr = \"127.0.0.1:1\", weight = 0 }]\n",
+         "upstream.backends", "nonzero"),
+        ("[upstream]\nbackends = [\"127.0.0.1:1\", \"127.0.0.1:1\"]\n",
+         "upstream.backends", "listed twice"),
+        ("[upstream]\nbackends = [\"127.0.0.1:1\"]\n[upstream.health]\npath = \"healthz\"\n",
+         "upstream.health.path", "absolute path"),
+        ("[upstream]\nbackends = [\"127.0.0.1:1\"]\n[upstream.health]\ninterval = \"1s\"\ntimeout = \"2s\"\n",
+         "upstream.health.timeout", "longer than its interval"),
+    ];
+    for (text, key, words) in cases {
+        let message = error_of(text);
+        assert!(
+            message.contains(&format!("key `{key}")),
+            "{text:?} → {message}"
+        );
+        assert!(message.contains(words), "{text:?} → {message}");
+        assert!(message.starts_with("test.toml:"), "{text:?} → {message}");
+    }
+}
+
+#[test]
+fn the_line_number_points_at_the_bad_value() {
+    let message = error_of("[upstream]\nbackends = [\"127.0.0.1:1\"]\n\nread_timeout = \"soon\"\n");
+    assert!(message.starts_with("test.toml:4:"), "{message}");
+}
+
+#[test]
+fn a_missing_upstream_section_is_an_error() {
+    let message = error_of("[server]\nthreads = 1\n");
+    assert!(message.contains("upstream"), "{message}");
+}
+
+#[test]
+fn syntax_errors_are_reported_not_panicked() {
+    for junk in [
+        "[upstream",
+        "backends = [",
+        "\u{0}",
+        "[[upstream]]\nbackends=1",
+    ] {
+        assert!(parse_str(junk).is_err(), "{junk:?}");
+    }
+}
+
+#[test]
+fn the_shipped_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/custodia.toml");
+    let config = load(&path).unwrap();
+    assert_eq!(config.upstream.backends.len(), 3);
+}

@@ -1,0 +1,182 @@
+//! File model → runtime model, with every error naming the file, line and key.
+//!
+//! Rules checked here (single-value rules live in the serde types of [`super::file`]):
+//! 1. TOML syntax, unknown keys and wrong types are reported by the parser with their key path.
+//! 2. `upstream.backends` lists at least one backend, none twice.
+//! 3. `server.listen` lists no address twice.
+//! 4. `upstream.health.timeout` is not longer than `upstream.health.interval`.
+//! 5. `admin.listen` is not one of the public `server.listen` addresses.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use super::file::{BalanceName, FileConfig};
+use super::model::*;
+use super::ConfigError;
+
+/// Read and validate a configuration file.
+pub fn load(path: &Path) -> Result<ProxyConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Validate configuration text; `path` only labels the messages.
+pub fn parse(text: &str, path: &Path) -> Result<ProxyConfig, ConfigError> {
+    let deserializer = toml::Deserializer::new(text);
+    let file: FileConfig = serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let key = err.path().to_string();
+        let inner = err.into_inner();
+        let line = inner.span().map(|span| line_of(text, span.start));
+        ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line,
+            key: if key == "." { String::new() } else { key },
+            message: inner.message().trim().to_string(),
+        }
+    })?;
+    into_model(file, text, path)
+}
+
+fn into_model(file: FileConfig, text: &str, path: &Path) -> Result<ProxyConfig, ConfigError> {
+    let invalid =
+        |span: Option<std::ops::Range<usize>>, key: &str, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line: span.map(|s| line_of(text, s.start)),
+            key: key.to_string(),
+            message,
+        };
+
+    let server = file.server;
+    let mut seen = HashSet::new();
+    for addr in &server.listen.0 {
+        if !seen.insert(addr.0) {
+            return Err(invalid(
+                find_key(text, "listen"),
+                "server.listen",
+                format!("address {} is listed twice", addr.0),
+            ));
+        }
+    }
+    let threads = if server.threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        server.threads
+    };
+
+    let upstream = file.upstream;
+    let backends_span = upstream.backends.span();
+    let entries = upstream.backends.into_inner();
+    if entries.is_empty() {
+        return Err(invalid(
+            Some(backends_span),
+            "upstream.backends",
+            "no backends: list at least one, e.g. backends = [\"127.0.0.1:9001\"]".into(),
+        ));
+    }
+    let mut seen = HashSet::new();
+    let mut backends = Vec::with_capacity(entries.len());
+    for entry in entries {
+        if !seen.insert(entry.addr.clone()) {
+            return Err(invalid(
+                Some(backends_span.clone()),
+                "upstream.backends",
+                format!("backend {} is listed twice", entry.addr),
+            ));
+        }
+        backends.push(BackendTarget {
+            host: entry.addr.host,
+            port: entry.addr.port,
+            weight: entry.weight.get(),
+        });
+    }
+
+    let health = upstream.health;
+    if health.timeout.0 > health.interval.0 {
+        return Err(invalid(
+            find_key(text, "timeout"),
+            "upstream.health.timeout",
+            format!(
+                "the health check timeout ({}) is longer than its interval ({})",
+                humantime::format_duration(health.timeout.0),
+                humantime::format_duration(health.interval.0)
+            ),
+        ));
+    }
+
+    let admin = file.admin.map(|a| AdminSettings { listen: a.listen.0 });
+    if let Some(admin) = &admin {
+        if server.listen.0.iter().any(|l| l.0 == admin.listen) {
+            return Err(invalid(
+                find_key_in_section(text, "admin", "listen"),
+                "admin.listen",
+                format!(
+                    "{} is also a public listen address: the admin listener must be separate",
+                    admin.listen
+                ),
+            ));
+        }
+    }
+
+    Ok(ProxyConfig {
+        source: path.to_path_buf(),
+        admin,
+        server: ServerSettings {
+            listen: server.listen.0.into_iter().map(|a| a.0).collect(),
+            threads,
+            grace_period: server.grace_period.0,
+            keepalive_timeout: server.keepalive_timeout.0,
+            pid_file: PathBuf::from(server.pid_file),
+            upgrade_sock: PathBuf::from(server.upgrade_sock),
+        },
+        upstream: UpstreamSettings {
+            balance: match upstream.balance {
+                BalanceName::LeastConn => Balance::LeastConn,
+                BalanceName::RoundRobin => Balance::RoundRobin,
+            },
+            backends,
+            connect_timeout: upstream.connect_timeout.0,
+            read_timeout: upstream.read_timeout.0,
+            send_timeout: upstream.send_timeout.0,
+            idle_timeout: upstream.idle_timeout.0,
+            retries: upstream.retries,
+            health: HealthSettings {
+                path: health.path.0,
+                interval: health.interval.0,
+                timeout: health.timeout.0,
+                healthy_after: health.healthy_after.get(),
+                unhealthy_after: health.unhealthy_after.get(),
+            },
+        },
+    })
+}
+
+/// 1-based line number of a byte offset.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.get(..offset)
+        .map_or(1, |before| before.matches('\n').count() + 1)
+}
+
+/// Like [`find_key`], but only after the `[section]` header.
+fn find_key_in_section(text: &str, section: &str, key: &str) -> Option<std::ops::Range<usize>> {
+    let header = format!("[{section}]");
+    let start = text.find(&header)?;
+    find_key(&text[start..], key).map(|r| r.start + start..r.end + start)
+}
+
+/// Best-effort location of `key =` for errors that concern a key rather than a value.
+fn find_key(text: &str, key: &str) -> Option<std::ops::Range<usize>> {
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        if let Some(rest) = trimmed.strip_prefix(key) {
+            if rest.trim_start().starts_with('=') {
+                return Some(offset..offset + line.len());
+            }
+        }
+        offset += line.len();
+    }
+    None
+}

@@ -1,0 +1,221 @@
+//! The request path: one [`ProxyHttp`] implementation whose callbacks read like the life of a
+//! request. The only place that knows the order of things.
+//!
+//! ```text
+//!  request_filter ──▶ upstream_peer ──▶ upstream_request_filter ──▶ (worker) ──▶ response_filter ──▶ logging
+//!   keep-alive,        least-conn pick,   X-Forwarded-*, X-Real-IP,                X-Request-Id      lease released
+//!   request id         lease taken once   X-Request-Id                                               (drop guard)
+//!                        ▲      │
+//!                        └──────┘ fail_to_connect / error_while_proxy: retry on another backend
+//! ```
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::HeaderValue;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_core::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+
+use crate::balancer::Lease;
+use crate::headers;
+use crate::pages;
+use crate::runtime::{Runtime, SharedRuntime};
+
+/// The proxy service.
+pub struct Edge {
+    runtime: SharedRuntime,
+}
+
+impl Edge {
+    pub fn new(runtime: SharedRuntime) -> Edge {
+        Edge { runtime }
+    }
+}
+
+/// Per-request state.
+pub struct RequestCtx {
+    /// The snapshot this request started with; a reload mid-request does not change it.
+    runtime: Arc<Runtime>,
+    request_id: HeaderValue,
+    /// The backend currently serving this request; dropping it releases the in-flight count.
+    lease: Option<Lease>,
+    /// Backends that already failed this request.
+    failed: Vec<SocketAddr>,
+    attempts: u32,
+}
+
+impl RequestCtx {
+    fn may_retry(&self) -> bool {
+        self.attempts <= self.runtime.config.upstream.retries
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Edge {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            runtime: self.runtime.load_full(),
+            request_id: HeaderValue::from_static(""),
+            lease: None,
+            failed: Vec::new(),
+            attempts: 0,
+        }
+    }
+
+    /// Returns `Ok(true)` when the proxy answered the request itself.
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let keepalive = ctx.runtime.config.server.keepalive_timeout.as_secs().max(1);
+        session.set_keepalive(Some(keepalive));
+        ctx.request_id = headers::request_id(session.req_header());
+        Ok(false)
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        // A retry moves the request: the previous backend's count is released first.
+        ctx.lease = None;
+        let Some(lease) = ctx.runtime.pool.pick(&ctx.failed) else {
+            return Err(if ctx.failed.is_empty() {
+                Error::explain(ErrorType::HTTPStatus(503), "no healthy backend")
+            } else {
+                Error::explain(
+                    ErrorType::HTTPStatus(502),
+                    "no other backend left to retry on",
+                )
+            });
+        };
+        ctx.attempts += 1;
+        let upstream = &ctx.runtime.config.upstream;
+        let mut peer = HttpPeer::new(lease.slot().addr, false, String::new());
+        peer.options.connection_timeout = Some(upstream.connect_timeout);
+        peer.options.read_timeout = Some(upstream.read_timeout);
+        peer.options.write_timeout = Some(upstream.send_timeout);
+        peer.options.idle_timeout = Some(upstream.idle_timeout);
+        ctx.lease = Some(lease);
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let Some(lease) = &ctx.lease {
+            let slot = lease.slot();
+            ctx.failed.push(slot.addr);
+            if slot.mark_failed() {
+                tracing::warn!(backend = %slot.label, error = %e, "cannot connect: backend marked unhealthy");
+            }
+        }
+        // Nothing reached the worker: always safe to try another one.
+        e.set_retry(ctx.may_retry());
+        e.more_context(format!("backend {peer}"))
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        mut e: Box<Error>,
+        ctx: &mut RequestCtx,
+        _client_reused: bool,
+    ) -> Box<Error> {
+        if let Some(lease) = &ctx.lease {
+            ctx.failed.push(lease.slot().addr);
+        }
+        // The worker may have seen the request: replay only what is safe to replay.
+        let replayable = session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated()
+            && session.response_written().is_none()
+            && *e.esource() == ErrorSource::Upstream;
+        e.set_retry(replayable && ctx.may_retry());
+        e.more_context(format!("backend {peer}"))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        headers::set_forwarding(upstream_request, client_ip, "http", &ctx.request_id)
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        upstream_response.insert_header(headers::X_REQUEST_ID, ctx.request_id.clone())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let status = status_for(e);
+        if status > 0 {
+            if ctx.request_id.is_empty() {
+                ctx.request_id = headers::request_id(session.req_header());
+            }
+            let id = ctx.request_id.to_str().unwrap_or("");
+            let json = pages::wants_json(session.req_header());
+            let written = match pages::error_page(status, json, id) {
+                Ok(mut page) => {
+                    let _ = page
+                        .header
+                        .insert_header(headers::X_REQUEST_ID, ctx.request_id.clone());
+                    session.write_error_response(page.header, page.body).await
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(write_error) = written {
+                tracing::debug!(error = %write_error, "could not send the error page");
+            }
+        }
+        FailToProxy {
+            error_code: status,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        ctx.lease = None;
+    }
+}
+
+/// The status the client sees for a failed request (0: the client is gone, send nothing).
+pub fn status_for(e: &Error) -> u16 {
+    use ErrorType::*;
+    match e.etype() {
+        HTTPStatus(code) => *code,
+        ConnectTimedout | ReadTimedout | WriteTimedout if *e.esource() == ErrorSource::Upstream => {
+            504
+        }
+        _ => match e.esource() {
+            ErrorSource::Upstream => 502,
+            ErrorSource::Downstream => match e.etype() {
+                WriteError | ReadError | ConnectionClosed => 0,
+                _ => 400,
+            },
+            ErrorSource::Internal | ErrorSource::Unset => 500,
+        },
+    }
+}

@@ -1,0 +1,19 @@
+//! The crate's error type: everything that stops the proxy from starting.
+
+use std::path::PathBuf;
+
+use crate::config::ConfigError;
+use crate::runtime::ResolveError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error("cannot write pid file {}: {source}", path.display())]
+    PidFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}

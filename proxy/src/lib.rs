@@ -1,0 +1,20 @@
+//! custodia-proxy: the Custodia edge. Least-connections load balancing over app workers on
+//! Pingora, with health checks, failover and nginx-compatible forwarding headers.
+//!
+//! Layout: [`config`] (file → validated model), [`runtime`] (the live snapshot),
+//! [`balancer`] (pool, leases, health), [`edge`] (the request path), [`server`] (process).
+
+pub mod admin;
+pub mod balancer;
+pub mod cli;
+pub mod config;
+pub mod edge;
+pub mod error;
+pub mod headers;
+pub mod logging;
+pub mod metrics;
+pub mod pages;
+pub mod runtime;
+pub mod server;
+
+pub use error::ProxyError;

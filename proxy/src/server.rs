@@ -1,0 +1,99 @@
+//! Assembles the Pingora server from a validated config and runs it until a signal stops it.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use pingora_core::server::configuration::{Opt, ServerConf};
+use pingora_core::server::{RunArgs, Server};
+use pingora_core::services::background::background_service;
+use pingora_core::services::listening::Service;
+use pingora_proxy::http_proxy_service_with_name;
+
+use crate::admin::AdminApp;
+use crate::balancer::health::HealthChecker;
+use crate::balancer::SlotRegistry;
+use crate::config::ProxyConfig;
+use crate::edge::Edge;
+use crate::error::ProxyError;
+use crate::runtime::{Runtime, SharedRuntime};
+
+/// How the process was asked to start.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StartOptions {
+    /// Take the listening sockets over from a running instance (`--upgrade`).
+    pub upgrade: bool,
+}
+
+/// Pingora's process settings from ours. Pingora's own YAML format is not exposed.
+fn server_conf(config: &ProxyConfig) -> ServerConf {
+    let s = &config.server;
+    let mut conf = ServerConf {
+        threads: s.threads,
+        pid_file: s.pid_file.display().to_string(),
+        upgrade_sock: s.upgrade_sock.display().to_string(),
+        // Pingora sleeps this long after SIGTERM before stopping its runtimes.
+        grace_period_seconds: Some(s.grace_period.as_secs_f64().ceil() as u64),
+        graceful_shutdown_timeout_seconds: Some(1),
+        // Pingora counts attempts, ours counts retries.
+        max_retries: config.upstream.retries as usize + 1,
+        ..ServerConf::default()
+    };
+    conf.upstream_keepalive_pool_size = conf.upstream_keepalive_pool_size.max(256);
+    conf
+}
+
+/// Build the services and serve until shut down. Returns when the server has stopped.
+pub fn run(config: ProxyConfig, options: StartOptions) -> Result<(), ProxyError> {
+    let registry = Arc::new(SlotRegistry::new());
+    let runtime = Runtime::build(config.clone(), &registry, 1)?;
+    let shared: SharedRuntime = Arc::new(ArcSwap::from_pointee(runtime));
+
+    let opt = Opt {
+        upgrade: options.upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, server_conf(&config));
+    server.bootstrap();
+
+    let mut proxy = http_proxy_service_with_name(
+        &server.configuration,
+        Edge::new(shared.clone()),
+        "custodia-proxy",
+    );
+    for addr in &config.server.listen {
+        proxy.add_tcp(&addr.to_string());
+    }
+    server.add_service(proxy);
+    server.add_service(background_service(
+        "health checks",
+        HealthChecker::new(shared.clone()),
+    ));
+    if let Some(admin) = &config.admin {
+        let mut service = Service::new("admin".to_string(), AdminApp::new(shared.clone()));
+        service.add_tcp(&admin.listen.to_string());
+        server.add_service(service);
+    }
+
+    write_pid_file(&config)?;
+    let listen: Vec<String> = config.server.listen.iter().map(|a| a.to_string()).collect();
+    tracing::info!(
+        listen = %listen.join(", "),
+        backends = config.upstream.backends.len(),
+        balance = config.upstream.balance.as_str(),
+        threads = config.server.threads,
+        "custodia-proxy starting; auth off: plain load balancer (no [auth] section)"
+    );
+    server.run(RunArgs::default());
+    let _ = std::fs::remove_file(&config.server.pid_file);
+    Ok(())
+}
+
+fn write_pid_file(config: &ProxyConfig) -> Result<(), ProxyError> {
+    let path = &config.server.pid_file;
+    std::fs::write(path, format!("{}\n", std::process::id())).map_err(|source| {
+        ProxyError::PidFile {
+            path: path.clone(),
+            source,
+        }
+    })
+}
