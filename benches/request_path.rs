@@ -1,0 +1,154 @@
+//! `cargo bench`: the cost of the proxy as a ratio. One request through proxy → worker next to
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! the same request sent straight to a worker (HTTP/1.1 keep-alive, concurrency 1), plus the
+//! least-connections pick on its own, in memory.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use custodia_proxy::balancer::{Member, Pool, SlotRegistry};
+use custodia_proxy::config::Balance;
+
+struct Guard(Child);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+}
+
+fn wait_for(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "{addr} did not come up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn spawn(args: &[&str]) -> Guard {
+    Guard(
+        Command::new(env!("CARGO_BIN_EXE_custodia"))
+            .args(args)
+            .env("RUST_LOG", "error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn custodia"),
+    )
+}
+
+/// A minimal keep-alive HTTP/1.1 client: one GET, read the body by Content-Length.
+struct KeepAlive {
+    reader: BufReader<TcpStream>,
+    request: Vec<u8>,
+}
+
+impl KeepAlive {
+    fn connect(addr: SocketAddr, path: &str) -> KeepAlive {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        KeepAlive {
+            reader: BufReader::new(stream),
+            request: format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n").into_bytes(),
+        }
+    }
+
+    fn get(&mut self) -> usize {
+        self.reader
+            .get_mut()
+            .write_all(&self.request)
+            .expect("write");
+        let mut length = 0;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            self.reader.read_line(&mut line).expect("read header");
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = l.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().expect("content-length");
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        self.reader.read_exact(&mut body).expect("read body");
+        length
+    }
+}
+
+fn end_to_end(c: &mut Criterion) {
+    let worker = free_addr();
+    let _worker = spawn(&[
+        "app",
+        "--listen",
+        &worker.to_string(),
+        "--worker-id",
+        "bench",
+    ]);
+    wait_for(worker);
+
+    let dir = std::env::temp_dir().join(format!("custodia-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let listen = free_addr();
+    let config = dir.join("bench.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"{listen}\"\nthreads = 1\npid_file = \"{}\"\nupgrade_sock = \"{}\"\n\
+             [upstream]\nbackends = [\"{worker}\"]\n",
+            dir.join("p.pid").display(),
+            dir.join("u.sock").display()
+        ),
+    )
+    .expect("write config");
+    let _proxy = spawn(&["proxy", "--config", config.to_str().expect("utf-8 path")]);
+    wait_for(listen);
+
+    let mut group = c.benchmark_group("GET /api/hello, keep-alive, concurrency 1");
+    for (name, addr) in [
+        ("direct to worker", worker),
+        ("through custodia-proxy", listen),
+    ] {
+        let mut client = KeepAlive::connect(addr, "/api/hello");
+        group.bench_function(name, |b| b.iter(|| client.get()));
+    }
+    group.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn least_conn_pick(c: &mut Criterion) {
+    let mut group = c.benchmark_group("least_conn pick + release");
+    for n in [3usize, 32, 256] {
+        let registry = SlotRegistry::new();
+        let members = (0..n)
+            .map(|i| Member {
+                slot: registry.slot(SocketAddr::from(([127, 0, 0, 1], 10_000 + i as u16))),
+                weight: 1,
+            })
+            .collect();
+        let pool = Pool::new(members, Balance::LeastConn);
+        group.bench_with_input(BenchmarkId::from_parameter(n), &pool, |b, pool| {
+            b.iter(|| pool.pick(&[]).map(|lease| lease.slot().addr))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, least_conn_pick, end_to_end);
+criterion_main!(benches);

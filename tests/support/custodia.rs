@@ -1,0 +1,164 @@
+//! Custodia processes for tests: app workers, proxies with generated configs, metrics scraping.
+//! Everything runs from the root `custodia` binary (`custodia app …`, `custodia proxy …`), which
+//! is the same code as the `custodia-app` / `custodia-proxy` binaries.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use super::process::{free_addr, wait_for_port, ChildGuard, TempDir};
+
+pub const STARTUP: Duration = Duration::from_secs(30);
+
+pub fn custodia_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_custodia")
+}
+
+/// One app worker process.
+pub struct Worker {
+    pub addr: SocketAddr,
+    pub id: String,
+    pub process: ChildGuard,
+}
+
+impl Worker {
+    pub fn start(id: &str) -> Worker {
+        Worker::start_on(free_addr(), id, 0)
+    }
+
+    /// A worker that waits `delay_ms` before every answer.
+    pub fn start_slow(id: &str, delay_ms: u64) -> Worker {
+        Worker::start_on(free_addr(), id, delay_ms)
+    }
+
+    pub fn start_on(addr: SocketAddr, id: &str, delay_ms: u64) -> Worker {
+        let mut command = Command::new(custodia_bin());
+        command.args(["app", "--listen", &addr.to_string(), "--worker-id", id]);
+        if delay_ms > 0 {
+            command.args(["--delay", &delay_ms.to_string()]);
+        }
+        command.env("RUST_LOG", "warn");
+        let mut process = ChildGuard::spawn(&format!("worker {id}"), &mut command);
+        wait_for_port(addr, STARTUP, &mut process);
+        Worker {
+            addr,
+            id: id.to_string(),
+            process,
+        }
+    }
+}
+
+/// One proxy process with a generated config file.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub config_path: PathBuf,
+    pub process: ChildGuard,
+    _dir: TempDir,
+}
+
+impl Proxy {
+    /// `sections` is TOML for everything but `[server]` and `[admin]` (at least `[upstream]`),
+    /// which are filled in with free loopback ports.
+    pub fn start(sections: &str) -> Proxy {
+        Proxy::start_with_env(sections, &[])
+    }
+
+    pub fn start_with_env(sections: &str, env: &[(&str, &str)]) -> Proxy {
+        let dir = TempDir::new("proxy");
+        let addr = free_addr();
+        let admin = free_addr();
+        let config = format!(
+            "[server]\nlisten = \"{addr}\"\nthreads = 2\ngrace_period = \"1s\"\n\
+             pid_file = \"{pid}\"\nupgrade_sock = \"{sock}\"\n\n[admin]\nlisten = \"{admin}\"\n\n{sections}\n",
+            pid = dir.path().join("proxy.pid").display(),
+            sock = dir.path().join("upgrade.sock").display(),
+        );
+        let config_path = dir.path().join("proxy.toml");
+        std::fs::write(&config_path, config).expect("write proxy config");
+        let mut command = Command::new(custodia_bin());
+        command.arg("proxy").arg("--config").arg(&config_path);
+        command.env("RUST_LOG", "warn");
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut process = ChildGuard::spawn("custodia-proxy", &mut command);
+        wait_for_port(addr, STARTUP, &mut process);
+        wait_for_port(admin, STARTUP, &mut process);
+        Proxy {
+            addr,
+            admin,
+            config_path,
+            process,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Scrape `/metrics` and return every sample of `name` as (labels text, value).
+    pub async fn metric(&self, name: &str) -> Vec<(String, f64)> {
+        let body = reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .expect("scrape /metrics")
+            .text()
+            .await
+            .expect("metrics body");
+        parse_samples(&body, name)
+    }
+
+    /// The value of `name{backend="ADDR"}`.
+    pub async fn backend_metric(&self, name: &str, backend: SocketAddr) -> Option<f64> {
+        let wanted = format!("backend=\"{backend}\"");
+        self.metric(name)
+            .await
+            .into_iter()
+            .find(|(labels, _)| labels.contains(&wanted))
+            .map(|(_, v)| v)
+    }
+}
+
+/// Samples of one metric from Prometheus text format.
+pub fn parse_samples(body: &str, name: &str) -> Vec<(String, f64)> {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let (labels, value) = if let Some(r) = rest.strip_prefix('{') {
+                let (labels, value) = r.split_once('}')?;
+                (labels.to_string(), value)
+            } else if rest.starts_with(' ') {
+                (String::new(), rest)
+            } else {
+                return None;
+            };
+            Some((labels, value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// `[upstream]` TOML for the given workers with fast health checks.
+pub fn upstream_section(balance: &str, backends: &[(SocketAddr, u32)]) -> String {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|(a, w)| format!("{{ addr = \"{a}\", weight = {w} }}"))
+        .collect();
+    format!(
+        "[upstream]\nbalance = \"{balance}\"\nbackends = [{}]\nconnect_timeout = \"1s\"\n\
+         read_timeout = \"5s\"\nretries = 2\n\n[upstream.health]\ninterval = \"200ms\"\n\
+         timeout = \"200ms\"\nhealthy_after = 2\nunhealthy_after = 2\n",
+        list.join(", ")
+    )
+}
+
+/// A reqwest client with a hard timeout so no test can hang on the network.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .no_proxy()
+        .build()
+        .expect("reqwest client")
+}
