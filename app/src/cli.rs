@@ -20,6 +20,9 @@ use crate::server::serve;
 
 /// Environment variable holding the identity assertion HMAC key (its raw bytes are the key).
 pub const ASSERTION_KEY_ENV: &str = "CUSTODIA_ASSERTION_KEY";
+/// When [`ASSERTION_KEY_ENV`] is unset, the assertion key is derived from this (the seed's
+/// session secret), exactly as custodia-proxy derives it.
+pub const APP_SECRET_KEY_ENV: &str = "APP_SECRET_KEY";
 
 /// Tokio worker threads. A worker is one of several processes (workers, proxy, load generator)
 /// sharing a small host, so it gets a small fixed pool rather than one thread per core. Two
@@ -206,7 +209,12 @@ pub fn run_cli(args: impl IntoIterator<Item = OsString>) -> i32 {
         Err(error) => return usage_error(&error),
     };
     let assertion_key = match assertion_key(std::env::var_os(ASSERTION_KEY_ENV).as_deref()) {
-        Ok(key) => key,
+        Ok(Some(key)) => Some(key),
+        // The seed's .env has only APP_SECRET_KEY: derive the same key the proxy derives.
+        Ok(None) => std::env::var(APP_SECRET_KEY_ENV)
+            .ok()
+            .filter(|secret| !secret.is_empty())
+            .map(|secret| custodia_identity::derive_assertion_key(&secret).into_bytes()),
         Err(error) => return usage_error(&error),
     };
     init_logging();

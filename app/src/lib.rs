@@ -12,12 +12,12 @@
 //! ```
 
 pub mod cli;
-pub mod identity;
 pub mod page;
 pub mod routes;
 pub mod server;
 
 pub use cli::run_cli;
-pub use identity::{sign_assertion, verify_assertion, AssertionError, Identity};
+pub use custodia_identity as identity;
+pub use custodia_identity::{sign_assertion, verify_assertion, AssertionError, Identity};
 pub use routes::{handle, AppSettings, AppState};
 pub use server::{serve, serve_state};

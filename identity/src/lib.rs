@@ -208,6 +208,19 @@ fn parse_object<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&json).map_err(|source| AssertionError::Json { segment, source })
 }
 
+/// The assertion key both sides use when `CUSTODIA_ASSERTION_KEY` is not set: derived from the
+/// seed's `APP_SECRET_KEY` (HMAC-SHA256 under a fixed label, hex), so the seed's `.env` works
+/// unchanged. It is unrelated to the keys that seal session cookies.
+pub fn derive_assertion_key(app_secret_key: &str) -> String {
+    let mut mac = mac_with(app_secret_key.as_bytes());
+    mac.update(b"custodia/v1/identity-assertion");
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Signs `identity` as an assertion valid from `now_unix` for `ttl_secs` seconds.
 ///
 /// The key should be at least [`MIN_KEY_LEN`] bytes; callers check that once at startup.
