@@ -1,0 +1,229 @@
+//! The signed-in session: what workers need to know about the user, sealed into a cookie and
+//! checked on every request without any network call.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::keys::SecretKeys;
+use super::seal::{seal, unseal, Purpose, SealError};
+
+/// Metric label for a request whose session opened and has not expired.
+pub const VALID_LABEL: &str = "valid";
+/// Every label of the "session checks by result" metric, for registering them up front.
+pub const SESSION_RESULT_LABELS: [&str; 4] = [VALID_LABEL, "absent", "expired", "invalid"];
+
+/// A signed-in user. Times are unix seconds. `Debug` leaves out the ID token.
+#[derive(Serialize, Deserialize, Clone, PartialEq)]
+pub struct Session {
+    /// The IdP's subject identifier.
+    pub sub: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub picture: Option<String>,
+    /// The raw ID token, kept for logout's `id_token_hint`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_token: Option<String>,
+    /// When the session was issued.
+    pub iat: u64,
+    /// When the session stops being accepted.
+    pub exp: u64,
+}
+
+impl Session {
+    /// What is left of the session's life at `now_unix`, for the cookie's `Max-Age`.
+    pub fn remaining(&self, now_unix: u64) -> Duration {
+        Duration::from_secs(self.exp.saturating_sub(now_unix))
+    }
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("sub", &self.sub)
+            .field("email", &self.email)
+            .field("name", &self.name)
+            .field("picture", &self.picture)
+            .field("id_token", &self.id_token.as_ref().map(|_| "<redacted>"))
+            .field("iat", &self.iat)
+            .field("exp", &self.exp)
+            .finish()
+    }
+}
+
+/// Why a request has no usable session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    #[error("no session cookie")]
+    Absent,
+    #[error("session cookie is malformed")]
+    Malformed,
+    #[error("session cookie failed authentication (tampered, or sealed with a key no longer configured)")]
+    Invalid,
+    #[error("session has expired")]
+    Expired,
+}
+
+impl SessionError {
+    /// The "session checks by result" metric label: `absent`, `expired` or `invalid`
+    /// (malformed counts as invalid). A valid session is [`VALID_LABEL`].
+    pub fn as_label(&self) -> &'static str {
+        match self {
+            SessionError::Absent => "absent",
+            SessionError::Malformed | SessionError::Invalid => "invalid",
+            SessionError::Expired => "expired",
+        }
+    }
+}
+
+/// Seal a session for the session cookie (JSON inside [`seal`]).
+pub fn seal_session(keys: &SecretKeys, session: &Session) -> String {
+    // Serialising strings and integers cannot fail; an empty plaintext would open as Malformed.
+    let json = serde_json::to_vec(session).unwrap_or_default();
+    seal(keys, Purpose::Session, &json)
+}
+
+/// Open and check a session cookie value. An empty value is [`SessionError::Absent`]; a session
+/// is expired once `now_unix >= exp`.
+pub fn open_session(
+    keys: &SecretKeys,
+    sealed: &str,
+    now_unix: u64,
+) -> Result<Session, SessionError> {
+    if sealed.is_empty() {
+        return Err(SessionError::Absent);
+    }
+    let json = unseal(keys, Purpose::Session, sealed).map_err(|e| match e {
+        SealError::Malformed => SessionError::Malformed,
+        SealError::Invalid => SessionError::Invalid,
+    })?;
+    // Authentic but unreadable: sealed by an incompatible version of us.
+    let session: Session = serde_json::from_slice(&json).map_err(|_| SessionError::Malformed)?;
+    if now_unix >= session.exp {
+        return Err(SessionError::Expired);
+    }
+    Ok(session)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::seal::seal;
+
+    const NOW: u64 = 1_700_000_000;
+
+    fn keys() -> SecretKeys {
+        SecretKeys::from_secrets("session-test-secret-session-test-01", &[]).unwrap()
+    }
+
+    fn alice() -> Session {
+        Session {
+            sub: "auth0|alice".into(),
+            email: Some("alice@example.com".into()),
+            name: Some("Alice Liddell".into()),
+            picture: Some("https://example.com/alice.png".into()),
+            id_token: Some("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl".into()),
+            iat: NOW,
+            exp: NOW + 8 * 3600,
+        }
+    }
+
+    #[test]
+    fn round_trips_every_field() {
+        let k = keys();
+        let session = alice();
+        assert_eq!(
+            open_session(&k, &seal_session(&k, &session), NOW),
+            Ok(session)
+        );
+        let minimal = Session {
+            email: None,
+            name: None,
+            picture: None,
+            id_token: None,
+            ..alice()
+        };
+        let sealed = seal_session(&k, &minimal);
+        assert_eq!(open_session(&k, &sealed, NOW), Ok(minimal));
+        assert!(sealed.len() < seal_session(&k, &alice()).len());
+    }
+
+    #[test]
+    fn expires_exactly_at_exp() {
+        let k = keys();
+        let sealed = seal_session(&k, &alice());
+        let exp = alice().exp;
+        assert!(open_session(&k, &sealed, exp - 1).is_ok());
+        assert_eq!(open_session(&k, &sealed, exp), Err(SessionError::Expired));
+        assert_eq!(
+            open_session(&k, &sealed, exp + 86_400),
+            Err(SessionError::Expired)
+        );
+        assert_eq!(alice().remaining(exp - 5), Duration::from_secs(5));
+        assert_eq!(alice().remaining(exp + 5), Duration::ZERO);
+    }
+
+    #[test]
+    fn absent_malformed_invalid_are_told_apart_and_labelled() {
+        let k = keys();
+        assert_eq!(open_session(&k, "", NOW), Err(SessionError::Absent));
+        assert_eq!(
+            open_session(&k, "garbage", NOW),
+            Err(SessionError::Malformed)
+        );
+        let sealed = seal_session(&k, &alice());
+        let mut tampered = sealed.clone().into_bytes();
+        let i = tampered.len() / 2;
+        tampered[i] = if tampered[i] == b'A' { b'B' } else { b'A' };
+        let tampered = String::from_utf8(tampered).unwrap();
+        assert_eq!(open_session(&k, &tampered, NOW), Err(SessionError::Invalid));
+
+        assert_eq!(SessionError::Absent.as_label(), "absent");
+        assert_eq!(SessionError::Expired.as_label(), "expired");
+        assert_eq!(SessionError::Invalid.as_label(), "invalid");
+        assert_eq!(SessionError::Malformed.as_label(), "invalid");
+        for e in [
+            SessionError::Absent,
+            SessionError::Malformed,
+            SessionError::Invalid,
+            SessionError::Expired,
+        ] {
+            assert!(SESSION_RESULT_LABELS.contains(&e.as_label()));
+        }
+    }
+
+    #[test]
+    fn a_wrong_key_or_another_purpose_is_invalid() {
+        let k = keys();
+        let other = SecretKeys::from_secrets("some-other-secret-some-other-00001", &[]).unwrap();
+        assert_eq!(
+            open_session(&other, &seal_session(&k, &alice()), NOW),
+            Err(SessionError::Invalid)
+        );
+        // A login-state cookie carrying session-shaped JSON cannot be used as a session.
+        let json = serde_json::to_vec(&alice()).unwrap();
+        let as_login = seal(&k, Purpose::LoginState, &json);
+        assert_eq!(open_session(&k, &as_login, NOW), Err(SessionError::Invalid));
+    }
+
+    #[test]
+    fn authentic_but_unreadable_content_is_malformed() {
+        let k = keys();
+        let sealed = seal(&k, Purpose::Session, b"{\"not\":\"a session\"}");
+        assert_eq!(open_session(&k, &sealed, NOW), Err(SessionError::Malformed));
+    }
+
+    #[test]
+    fn debug_hides_the_id_token() {
+        let session = alice();
+        let shown = format!("{session:?} {session:#?}");
+        assert!(!shown.contains("eyJ"), "{shown}");
+        assert!(!shown.contains("c2lnbmF0dXJl"), "{shown}");
+        assert!(shown.contains("auth0|alice"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
+    }
+}
