@@ -1,12 +1,20 @@
 //! The local stack: one app worker per configured backend, then the proxy, all on loopback, each
 //! a child process of this binary; stopped together on Ctrl-C / SIGTERM or when one of them dies.
+//! When `[auth]` names no identity provider (and the environment names none), the development
+//! identity provider runs in this process on loopback and the proxy is pointed at it through the
+//! environment, exactly as it would be pointed at Auth0.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use std::collections::HashMap;
+
+use custodia_proxy::config::env::{Env, ProcessEnv};
 use tokio::process::{Child, Command};
+
+use crate::dev_idp::{self, DemoUser, DevIdpSettings};
 
 /// Why the stack could not start.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +37,10 @@ pub enum StackError {
     },
     #[error("cannot locate this executable: {0}")]
     SelfExe(std::io::Error),
+    #[error("cannot read {path}: {reason}")]
+    Peek { path: String, reason: String },
+    #[error("development identity provider: {0}")]
+    DevIdp(String),
 }
 
 /// A started child with a name for messages; killed if still running when dropped.
@@ -59,11 +71,90 @@ pub struct StackPlan {
     pub config_path: PathBuf,
     pub workers: Vec<SocketAddr>,
     pub listen: Vec<SocketAddr>,
+    /// Environment given to the proxy (secrets and issuer of the development IdP).
+    pub proxy_env: HashMap<String, String>,
+    /// Environment given to the workers (the identity assertion key).
+    pub worker_env: HashMap<String, String>,
+    /// The development IdP to run, already bound.
+    pub dev_idp: Option<(std::net::TcpListener, DevIdpSettings)>,
+}
+
+/// The process environment (and `.env`) under the values the stack sets for its children.
+struct Layered<'a> {
+    overrides: &'a HashMap<String, String>,
+    base: ProcessEnv,
+}
+
+impl Env for Layered<'_> {
+    fn get(&self, name: &str) -> Option<String> {
+        self.overrides
+            .get(name)
+            .cloned()
+            .or_else(|| self.base.get(name))
+    }
+}
+
+fn random_hex(bytes: usize) -> Result<String, StackError> {
+    let mut buf = vec![0u8; bytes];
+    getrandom::getrandom(&mut buf)
+        .map_err(|e| StackError::DevIdp(format!("no randomness: {e}")))?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Does the file have `[auth]` without an issuer, and the environment none either?
+fn needs_dev_idp(config_path: &Path) -> Result<Option<Option<String>>, StackError> {
+    let text = std::fs::read_to_string(config_path).map_err(|e| StackError::Peek {
+        path: config_path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    // Syntax errors surface later with full detail from the proxy's own validation.
+    let Ok(value) = text.parse::<toml::Table>() else {
+        return Ok(None);
+    };
+    let Some(auth) = value.get("auth").and_then(|a| a.as_table()) else {
+        return Ok(None);
+    };
+    let env = ProcessEnv::with_dotenv();
+    if auth.contains_key("issuer")
+        || env.get("CUSTODIA_AUTH_ISSUER").is_some()
+        || env.get("AUTH0_DOMAIN").is_some()
+    {
+        return Ok(None);
+    }
+    let client_id = auth
+        .get("client_id")
+        .and_then(|c| c.as_str())
+        .map(str::to_string);
+    Ok(Some(client_id))
 }
 
 /// Work out what to start from the proxy config.
 pub fn plan(config_path: &Path) -> Result<StackPlan, StackError> {
-    let config = custodia_proxy::config::load(config_path)?;
+    let mut proxy_env = HashMap::new();
+    let mut dev_listener = None;
+    if let Some(client_id) = needs_dev_idp(config_path)? {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")
+            .map_err(|e| StackError::DevIdp(format!("cannot bind 127.0.0.1: {e}")))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| StackError::DevIdp(e.to_string()))?;
+        let base = ProcessEnv::with_dotenv();
+        proxy_env.insert("CUSTODIA_AUTH_ISSUER".into(), format!("http://{addr}"));
+        if client_id.is_none() {
+            proxy_env.insert("AUTH0_CLIENT_ID".into(), "custodia-local".into());
+        }
+        proxy_env.insert("AUTH0_CLIENT_SECRET".into(), random_hex(32)?);
+        if base.get("APP_SECRET_KEY").is_none() {
+            // Sessions of a development run end with it.
+            proxy_env.insert("APP_SECRET_KEY".into(), random_hex(32)?);
+        }
+        dev_listener = Some(listener);
+    }
+    let env = Layered {
+        overrides: &proxy_env,
+        base: ProcessEnv::with_dotenv(),
+    };
+    let config = custodia_proxy::config::load_with_env(config_path, &env)?;
     let mut workers = Vec::new();
     for target in &config.upstream.backends {
         let ip: std::net::IpAddr = target
@@ -75,25 +166,76 @@ pub fn plan(config_path: &Path) -> Result<StackPlan, StackError> {
         }
         workers.push(SocketAddr::new(ip, target.port));
     }
+    let mut worker_env = HashMap::new();
+    let mut dev_idp = None;
+    if let Some(auth) = &config.auth {
+        // Workers verify what the proxy signs: hand them the key the proxy resolved.
+        worker_env.insert(
+            "CUSTODIA_ASSERTION_KEY".into(),
+            auth.assertion_key.0.clone(),
+        );
+        proxy_env.insert(
+            "CUSTODIA_ASSERTION_KEY".into(),
+            auth.assertion_key.0.clone(),
+        );
+        if let Some(listener) = dev_listener {
+            let settings = DevIdpSettings {
+                issuer: auth.issuer.clone(),
+                client_id: auth.client_id.clone(),
+                client_secret: auth.client_secret.0.clone(),
+                redirect_uris: vec![auth.redirect_uri()],
+                post_logout_redirect_uris: vec![
+                    format!("{}/", auth.public_url),
+                    auth.public_url.clone(),
+                ],
+                user: DemoUser::default(),
+                signing_key: None,
+            };
+            dev_idp = Some((listener, settings));
+        }
+    }
     Ok(StackPlan {
         config_path: config_path.to_path_buf(),
         workers,
         listen: config.server.listen.clone(),
+        proxy_env,
+        worker_env,
+        dev_idp,
     })
 }
 
 /// Start everything, wait for a stop signal or a dead child, stop everything. Returns the exit
 /// status for the process.
-pub async fn run(plan: StackPlan) -> Result<i32, StackError> {
+pub async fn run(mut plan: StackPlan) -> Result<i32, StackError> {
     // Handlers first: a Ctrl-C during startup must still stop the children cleanly.
     let mut stop = StopSignals::install()?;
     let exe = std::env::current_exe().map_err(StackError::SelfExe)?;
     let mut processes = Vec::new();
 
+    let (idp_stop, idp_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut idp_task = None;
+    let mut dev_idp_running = false;
+    if let Some((listener, settings)) = plan.dev_idp.take() {
+        let listener = listener
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpListener::from_std(listener))
+            .map_err(|e| StackError::DevIdp(e.to_string()))?;
+        // dev_idp::serve prints its own "development only" banner with the demo login.
+        dev_idp_running = true;
+        idp_task = Some(tokio::spawn(dev_idp::serve(
+            listener,
+            settings,
+            async move {
+                let _ = idp_stopped.await;
+            },
+        )));
+    }
+
     for (i, addr) in plan.workers.iter().enumerate() {
         let name = format!("worker-{}", i + 1);
         let mut command = Command::new(&exe);
         command.args(["app", "--listen", &addr.to_string(), "--worker-id", &name]);
+        command.envs(&plan.worker_env);
         processes.push(spawn(&name, command)?);
     }
     for (addr, process) in plan.workers.iter().zip(processes.iter_mut()) {
@@ -102,16 +244,21 @@ pub async fn run(plan: StackPlan) -> Result<i32, StackError> {
 
     let mut command = Command::new(&exe);
     command.arg("proxy").arg("--config").arg(&plan.config_path);
+    command.envs(&plan.proxy_env);
     let mut proxy = spawn("custodia-proxy", command)?;
     for addr in &plan.listen {
         wait_listening(&mut proxy, *addr).await?;
     }
     processes.push(proxy);
 
-    print_banner(&plan);
+    print_banner(&plan, dev_idp_running);
 
     let status = wait_for_stop(&mut stop, &mut processes).await;
     shutdown(processes).await;
+    let _ = idp_stop.send(());
+    if let Some(task) = idp_task {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
     eprintln!("custodia: stopped");
     Ok(status)
 }
@@ -168,7 +315,7 @@ async fn wait_listening(process: &mut Process, addr: SocketAddr) -> Result<(), S
     })
 }
 
-fn print_banner(plan: &StackPlan) {
+fn print_banner(plan: &StackPlan, dev_idp: bool) {
     let listen = plan
         .listen
         .iter()
@@ -187,6 +334,12 @@ fn print_banner(plan: &StackPlan) {
         "  try         curl {}/api/hello",
         listen.split(", ").next().unwrap_or("")
     );
+    if dev_idp {
+        println!(
+            "  login       {}/login (development identity provider, see below)",
+            listen.split(", ").next().unwrap_or("")
+        );
+    }
     println!("  stop        Ctrl-C");
 }
 

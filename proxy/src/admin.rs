@@ -29,6 +29,14 @@ impl AdminApp {
                 pool.members().len()
             ));
         }
+        if let Some(auth) = &runtime.auth {
+            if !auth.oidc.is_ready() {
+                return Some(format!(
+                    "identity provider metadata not loaded yet ({})",
+                    auth.oidc.issuer()
+                ));
+            }
+        }
         None
     }
 

@@ -3,8 +3,12 @@
 //!
 //! ```text
 //!  request_filter ──▶ upstream_peer ──▶ upstream_request_filter ──▶ (worker) ──▶ response_filter ──▶ logging
-//!   keep-alive,        least-conn pick,   X-Forwarded-*, X-Real-IP,                X-Request-Id      lease released
-//!   request id         lease taken once   X-Request-Id                                               (drop guard)
+//!   keep-alive,        least-conn pick,   strip client identity and             X-Request-Id      lease released
+//!   request id,        lease taken once   our cookies; X-Forwarded-*,                             (drop guard)
+//!   /login /callback                      X-Real-IP, X-Request-Id;
+//!   /logout answered;                     identity headers + signed
+//!   policy + session                      assertion when signed in
+//!   (no I/O)
 //!                        ▲      │
 //!                        └──────┘ fail_to_connect / error_while_proxy: retry on another backend
 //! ```
@@ -19,6 +23,9 @@ use pingora_core::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
+use crate::auth::flow::{self, AuthResponse, Endpoint, Gate};
+use crate::auth::identity_headers;
+use crate::auth::session::Session as UserSession;
 use crate::balancer::Lease;
 use crate::headers;
 use crate::pages;
@@ -45,6 +52,8 @@ pub struct RequestCtx {
     /// Backends that already failed this request.
     failed: Vec<SocketAddr>,
     attempts: u32,
+    /// The verified session, when the route's policy looked for one and found it.
+    identity: Option<UserSession>,
 }
 
 impl RequestCtx {
@@ -64,6 +73,7 @@ impl ProxyHttp for Edge {
             lease: None,
             failed: Vec::new(),
             attempts: 0,
+            identity: None,
         }
     }
 
@@ -72,7 +82,68 @@ impl ProxyHttp for Edge {
         let keepalive = ctx.runtime.config.server.keepalive_timeout.as_secs().max(1);
         session.set_keepalive(Some(keepalive));
         ctx.request_id = headers::request_id(session.req_header());
-        Ok(false)
+        let runtime = ctx.runtime.clone();
+        let Some(auth) = runtime.auth.as_ref() else {
+            return Ok(false);
+        };
+        let req = session.req_header();
+        let raw_path = req.uri.path();
+        let (Some(path), Ok(policy)) = (
+            flow::policy_path(raw_path),
+            auth.routes.policy_for_request(raw_path),
+        ) else {
+            // A path we cannot normalise cannot be matched to a policy safely.
+            let page = flow::Page {
+                title: "Bad request",
+                detail: "The request path is malformed.".into(),
+            };
+            let response = AuthResponse {
+                status: 400,
+                headers: Vec::new(),
+                page: Some(page),
+            };
+            return self.answer(session, ctx, response).await;
+        };
+        let now = flow::now_unix();
+        let cookies = || {
+            req.headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .map(|v| v.as_bytes())
+        };
+        let response = match Endpoint::from_path(&path) {
+            Some(Endpoint::Login) => flow::login(auth, req.uri.query(), now),
+            Some(Endpoint::Callback) => {
+                let query = req.uri.query().map(str::to_owned);
+                let cookie_values: Vec<Vec<u8>> = cookies().map(<[u8]>::to_vec).collect();
+                flow::callback(
+                    auth,
+                    query.as_deref(),
+                    cookie_values.iter().map(Vec::as_slice),
+                    now,
+                )
+                .await
+            }
+            Some(Endpoint::Logout) => flow::logout(auth, cookies(), now),
+            None => {
+                let target = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
+                match flow::gate(
+                    auth,
+                    policy,
+                    cookies(),
+                    target,
+                    !pages::wants_json(req) && accepts_html(req),
+                    now,
+                ) {
+                    Gate::Forward(identity) => {
+                        ctx.identity = identity;
+                        return Ok(false);
+                    }
+                    Gate::Respond(response) => response,
+                }
+            }
+        };
+        self.answer(session, ctx, response).await
     }
 
     async fn upstream_peer(
@@ -148,11 +219,45 @@ impl ProxyHttp for Edge {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let client_ip = session
+        let peer_ip = session
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
-        headers::set_forwarding(upstream_request, client_ip, "http", &ctx.request_id)
+        let Some(auth) = ctx.runtime.auth.as_ref() else {
+            return headers::set_forwarding(
+                upstream_request,
+                peer_ip,
+                peer_ip,
+                "http",
+                &ctx.request_id,
+            );
+        };
+        // Only trusted proxies (the ngrok agent) may tell us the scheme and the real client.
+        let header = |name: &str| {
+            upstream_request
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+        };
+        let (client_ip, proto) = match peer_ip {
+            Some(peer) => (
+                Some(
+                    auth.trusted
+                        .client_ip(peer, header(headers::X_FORWARDED_FOR)),
+                ),
+                auth.trusted
+                    .forwarded_proto(peer, header(headers::X_FORWARDED_PROTO))
+                    .unwrap_or("http"),
+            ),
+            None => (None, "http"),
+        };
+        identity_headers::strip_client_identity(upstream_request);
+        identity_headers::remove_custodia_cookies(upstream_request);
+        headers::set_forwarding(upstream_request, peer_ip, client_ip, proto, &ctx.request_id)?;
+        if let Some(identity) = &ctx.identity {
+            headers::set_identity(upstream_request, identity, &auth.settings.assertion_key.0)?;
+        }
+        Ok(())
     }
 
     async fn response_filter(
@@ -199,6 +304,49 @@ impl ProxyHttp for Edge {
     async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         ctx.lease = None;
     }
+}
+
+impl Edge {
+    /// Write an answer of the proxy's own; `Ok(true)` tells Pingora the request is handled.
+    async fn answer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        response: AuthResponse,
+    ) -> Result<bool> {
+        // A 401 only ever goes to API clients (browsers are redirected to /login).
+        let json = response.status == 401 || pages::wants_json(session.req_header());
+        let mut header = ResponseHeader::build(response.status, Some(response.headers.len() + 4))?;
+        for (name, value) in response.headers {
+            header.append_header(name, value)?;
+        }
+        header.insert_header(headers::X_REQUEST_ID, ctx.request_id.clone())?;
+        header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+        let body = match &response.page {
+            Some(page) => {
+                let id = ctx.request_id.to_str().unwrap_or("");
+                let (content_type, body) = flow::render(page, response.status, json, id);
+                header.insert_header(http::header::CONTENT_TYPE, content_type)?;
+                body
+            }
+            None => bytes::Bytes::new(),
+        };
+        header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+        session
+            .write_response_header(Box::new(header), body.is_empty())
+            .await?;
+        if !body.is_empty() {
+            session.write_response_body(Some(body), true).await?;
+        }
+        Ok(true)
+    }
+}
+
+fn accepts_html(req: &RequestHeader) -> bool {
+    req.headers
+        .get(http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"))
 }
 
 /// The status the client sees for a failed request (0: the client is gone, send nothing).

@@ -3,14 +3,14 @@
 use std::path::PathBuf;
 
 use crate::config::ConfigError;
-use crate::runtime::ResolveError;
+use crate::runtime::RuntimeError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
-    Resolve(#[from] ResolveError),
+    Runtime(#[from] RuntimeError),
     #[error("cannot write pid file {}: {source}", path.display())]
     PidFile {
         path: PathBuf,

@@ -35,15 +35,19 @@ fn generate_request_id() -> HeaderValue {
     HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
-/// X-Real-IP, X-Forwarded-For (appended), X-Forwarded-Proto and X-Request-Id on the
-/// upstream request.
+/// X-Real-IP (the real client), X-Forwarded-For (the peer appended, like nginx's
+/// `$proxy_add_x_forwarded_for`), X-Forwarded-Proto and X-Request-Id on the upstream request.
 pub fn set_forwarding(
     upstream: &mut RequestHeader,
+    peer_ip: Option<std::net::IpAddr>,
     client_ip: Option<std::net::IpAddr>,
     proto: &'static str,
     request_id: &HeaderValue,
 ) -> pingora_core::Result<()> {
-    if let Some(ip) = client_ip {
+    if let Some(client) = client_ip {
+        upstream.insert_header(X_REAL_IP, client.to_string())?;
+    }
+    if let Some(ip) = peer_ip {
         let ip = ip.to_string();
         let forwarded_for = match upstream.headers.get(X_FORWARDED_FOR) {
             Some(prior) => match prior.to_str() {
@@ -53,10 +57,39 @@ pub fn set_forwarding(
             None => ip.clone(),
         };
         upstream.insert_header(X_FORWARDED_FOR, forwarded_for)?;
-        upstream.insert_header(X_REAL_IP, ip)?;
     }
     upstream.insert_header(X_FORWARDED_PROTO, proto)?;
     upstream.insert_header(X_REQUEST_ID, request_id.clone())?;
+    Ok(())
+}
+
+pub const X_FORWARDED_USER: &str = "x-forwarded-user";
+pub const X_FORWARDED_EMAIL: &str = "x-forwarded-email";
+
+/// The signed-in user for the worker: X-Forwarded-User (sub), X-Forwarded-Email and the signed
+/// assertion the worker verifies (it trusts nothing else).
+pub fn set_identity(
+    upstream: &mut RequestHeader,
+    session: &crate::auth::session::Session,
+    assertion_key: &str,
+) -> pingora_core::Result<()> {
+    upstream.insert_header(X_FORWARDED_USER, session.sub.as_str())?;
+    if let Some(email) = &session.email {
+        upstream.insert_header(X_FORWARDED_EMAIL, email.as_str())?;
+    }
+    let identity = custodia_identity::Identity {
+        sub: session.sub.clone(),
+        email: session.email.clone(),
+        name: session.name.clone(),
+        picture: session.picture.clone(),
+    };
+    let token = custodia_identity::sign_assertion(
+        &identity,
+        assertion_key.as_bytes(),
+        crate::auth::flow::now_unix(),
+        crate::auth::flow::ASSERTION_TTL.as_secs(),
+    );
+    upstream.insert_header(custodia_identity::IDENTITY_HEADER, token)?;
     Ok(())
 }
 
@@ -86,7 +119,8 @@ mod tests {
     fn appends_to_forwarded_for_like_nginx() {
         let mut r = req(&[("x-forwarded-for", "203.0.113.7")]);
         let id = HeaderValue::from_static("rid");
-        set_forwarding(&mut r, Some("10.0.0.1".parse().unwrap()), "http", &id).unwrap();
+        let peer = Some("10.0.0.1".parse().unwrap());
+        set_forwarding(&mut r, peer, peer, "http", &id).unwrap();
         assert_eq!(r.headers["x-forwarded-for"], "203.0.113.7, 10.0.0.1");
         assert_eq!(r.headers["x-real-ip"], "10.0.0.1");
         assert_eq!(r.headers["x-forwarded-proto"], "http");

@@ -5,6 +5,7 @@
 //! [`balancer`] (pool, leases, health), [`edge`] (the request path), [`server`] (process).
 
 pub mod admin;
+pub mod auth;
 pub mod balancer;
 pub mod cli;
 pub mod config;

@@ -3,13 +3,79 @@
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 use crate::runtime::SharedRuntime;
+
+/// Counters of the login machinery. Children for the fixed label values are resolved once, so
+/// the per-request session check pays one relaxed atomic add.
+pub struct AuthMetrics {
+    session_checks: IntCounterVec,
+    pub session_valid: IntCounter,
+    pub session_absent: IntCounter,
+    pub session_expired: IntCounter,
+    pub session_invalid: IntCounter,
+    /// `outcome` = started | completed | failed, `reason` = a fixed word.
+    pub logins: IntCounterVec,
+    pub jwks_refreshes: IntCounter,
+    /// `stage` = discovery | token | jwks.
+    pub idp_errors: IntCounterVec,
+}
+
+impl AuthMetrics {
+    fn new() -> AuthMetrics {
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels)
+                .unwrap_or_else(|e| unreachable!("constant metric descriptor: {e}"))
+        };
+        let session_checks = counter_vec(
+            "custodia_auth_session_checks_total",
+            "Session cookie checks by result (valid, absent, expired, invalid).",
+            &["result"],
+        );
+        let child = |v: &str| session_checks.with_label_values(&[v]);
+        AuthMetrics {
+            session_valid: child("valid"),
+            session_absent: child("absent"),
+            session_expired: child("expired"),
+            session_invalid: child("invalid"),
+            session_checks,
+            logins: counter_vec(
+                "custodia_auth_logins_total",
+                "Logins by outcome (started, completed, failed) and reason.",
+                &["outcome", "reason"],
+            ),
+            jwks_refreshes: IntCounter::new(
+                "custodia_auth_jwks_refreshes_total",
+                "Re-fetches of the identity provider's signing keys after an unknown key id.",
+            )
+            .unwrap_or_else(|e| unreachable!("constant metric descriptor: {e}")),
+            idp_errors: counter_vec(
+                "custodia_auth_idp_errors_total",
+                "Failed calls to the identity provider by stage (discovery, token, jwks).",
+                &["stage"],
+            ),
+        }
+    }
+
+    fn register(&self, registry: &Registry) {
+        let _ = registry.register(Box::new(self.session_checks.clone()));
+        let _ = registry.register(Box::new(self.logins.clone()));
+        let _ = registry.register(Box::new(self.jwks_refreshes.clone()));
+        let _ = registry.register(Box::new(self.idp_errors.clone()));
+    }
+}
+
+/// The process-wide auth counters.
+pub fn auth() -> &'static AuthMetrics {
+    static AUTH: std::sync::OnceLock<AuthMetrics> = std::sync::OnceLock::new();
+    AUTH.get_or_init(AuthMetrics::new)
+}
 
 /// Builds the registry served on `/metrics`.
 pub fn registry(runtime: SharedRuntime) -> Registry {
     let registry = Registry::new();
+    auth().register(&registry);
     // Registration only fails on duplicate or inconsistent descriptors, which these are not.
     let _ = registry.register(Box::new(PoolCollector::new(runtime)));
     #[cfg(target_os = "linux")]

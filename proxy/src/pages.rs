@@ -54,6 +54,21 @@ pub fn error_page(status: u16, json: bool, request_id: &str) -> pingora_core::Re
     Ok(ErrorPage { header, body })
 }
 
+/// A small page for the proxy's own answers (sign-in problems, access denied…).
+pub fn message_page(status: u16, title: &str, detail: &str, request_id: &str) -> String {
+    format!(
+        "<!DOCTYPE html>\n<html>\n<head>\n<meta charset=\"utf-8\">\n<title>{title}</title>\n\
+         <style>body{{font-family:Arial,sans-serif;background:#f4f4f4;text-align:center;padding-top:80px}}\
+         .container{{display:inline-block;background:#fff;padding:30px 40px;border-radius:10px;box-shadow:0 0 15px rgba(0,0,0,.1)}}\
+         small{{color:#777}}</style>\n</head>\n<body>\n<div class=\"container\">\n\
+         <h1>{title}</h1>\n<p>{detail}</p>\n<p><a href=\"/\">Home</a> &middot; <a href=\"/login\">Sign in</a></p>\n\
+         <p><small>{status} &middot; request id {id}</small></p>\n</div>\n</body>\n</html>\n",
+        title = escape_html(title),
+        detail = escape_html(detail),
+        id = escape_html(request_id),
+    )
+}
+
 /// Minimal HTML escaping for interpolated text.
 pub fn escape_html(text: &str) -> String {
     let mut out = String::with_capacity(text.len());

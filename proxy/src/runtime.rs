@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::auth::flow::{AuthRuntime, AuthSetupError};
 use crate::balancer::{Member, Pool, SlotRegistry};
 use crate::config::{BackendTarget, ProxyConfig};
 
@@ -14,11 +15,22 @@ use crate::config::{BackendTarget, ProxyConfig};
 pub struct Runtime {
     pub config: ProxyConfig,
     pub pool: Pool,
+    /// None: auth off (plain load balancer).
+    pub auth: Option<AuthRuntime>,
     /// 1 for the first config, +1 per successful reload.
     pub generation: u64,
 }
 
 pub type SharedRuntime = Arc<ArcSwap<Runtime>>;
+
+/// Why a validated config could not be turned into a runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error("auth: {0}")]
+    Auth(#[from] AuthSetupError),
+}
 
 /// A backend name that does not resolve.
 #[derive(Debug, thiserror::Error)]
@@ -29,12 +41,14 @@ pub struct ResolveError {
 }
 
 impl Runtime {
-    /// Resolve the configured backends and build the pool, reusing live slots from `registry`.
+    /// Resolve the configured backends and build the pool, reusing live slots from `registry`
+    /// and the identity provider connection of `previous` when it is the same IdP.
     pub fn build(
         config: ProxyConfig,
         registry: &SlotRegistry,
         generation: u64,
-    ) -> Result<Runtime, ResolveError> {
+        previous: Option<&Runtime>,
+    ) -> Result<Runtime, RuntimeError> {
         let mut members = Vec::new();
         for target in &config.upstream.backends {
             for addr in resolve(target)? {
@@ -48,9 +62,17 @@ impl Runtime {
             }
         }
         let pool = Pool::new(members, config.upstream.balance);
+        let auth = match &config.auth {
+            Some(settings) => Some(AuthRuntime::build(
+                settings.clone(),
+                previous.and_then(|p| p.auth.as_ref()).map(|a| &a.oidc),
+            )?),
+            None => None,
+        };
         Ok(Runtime {
             config,
             pool,
+            auth,
             generation,
         })
     }

@@ -10,6 +10,7 @@ use pingora_core::services::listening::Service;
 use pingora_proxy::http_proxy_service_with_name;
 
 use crate::admin::AdminApp;
+use crate::auth::oidc::DiscoveryService;
 use crate::balancer::health::HealthChecker;
 use crate::balancer::SlotRegistry;
 use crate::config::ProxyConfig;
@@ -45,7 +46,7 @@ fn server_conf(config: &ProxyConfig) -> ServerConf {
 /// Build the services and serve until shut down. Returns when the server has stopped.
 pub fn run(config: ProxyConfig, options: StartOptions) -> Result<(), ProxyError> {
     let registry = Arc::new(SlotRegistry::new());
-    let runtime = Runtime::build(config.clone(), &registry, 1)?;
+    let runtime = Runtime::build(config.clone(), &registry, 1, None)?;
     let shared: SharedRuntime = Arc::new(ArcSwap::from_pointee(runtime));
 
     let opt = Opt {
@@ -68,6 +69,12 @@ pub fn run(config: ProxyConfig, options: StartOptions) -> Result<(), ProxyError>
         "health checks",
         HealthChecker::new(shared.clone()),
     ));
+    if config.auth.is_some() {
+        server.add_service(background_service(
+            "identity provider discovery",
+            DiscoveryService::new(shared.clone()),
+        ));
+    }
     if let Some(admin) = &config.admin {
         let mut service = Service::new("admin".to_string(), AdminApp::new(shared.clone()));
         service.add_tcp(&admin.listen.to_string());
@@ -76,12 +83,16 @@ pub fn run(config: ProxyConfig, options: StartOptions) -> Result<(), ProxyError>
 
     write_pid_file(&config)?;
     let listen: Vec<String> = config.server.listen.iter().map(|a| a.to_string()).collect();
+    let auth = match &config.auth {
+        Some(a) => format!("auth on: OIDC login at the edge, issuer {}", a.issuer),
+        None => "auth off: plain load balancer (no [auth] section)".to_string(),
+    };
     tracing::info!(
         listen = %listen.join(", "),
         backends = config.upstream.backends.len(),
         balance = config.upstream.balance.as_str(),
         threads = config.server.threads,
-        "custodia-proxy starting; auth off: plain load balancer (no [auth] section)"
+        "custodia-proxy starting; {auth}"
     );
     server.run(RunArgs::default());
     let _ = std::fs::remove_file(&config.server.pid_file);

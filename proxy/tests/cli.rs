@@ -5,11 +5,30 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn proxy(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_custodia-proxy"))
-        .args(args)
-        .output()
-        .expect("run custodia-proxy")
+    proxy_env(args, &[])
 }
+
+fn proxy_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_custodia-proxy"));
+    command
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    // No stray .env from the developer's checkout.
+    command.current_dir(std::env::temp_dir());
+    command.output().expect("run custodia-proxy")
+}
+
+/// What the local stack hands the proxy when no real IdP is configured.
+const STACK_ENV: &[(&str, &str)] = &[
+    ("CUSTODIA_AUTH_ISSUER", "http://127.0.0.1:9400"),
+    ("AUTH0_CLIENT_ID", "custodia-local"),
+    ("AUTH0_CLIENT_SECRET", "local-client-secret"),
+    ("APP_SECRET_KEY", "0123456789abcdef0123456789abcdef"),
+];
 
 fn shipped_config() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/custodia.toml")
@@ -26,7 +45,10 @@ fn with_file(name: &str, text: &str, f: impl FnOnce(&Path)) {
 
 #[test]
 fn check_accepts_the_shipped_config_and_prints_a_summary() {
-    let out = proxy(&["--config", shipped_config().to_str().unwrap(), "--check"]);
+    let out = proxy_env(
+        &["--config", shipped_config().to_str().unwrap(), "--check"],
+        STACK_ENV,
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -37,6 +59,87 @@ fn check_accepts_the_shipped_config_and_prints_a_summary() {
     assert!(stdout.contains("is valid"), "{stdout}");
     assert!(stdout.contains("least_conn over 3 backend(s)"), "{stdout}");
     assert!(stdout.contains("127.0.0.1:9001"), "{stdout}");
+    assert!(stdout.contains("auth            on"), "{stdout}");
+    assert!(stdout.contains("/api/hello"), "{stdout}");
+    assert!(
+        !stdout.contains("local-client-secret"),
+        "secrets are never printed: {stdout}"
+    );
+    assert!(
+        !stdout.contains("0123456789abcdef0123"),
+        "secrets are never printed: {stdout}"
+    );
+}
+
+#[test]
+fn auth_without_its_secrets_is_an_error_never_auth_off() {
+    let shipped = shipped_config();
+    let config = shipped.to_str().unwrap();
+    let out = proxy(&["--config", config, "--check"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("auth.issuer") && stderr.contains("AUTH0_DOMAIN"),
+        "{stderr}"
+    );
+
+    let without_secret: Vec<_> = STACK_ENV
+        .iter()
+        .copied()
+        .filter(|(k, _)| *k != "AUTH0_CLIENT_SECRET")
+        .collect();
+    let out = proxy_env(&["--config", config, "--check"], &without_secret);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("AUTH0_CLIENT_SECRET"));
+
+    let mut weak: Vec<_> = STACK_ENV
+        .iter()
+        .copied()
+        .filter(|(k, _)| *k != "APP_SECRET_KEY")
+        .collect();
+    weak.push(("APP_SECRET_KEY", "short"));
+    let out = proxy_env(&["--config", config, "--check"], &weak);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("APP_SECRET_KEY") && stderr.contains("openssl rand -hex 32"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("short\""),
+        "the secret itself is not echoed: {stderr}"
+    );
+}
+
+#[test]
+fn the_seed_env_file_works_unchanged() {
+    let dir = std::env::temp_dir().join(format!("custodia-cli-dotenv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join(".env"),
+        "AUTH0_DOMAIN=tenant.eu.auth0.com\nAUTH0_CLIENT_ID=abc123\nAUTH0_CLIENT_SECRET=s3cret\n\
+         APP_SECRET_KEY=9f2c4e7a1b3d5f6081a2c3e4f5061728394a5b6c7d8e9f00\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_custodia-proxy"))
+        .args(["--config", shipped_config().to_str().unwrap(), "--check"])
+        .env_clear()
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("issuer https://tenant.eu.auth0.com/"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("abc123"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

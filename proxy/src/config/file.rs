@@ -20,6 +20,63 @@ pub struct FileConfig {
     pub upstream: UpstreamSection,
     /// Absent: no admin listener.
     pub admin: Option<AdminSection>,
+    /// Absent: no login at the edge (a plain load balancer).
+    pub auth: Option<AuthSection>,
+    /// `[[route]]` entries: policies by path prefix (need `[auth]`).
+    #[serde(default = "defaults::routes")]
+    pub route: Spanned<Vec<RouteEntry>>,
+}
+
+/// `[auth]`: the OIDC login at the edge. Secrets come from the environment only.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    /// The IdP's issuer URL; else `CUSTODIA_AUTH_ISSUER`, else `https://$AUTH0_DOMAIN/`.
+    pub issuer: Option<String>,
+    /// Else `AUTH0_CLIENT_ID`.
+    pub client_id: Option<String>,
+    /// Where users reach the proxy; redirect_uri = public_url + `/callback`.
+    pub public_url: Spanned<String>,
+    #[serde(default = "defaults::scopes")]
+    pub scopes: Vec<String>,
+    /// Default 8 h.
+    #[serde(default = "defaults::session_ttl")]
+    pub session_ttl: HumanDuration,
+    #[serde(default)]
+    pub allowed_emails: Vec<String>,
+    #[serde(default)]
+    pub allowed_domains: Vec<String>,
+    /// Peers whose X-Forwarded-Proto/Host/For are believed; default loopback only.
+    #[serde(default = "defaults::trusted_proxies")]
+    pub trusted_proxies: Spanned<Vec<String>>,
+    /// Policy of paths no `[[route]]` matches; default `required`.
+    #[serde(default = "defaults::default_policy")]
+    pub default_policy: PolicyName,
+    /// `client_secret_basic` or `client_secret_post`; default: what discovery advertises.
+    pub client_auth: Option<ClientAuthName>,
+}
+
+/// One `[[route]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteEntry {
+    pub prefix: String,
+    pub policy: PolicyName,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyName {
+    Public,
+    Optional,
+    Required,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuthName {
+    ClientSecretBasic,
+    ClientSecretPost,
 }
 
 /// `[admin]`: metrics and probes for operators, never on the public listener.
@@ -137,6 +194,21 @@ mod defaults {
     }
     pub fn retries() -> u32 {
         2
+    }
+    pub fn routes() -> toml::Spanned<Vec<super::RouteEntry>> {
+        toml::Spanned::new(0..0, Vec::new())
+    }
+    pub fn scopes() -> Vec<String> {
+        ["openid", "profile", "email"].map(String::from).to_vec()
+    }
+    pub fn session_ttl() -> HumanDuration {
+        HumanDuration(Duration::from_secs(8 * 3600))
+    }
+    pub fn trusted_proxies() -> toml::Spanned<Vec<String>> {
+        toml::Spanned::new(0..0, vec!["127.0.0.1/32".into(), "::1/128".into()])
+    }
+    pub fn default_policy() -> super::PolicyName {
+        super::PolicyName::Required
     }
     pub fn admin_listen() -> super::Address {
         super::Address(std::net::SocketAddr::from(([127, 0, 0, 1], 9090)))

@@ -1,6 +1,8 @@
 //! Configuration: the TOML file model ([`file`]), its validation ([`validate`]) into the
 //! runtime model ([`model`]) that the request path reads, and the `--check` summary.
 
+mod auth;
+pub mod env;
 pub mod file;
 pub mod model;
 mod summary;
@@ -10,7 +12,7 @@ use std::path::PathBuf;
 
 pub use model::*;
 pub use summary::summary;
-pub use validate::{load, parse};
+pub use validate::{load, load_with_env, parse, parse_with_env};
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]

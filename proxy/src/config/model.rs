@@ -12,6 +12,68 @@ pub struct ProxyConfig {
     pub server: ServerSettings,
     pub upstream: UpstreamSettings,
     pub admin: Option<AdminSettings>,
+    /// None: a plain load balancer.
+    pub auth: Option<AuthSettings>,
+}
+
+pub use super::env::Secret;
+
+/// Who may see what, and how users log in. Everything here is validated and complete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthSettings {
+    /// As configured, e.g. `https://tenant.auth0.com/` (Auth0's trailing slash kept).
+    pub issuer: String,
+    pub client_id: String,
+    pub client_secret: Secret,
+    /// None: as the IdP's discovery document advertises.
+    pub client_auth: Option<ClientAuth>,
+    /// Origin users reach us at, without a trailing slash.
+    pub public_url: String,
+    /// public_url is https: cookies get `Secure` and the `__Host-` prefix.
+    pub secure_cookies: bool,
+    pub scopes: Vec<String>,
+    pub session_ttl: Duration,
+    /// Lower-cased; empty = anyone the IdP accepts (unless `allowed_domains` is set).
+    pub allowed_emails: Vec<String>,
+    pub allowed_domains: Vec<String>,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub default_policy: RoutePolicy,
+    /// (prefix, policy) as configured.
+    pub routes: Vec<(String, RoutePolicy)>,
+    /// APP_SECRET_KEY, then APP_SECRET_KEY_PREVIOUS (still accepted to open sessions).
+    pub session_secret: Secret,
+    pub previous_session_secrets: Vec<Secret>,
+    /// Key of the identity assertion sent to workers.
+    pub assertion_key: Secret,
+}
+
+impl AuthSettings {
+    pub fn redirect_uri(&self) -> String {
+        format!("{}/callback", self.public_url)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    Basic,
+    Post,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoutePolicy {
+    Public,
+    Optional,
+    Required,
+}
+
+impl RoutePolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoutePolicy::Public => "public",
+            RoutePolicy::Optional => "optional",
+            RoutePolicy::Required => "required",
+        }
+    }
 }
 
 /// The operators' listener: `/metrics`, `/healthz`, `/readyz`.

@@ -68,9 +68,55 @@ pub fn summary(config: &ProxyConfig) -> String {
             let _ = writeln!(out, "  admin           off (no [admin] section)");
         }
     }
+    match &config.auth {
+        None => {
+            let _ = writeln!(
+                out,
+                "  auth            off: plain load balancer (no [auth] section)"
+            );
+        }
+        Some(a) => auth_summary(&mut out, a),
+    }
+    out
+}
+
+fn auth_summary(out: &mut String, a: &super::model::AuthSettings) {
+    use super::model::ClientAuth;
+    let d = |d: std::time::Duration| humantime::format_duration(d).to_string();
     let _ = writeln!(
         out,
-        "  auth            off: plain load balancer (no [auth] section)"
+        "  auth            on: OIDC login at the edge, issuer {}",
+        a.issuer
     );
-    out
+    let method = match a.client_auth {
+        Some(ClientAuth::Basic) => "client_secret_basic",
+        Some(ClientAuth::Post) => "client_secret_post",
+        None => "client auth as discovery advertises",
+    };
+    let _ = writeln!(
+        out,
+        "    client        {} ({method}), redirect_uri {}",
+        a.client_id,
+        a.redirect_uri()
+    );
+    let _ = writeln!(
+        out,
+        "    sessions      sealed cookie for {} ({} previous key(s) accepted), {}",
+        d(a.session_ttl),
+        a.previous_session_secrets.len(),
+        if a.secure_cookies {
+            "Secure, __Host- prefix"
+        } else {
+            "not Secure (public_url is http)"
+        }
+    );
+    let who = match (a.allowed_emails.len(), a.allowed_domains.len()) {
+        (0, 0) => "anyone the identity provider accepts".to_string(),
+        (e, d) => format!("{e} allowed email(s), {d} allowed domain(s)"),
+    };
+    let _ = writeln!(out, "    who           {who}");
+    for (prefix, policy) in &a.routes {
+        let _ = writeln!(out, "    route         {prefix:<20} {}", policy.as_str());
+    }
+    let _ = writeln!(out, "    other paths   {}", a.default_policy.as_str());
 }

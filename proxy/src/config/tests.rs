@@ -48,6 +48,7 @@ listen = "127.0.0.1:9191"
         admin: Some(AdminSettings {
             listen: "127.0.0.1:9191".parse().unwrap(),
         }),
+        auth: None,
         server: ServerSettings {
             listen: vec![
                 "127.0.0.1:8080".parse().unwrap(),
@@ -169,6 +170,106 @@ fn syntax_errors_are_reported_not_panicked() {
 #[test]
 fn the_shipped_config_is_valid() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/custodia.toml");
-    let config = load(&path).unwrap();
+    let env = stack_env();
+    let config = load_with_env(&path, &env).unwrap();
     assert_eq!(config.upstream.backends.len(), 3);
+    let auth = config.auth.expect("the shipped config logs users in");
+    assert_eq!(auth.issuer, "http://127.0.0.1:9400");
+    assert_eq!(auth.redirect_uri(), "http://127.0.0.1:8080/callback");
+    assert!(!auth.secure_cookies);
+    assert_eq!(auth.default_policy, RoutePolicy::Required);
+    assert!(auth
+        .routes
+        .contains(&("/api/".into(), RoutePolicy::Required)));
+}
+
+fn stack_env() -> std::collections::HashMap<String, String> {
+    [
+        ("CUSTODIA_AUTH_ISSUER", "http://127.0.0.1:9400"),
+        ("AUTH0_CLIENT_ID", "custodia-local"),
+        ("AUTH0_CLIENT_SECRET", "client-secret"),
+        ("APP_SECRET_KEY", "0123456789abcdef0123456789abcdef"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+const AUTH_BASE: &str =
+    "[upstream]\nbackends = [\"127.0.0.1:1\"]\n[auth]\npublic_url = \"https://x.ngrok-free.app\"\n";
+
+fn auth_error(extra: &str, env: &[(&str, &str)]) -> String {
+    let mut map = stack_env();
+    for (k, v) in env {
+        if v.is_empty() {
+            map.remove(*k);
+        } else {
+            map.insert(k.to_string(), v.to_string());
+        }
+    }
+    parse_with_env(&format!("{AUTH_BASE}{extra}"), Path::new("a.toml"), &map)
+        .unwrap_err()
+        .to_string()
+}
+
+#[test]
+fn auth0_settings_come_from_the_seed_env() {
+    let mut env = stack_env();
+    env.remove("CUSTODIA_AUTH_ISSUER");
+    env.insert("AUTH0_DOMAIN".into(), "tenant.eu.auth0.com".into());
+    let c = parse_with_env(AUTH_BASE, Path::new("a.toml"), &env).unwrap();
+    let auth = c.auth.unwrap();
+    assert_eq!(auth.issuer, "https://tenant.eu.auth0.com/");
+    assert!(auth.secure_cookies, "https public_url gives Secure cookies");
+    assert_eq!(auth.redirect_uri(), "https://x.ngrok-free.app/callback");
+    assert_eq!(
+        auth.assertion_key.0,
+        custodia_identity::derive_assertion_key("0123456789abcdef0123456789abcdef")
+    );
+}
+
+#[test]
+fn auth_problems_are_errors_never_auth_off() {
+    let cases: &[(&str, &[(&str, &str)], &str)] = &[
+        ("", &[("CUSTODIA_AUTH_ISSUER", "")], "no identity provider"),
+        ("", &[("AUTH0_CLIENT_ID", "")], "client_id"),
+        ("", &[("AUTH0_CLIENT_SECRET", "")], "AUTH0_CLIENT_SECRET"),
+        ("", &[("APP_SECRET_KEY", "")], "openssl rand -hex 32"),
+        ("", &[("APP_SECRET_KEY", "too-short")], "too weak"),
+        ("", &[("APP_SECRET_KEY_PREVIOUS", "x")], "APP_SECRET_KEY_PREVIOUS"),
+        ("", &[("CUSTODIA_ASSERTION_KEY", "short")], "CUSTODIA_ASSERTION_KEY"),
+        ("", &[("CUSTODIA_AUTH_ISSUER", "http://idp.example.com/")], "plain http"),
+        ("issuer = \"ftp://x\"\n", &[], "not a URL"),
+        ("scopes = [\"email\"]\n", &[], "openid"),
+        ("trusted_proxies = [\"10.0.0.0/33\"]\n", &[], "10.0.0.0/33"),
+        ("allowed_emails = [\"nobody\"]\n", &[], "not an email"),
+        ("default_policy = \"maybe\"\n", &[], "unknown variant"),
+        ("[[route]]\nprefix = \"/a/../b\"\npolicy = \"public\"\n", &[], "normalised"),
+        ("[[route]]\nprefix = \"/a\"\npolicy = \"public\"\n[[route]]\nprefix = \"/a\"\npolicy = \"required\"\n", &[], "twice"),
+    ];
+    for (extra, env, words) in cases {
+        let message = auth_error(extra, env);
+        assert!(message.contains(words), "{extra:?} {env:?} → {message}");
+        assert!(
+            !message.contains("0123456789abcdef0123"),
+            "no secret in: {message}"
+        );
+    }
+    let public_url = parse_with_env(
+        "[upstream]\nbackends = [\"127.0.0.1:1\"]\n[auth]\npublic_url = \"https://x.app/path\"\n",
+        Path::new("a.toml"),
+        &stack_env(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        public_url.contains("auth.public_url") && public_url.contains("origin"),
+        "{public_url}"
+    );
+}
+
+#[test]
+fn routes_without_auth_are_refused() {
+    let message = error_of("[upstream]\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nprefix = \"/\"\npolicy = \"public\"\n");
+    assert!(message.contains("need an [auth] section"), "{message}");
 }

@@ -6,25 +6,35 @@
 //! 3. `server.listen` lists no address twice.
 //! 4. `upstream.health.timeout` is not longer than `upstream.health.interval`.
 //! 5. `admin.listen` is not one of the public `server.listen` addresses.
+//! 6. `[auth]` and `[[route]]`: see [`super::auth`] (secrets come from the environment).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
+use super::env::{Env, ProcessEnv};
 use super::file::{BalanceName, FileConfig};
 use super::model::*;
 use super::ConfigError;
 
-/// Read and validate a configuration file.
+/// Read and validate a configuration file, with secrets from the environment and `.env`.
 pub fn load(path: &Path) -> Result<ProxyConfig, ConfigError> {
+    load_with_env(path, &ProcessEnv::with_dotenv())
+}
+
+pub fn load_with_env(path: &Path, env: &dyn Env) -> Result<ProxyConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    parse(&text, path)
+    parse_with_env(&text, path, env)
 }
 
-/// Validate configuration text; `path` only labels the messages.
+/// Validate configuration text with an empty environment; `path` only labels the messages.
 pub fn parse(text: &str, path: &Path) -> Result<ProxyConfig, ConfigError> {
+    parse_with_env(text, path, &std::collections::HashMap::new())
+}
+
+pub fn parse_with_env(text: &str, path: &Path, env: &dyn Env) -> Result<ProxyConfig, ConfigError> {
     let deserializer = toml::Deserializer::new(text);
     let file: FileConfig = serde_path_to_error::deserialize(deserializer).map_err(|err| {
         let key = err.path().to_string();
@@ -37,10 +47,15 @@ pub fn parse(text: &str, path: &Path) -> Result<ProxyConfig, ConfigError> {
             message: inner.message().trim().to_string(),
         }
     })?;
-    into_model(file, text, path)
+    into_model(file, text, path, env)
 }
 
-fn into_model(file: FileConfig, text: &str, path: &Path) -> Result<ProxyConfig, ConfigError> {
+fn into_model(
+    file: FileConfig,
+    text: &str,
+    path: &Path,
+    env: &dyn Env,
+) -> Result<ProxyConfig, ConfigError> {
     let invalid =
         |span: Option<std::ops::Range<usize>>, key: &str, message: String| ConfigError::Invalid {
             path: path.to_path_buf(),
@@ -120,9 +135,40 @@ fn into_model(file: FileConfig, text: &str, path: &Path) -> Result<ProxyConfig, 
         }
     }
 
+    let routes_span = file.route.span();
+    let routes = file.route.into_inner();
+    let auth = match file.auth {
+        Some(section) => {
+            let auth_span = section.public_url.span();
+            Some(
+                super::auth::validate_auth(section, routes, env).map_err(|(key, message)| {
+                    let span = if key.starts_with("route") {
+                        Some(routes_span.clone())
+                    } else {
+                        key.rsplit('.')
+                            .next()
+                            .filter(|k| *k != "auth")
+                            .and_then(|k| find_key_in_section(text, "auth", k))
+                            .or(Some(auth_span.clone()))
+                    };
+                    invalid(span, key, message)
+                })?,
+            )
+        }
+        None if !routes.is_empty() => {
+            return Err(invalid(
+                Some(routes_span),
+                "route",
+                "[[route]] policies need an [auth] section (without it nothing is checked)".into(),
+            ))
+        }
+        None => None,
+    };
+
     Ok(ProxyConfig {
         source: path.to_path_buf(),
         admin,
+        auth,
         server: ServerSettings {
             listen: server.listen.0.into_iter().map(|a| a.0).collect(),
             threads,

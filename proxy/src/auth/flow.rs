@@ -1,0 +1,492 @@
+//! The login flow at the edge: the per-request gate (policy + session check, no I/O) and the
+//! reserved endpoints `/login`, `/callback`, `/logout`. Plain functions over request parts that
+//! return what to answer, so they are testable without a Pingora session.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use openidconnect::url::form_urlencoded;
+
+use super::cookies::CookieSettings;
+use super::keys::SecretKeys;
+use super::login_state::{open_login_state, seal_login_state, LoginState, LOGIN_STATE_TTL};
+use super::oidc::{OidcError, OidcProvider, VerifiedUser};
+use super::policy::{normalise_path, Policy, RouteTable};
+use super::redirect::safe_return_target;
+use super::session::{open_session, seal_session, Session, SessionError};
+use super::trusted::TrustedProxies;
+use crate::config::{AuthSettings, RoutePolicy};
+use crate::metrics;
+
+/// Everything the request path needs for auth, built once per config generation.
+#[derive(Debug)]
+pub struct AuthRuntime {
+    pub settings: AuthSettings,
+    pub keys: SecretKeys,
+    pub cookies: CookieSettings,
+    pub routes: RouteTable,
+    pub trusted: TrustedProxies,
+    /// Shared across reloads while the IdP settings stay the same.
+    pub oidc: Arc<OidcProvider>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthSetupError {
+    #[error("{0}")]
+    Keys(String),
+    #[error("{0}")]
+    Routes(String),
+    #[error("{0}")]
+    Oidc(#[from] OidcError),
+}
+
+pub fn to_policy(p: RoutePolicy) -> Policy {
+    match p {
+        RoutePolicy::Public => Policy::Public,
+        RoutePolicy::Optional => Policy::Optional,
+        RoutePolicy::Required => Policy::Required,
+    }
+}
+
+impl AuthRuntime {
+    /// `previous`: the provider of the config being replaced, reused when it serves the same IdP.
+    pub fn build(
+        settings: AuthSettings,
+        previous: Option<&Arc<OidcProvider>>,
+    ) -> Result<AuthRuntime, AuthSetupError> {
+        let old: Vec<String> = settings
+            .previous_session_secrets
+            .iter()
+            .map(|s| s.0.clone())
+            .collect();
+        let keys = SecretKeys::from_secrets(&settings.session_secret.0, &old)
+            .map_err(|e| AuthSetupError::Keys(e.to_string()))?;
+        let routes = RouteTable::new(
+            settings
+                .routes
+                .iter()
+                .map(|(prefix, p)| (prefix.clone(), to_policy(*p)))
+                .collect(),
+            to_policy(settings.default_policy),
+        )
+        .map_err(|e| AuthSetupError::Routes(e.to_string()))?;
+        let trusted = TrustedProxies::from_nets(settings.trusted_proxies.clone());
+        let oidc = match previous {
+            Some(p) if p.serves(&settings) => p.clone(),
+            _ => Arc::new(OidcProvider::new(&settings)?),
+        };
+        Ok(AuthRuntime {
+            cookies: CookieSettings {
+                secure: settings.secure_cookies,
+            },
+            settings,
+            keys,
+            routes,
+            trusted,
+            oidc,
+        })
+    }
+}
+
+/// An answer the proxy writes itself.
+#[derive(Debug)]
+pub struct AuthResponse {
+    pub status: u16,
+    /// Extra headers (Location, Set-Cookie…); several Set-Cookie entries are allowed.
+    pub headers: Vec<(&'static str, String)>,
+    pub page: Option<Page>,
+}
+
+/// A message page, rendered as HTML or JSON by the caller.
+#[derive(Debug)]
+pub struct Page {
+    pub title: &'static str,
+    pub detail: String,
+}
+
+impl AuthResponse {
+    fn redirect(location: String) -> AuthResponse {
+        AuthResponse {
+            status: 302,
+            headers: vec![("location", location)],
+            page: None,
+        }
+    }
+
+    fn page(status: u16, title: &'static str, detail: impl Into<String>) -> AuthResponse {
+        AuthResponse {
+            status,
+            headers: Vec::new(),
+            page: Some(Page {
+                title,
+                detail: detail.into(),
+            }),
+        }
+    }
+
+    fn with_cookie(mut self, set_cookie: String) -> AuthResponse {
+        self.headers.push(("set-cookie", set_cookie));
+        self
+    }
+}
+
+/// The reserved paths the proxy answers itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Login,
+    Callback,
+    Logout,
+}
+
+impl Endpoint {
+    pub fn from_path(normalised: &str) -> Option<Endpoint> {
+        match normalised {
+            "/login" => Some(Endpoint::Login),
+            "/callback" => Some(Endpoint::Callback),
+            "/logout" => Some(Endpoint::Logout),
+            _ => None,
+        }
+    }
+}
+
+/// What the gate decided for an ordinary request.
+#[derive(Debug)]
+pub enum Gate {
+    /// Forward, with the verified identity if there is one.
+    Forward(Option<Session>),
+    /// Answer now (login redirect or 401).
+    Respond(AuthResponse),
+}
+
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Read and check the session cookie (microseconds; no network), counting the result.
+pub fn check_session<'a>(
+    auth: &AuthRuntime,
+    cookie_headers: impl Iterator<Item = &'a [u8]>,
+    now: u64,
+) -> Result<Session, SessionError> {
+    let m = metrics::auth();
+    let result = match auth.cookies.read_session(cookie_headers) {
+        None => Err(SessionError::Absent),
+        Some(sealed) => open_session(&auth.keys, &sealed, now),
+    };
+    match &result {
+        Ok(_) => m.session_valid.inc(),
+        Err(SessionError::Absent) => m.session_absent.inc(),
+        Err(SessionError::Expired) => m.session_expired.inc(),
+        Err(_) => m.session_invalid.inc(),
+    }
+    result
+}
+
+/// The per-request decision for a normalised path under its route policy.
+pub fn gate<'a>(
+    auth: &AuthRuntime,
+    policy: Policy,
+    cookie_headers: impl Iterator<Item = &'a [u8]>,
+    original_target: &str,
+    wants_html: bool,
+    now: u64,
+) -> Gate {
+    if policy == Policy::Public {
+        return Gate::Forward(None);
+    }
+    match check_session(auth, cookie_headers, now) {
+        Ok(session) => Gate::Forward(Some(session)),
+        Err(_) if policy == Policy::Optional => Gate::Forward(None),
+        Err(_) if wants_html => {
+            let rd = safe_return_target(original_target).unwrap_or_else(|| "/".into());
+            let query: String = form_urlencoded::Serializer::new(String::new())
+                .append_pair("rd", &rd)
+                .finish();
+            Gate::Respond(AuthResponse::redirect(format!("/login?{query}")))
+        }
+        Err(_) => Gate::Respond(AuthResponse {
+            status: 401,
+            headers: vec![("www-authenticate", "Bearer realm=\"custodia\"".into())],
+            page: Some(Page {
+                title: "unauthenticated",
+                detail: "Sign in at /login first.".into(),
+            }),
+        }),
+    }
+}
+
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+/// `GET /login[?rd=/path]`: start an authorization code flow.
+pub fn login(auth: &AuthRuntime, query: Option<&str>, now: u64) -> AuthResponse {
+    let return_to = query_param(query, "rd")
+        .and_then(|rd| safe_return_target(&rd))
+        .unwrap_or_else(|| "/".into());
+    let request = match auth.oidc.authorize() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "login refused: identity provider unavailable");
+            metrics::auth()
+                .logins
+                .with_label_values(&["failed", "idp_unavailable"])
+                .inc();
+            return AuthResponse::page(
+                503,
+                "Sign-in is unavailable",
+                "The identity provider cannot be reached right now. Please try again in a moment.",
+            );
+        }
+    };
+    metrics::auth()
+        .logins
+        .with_label_values(&["started", "none"])
+        .inc();
+    let state = LoginState {
+        state: request.state.clone(),
+        nonce: request.nonce,
+        pkce_verifier: request.pkce_verifier,
+        return_to,
+        exp: now + LOGIN_STATE_TTL.as_secs(),
+    };
+    let sealed = seal_login_state(&auth.keys, &state);
+    AuthResponse::redirect(request.url).with_cookie(auth.cookies.set_login_cookie(
+        &request.state,
+        &sealed,
+        LOGIN_STATE_TTL,
+    ))
+}
+
+fn login_failed(reason: &'static str) {
+    metrics::auth()
+        .logins
+        .with_label_values(&["failed", reason])
+        .inc();
+}
+
+/// `GET /callback?code&state`: finish the flow, set the session, go back where the user was.
+pub async fn callback<'a>(
+    auth: &AuthRuntime,
+    query: Option<&str>,
+    cookie_headers: impl Iterator<Item = &'a [u8]> + Clone,
+    now: u64,
+) -> AuthResponse {
+    let state = query_param(query, "state");
+    let clear_login = |r: AuthResponse| match &state {
+        Some(s) => r.with_cookie(auth.cookies.clear_login_cookie(s)),
+        None => r,
+    };
+    if let Some(error) = query_param(query, "error") {
+        let description = query_param(query, "error_description").unwrap_or_default();
+        tracing::warn!(%error, %description, "the identity provider reported a failed sign-in");
+        let (status, reason) = if error == "access_denied" {
+            (403, "access_denied")
+        } else {
+            (400, "idp_error")
+        };
+        login_failed(reason);
+        let detail = if description.is_empty() {
+            format!("The identity provider answered: {error}.")
+        } else {
+            format!("The identity provider answered: {error} ({description}).")
+        };
+        return clear_login(AuthResponse::page(
+            status,
+            "Sign-in did not complete",
+            detail,
+        ));
+    }
+    let (Some(code), Some(state_value)) = (query_param(query, "code"), state.clone()) else {
+        login_failed("bad_request");
+        return AuthResponse::page(
+            400,
+            "Sign-in did not complete",
+            "The callback is missing its code or state.",
+        );
+    };
+    let name = auth.cookies.login_cookie_name(&state_value);
+    let Some(sealed) = super::cookies::read_cookie(cookie_headers, &name) else {
+        tracing::warn!(
+            "callback with no matching login cookie (expired, already used, or another browser)"
+        );
+        login_failed("state_mismatch");
+        return AuthResponse::page(
+            400,
+            "Sign-in expired",
+            "This sign-in attempt has expired or was already used. Please sign in again.",
+        );
+    };
+    let login = match open_login_state(&auth.keys, &sealed, &state_value, now) {
+        Ok(login) => login,
+        Err(e) => {
+            tracing::warn!(error = %e, "callback with an invalid login state");
+            login_failed("state_mismatch");
+            return clear_login(AuthResponse::page(
+                400,
+                "Sign-in expired",
+                "This sign-in attempt has expired or does not match. Please sign in again.",
+            ));
+        }
+    };
+    let user = match auth
+        .oidc
+        .exchange(&code, &login.pkce_verifier, &login.nonce)
+        .await
+    {
+        Ok(user) => user,
+        Err(e) => {
+            tracing::warn!(error = %e, "sign-in failed at the code exchange");
+            let (status, reason, detail) = match &e {
+                OidcError::Unreachable(_) => {
+                    metrics::auth()
+                        .idp_errors
+                        .with_label_values(&["token"])
+                        .inc();
+                    (
+                        502,
+                        "idp_unreachable",
+                        "The identity provider could not be reached. Please try again.",
+                    )
+                }
+                OidcError::NotReady { .. } => (
+                    503,
+                    "idp_unavailable",
+                    "The identity provider is unavailable right now.",
+                ),
+                OidcError::InvalidIdToken(_) | OidcError::NoIdToken => (
+                    400,
+                    "invalid_id_token",
+                    "The identity provider's answer could not be verified.",
+                ),
+                _ => (
+                    400,
+                    "code_rejected",
+                    "The identity provider refused this sign-in. Please sign in again.",
+                ),
+            };
+            login_failed(reason);
+            return clear_login(AuthResponse::page(
+                status,
+                "Sign-in did not complete",
+                detail,
+            ));
+        }
+    };
+    if !is_allowed(&auth.settings, &user) {
+        tracing::warn!(sub = %user.sub, "sign-in refused: email not allowed");
+        login_failed("not_allowed");
+        return clear_login(AuthResponse::page(
+            403,
+            "Access denied",
+            "Your account is not allowed to use this site.",
+        ));
+    }
+    let ttl = auth.settings.session_ttl;
+    let session = Session {
+        sub: user.sub,
+        email: user.email,
+        name: user.name,
+        picture: user.picture,
+        id_token: Some(user.id_token),
+        iat: now,
+        exp: now + ttl.as_secs(),
+    };
+    let sealed = seal_session(&auth.keys, &session);
+    let cookies = match auth.cookies.set_session_cookies(&sealed, ttl) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "session too large for cookies");
+            login_failed("session_too_large");
+            return clear_login(AuthResponse::page(
+                400,
+                "Sign-in did not complete",
+                "The session is too large to store.",
+            ));
+        }
+    };
+    metrics::auth()
+        .logins
+        .with_label_values(&["completed", "none"])
+        .inc();
+    tracing::info!(sub = %session.sub, "signed in");
+    let mut response = clear_login(AuthResponse::redirect(login.return_to));
+    for c in cookies {
+        response = response.with_cookie(c);
+    }
+    response
+}
+
+/// allowed_emails / allowed_domains; an email must not be marked unverified.
+pub fn is_allowed(settings: &AuthSettings, user: &VerifiedUser) -> bool {
+    if settings.allowed_emails.is_empty() && settings.allowed_domains.is_empty() {
+        return true;
+    }
+    let Some(email) = user.email.as_deref().map(str::to_ascii_lowercase) else {
+        return false;
+    };
+    if user.email_verified == Some(false) {
+        return false;
+    }
+    let domain = email.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
+    settings.allowed_emails.contains(&email) || settings.allowed_domains.iter().any(|d| d == domain)
+}
+
+/// `GET /logout`: clear the session, then leave through the IdP's logout if it has one.
+pub fn logout<'a>(
+    auth: &AuthRuntime,
+    cookie_headers: impl Iterator<Item = &'a [u8]>,
+    now: u64,
+) -> AuthResponse {
+    let session = auth
+        .cookies
+        .read_session(cookie_headers)
+        .and_then(|sealed| open_session(&auth.keys, &sealed, now).ok());
+    let home = format!("{}/", auth.settings.public_url);
+    let hint = session.as_ref().and_then(|s| s.id_token.as_deref());
+    let target = auth.oidc.logout_url(hint, &home).unwrap_or(home);
+    let mut response = AuthResponse::redirect(target);
+    for c in auth.cookies.clear_session_cookies() {
+        response = response.with_cookie(c);
+    }
+    if let Some(s) = session {
+        tracing::info!(sub = %s.sub, "signed out");
+    }
+    response
+}
+
+/// Normalise a request path for policy lookup; `None` for paths no policy can judge safely.
+pub fn policy_path(raw_path: &str) -> Option<String> {
+    normalise_path(raw_path).ok()
+}
+
+/// How long the identity assertion sent to workers is valid.
+pub const ASSERTION_TTL: Duration = Duration::from_secs(60);
+
+/// Render an [`AuthResponse`] body for a browser or an API client.
+pub fn render(page: &Page, status: u16, json: bool, request_id: &str) -> (&'static str, Bytes) {
+    if json {
+        let body = serde_json::json!({
+            "error": page.title,
+            "detail": page.detail,
+            "status": status,
+            "request_id": request_id,
+        });
+        ("application/json", Bytes::from(body.to_string()))
+    } else {
+        (
+            "text/html; charset=utf-8",
+            Bytes::from(crate::pages::message_page(
+                status,
+                page.title,
+                &page.detail,
+                request_id,
+            )),
+        )
+    }
+}

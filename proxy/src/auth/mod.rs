@@ -1,0 +1,38 @@
+//! Edge authentication, the pure parts: no network, no Pingora `Session`, all unit-tested.
+//!
+//! ```text
+//!  APP_SECRET_KEY (+ previous) ──▶ keys ──▶ seal ──┬──▶ session      (the signed-in user, every request)
+//!                                                   └──▶ login_state  (state/nonce/PKCE, /login → /callback)
+//!  cookies           names, attributes, chunking, Cookie parsing, stripping ours before upstream
+//!  redirect          `rd` → a safe same-origin path, or nothing
+//!  policy            normalised path → public | optional | required
+//!  trusted           whose X-Forwarded-For/-Proto/-Host we believe
+//!  identity_headers  client identity headers and our cookies removed before upstream
+//! ```
+//!
+//! The OIDC client and the /login, /callback, /logout endpoints build on these; the edge calls
+//! `policy` → `cookies::read_session` → `session::open_session` on every request.
+
+pub mod cookies;
+pub mod flow;
+pub mod identity_headers;
+pub mod keys;
+pub mod login_state;
+pub mod oidc;
+pub mod policy;
+pub mod redirect;
+pub mod seal;
+pub mod session;
+pub mod trusted;
+
+pub use cookies::{read_cookie, strip_custodia_cookies, CookieError, CookieSettings};
+pub use identity_headers::{remove_custodia_cookies, strip_client_identity, STRIPPED_HEADERS};
+pub use keys::{KeyError, SecretKeys};
+pub use login_state::{
+    open_login_state, seal_login_state, LoginState, LoginStateError, LOGIN_STATE_TTL,
+};
+pub use policy::{normalise_path, PathError, Policy, RouteError, RouteTable};
+pub use redirect::safe_return_target;
+pub use seal::{seal, unseal, Purpose, SealError};
+pub use session::{open_session, seal_session, Session, SessionError};
+pub use trusted::{TrustedProxies, TrustedProxyError};

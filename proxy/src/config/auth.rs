@@ -1,0 +1,283 @@
+//! Validation of `[auth]` and `[[route]]`, completed from the environment. With `[auth]`
+//! present, a missing issuer, client id or secret is an error — never "auth off".
+//!
+//! Rules:
+//! 1. issuer: `[auth] issuer`, else `CUSTODIA_AUTH_ISSUER`, else `https://$AUTH0_DOMAIN/`; an
+//!    http(s) URL, plain http only for a loopback host.
+//! 2. client_id: `[auth] client_id`, else `AUTH0_CLIENT_ID`; client secret: `AUTH0_CLIENT_SECRET`.
+//! 3. `APP_SECRET_KEY` at least 32 bytes; `APP_SECRET_KEY_PREVIOUS` (comma-separated) likewise.
+//! 4. `CUSTODIA_ASSERTION_KEY` at least 32 bytes, else derived from `APP_SECRET_KEY`.
+//! 5. public_url: an http(s) origin (no path, query or fragment).
+//! 6. scopes include `openid`; session_ttl between 1 s and 30 days.
+//! 7. trusted_proxies: CIDRs or bare IPs; allowed_domains / allowed_emails well-formed.
+//! 8. routes: prefixes start with `/`, are already normalised, appear once; they need `[auth]`.
+
+use std::time::Duration;
+
+use super::env::{Env, Secret};
+use super::file::{AuthSection, ClientAuthName, PolicyName, RouteEntry};
+use super::model::{AuthSettings, ClientAuth, RoutePolicy};
+
+/// An auth rule broken: (key, message); the caller adds file and line.
+pub type AuthProblem = (&'static str, String);
+
+const KEY_HINT: &str = "generate one with: openssl rand -hex 32";
+const MIN_SECRET_BYTES: usize = 32;
+
+pub fn policy(name: PolicyName) -> RoutePolicy {
+    match name {
+        PolicyName::Public => RoutePolicy::Public,
+        PolicyName::Optional => RoutePolicy::Optional,
+        PolicyName::Required => RoutePolicy::Required,
+    }
+}
+
+pub fn validate_auth(
+    section: AuthSection,
+    routes: Vec<RouteEntry>,
+    env: &dyn Env,
+) -> Result<AuthSettings, AuthProblem> {
+    let issuer = match (
+        section.issuer,
+        env.get("CUSTODIA_AUTH_ISSUER"),
+        env.get("AUTH0_DOMAIN"),
+    ) {
+        (Some(issuer), _, _) | (None, Some(issuer), _) => issuer,
+        (None, None, Some(domain)) => {
+            let domain = domain.trim().trim_end_matches('/');
+            let domain = domain.strip_prefix("https://").unwrap_or(domain);
+            format!("https://{domain}/")
+        }
+        (None, None, None) => return Err((
+            "auth.issuer",
+            "no identity provider: set [auth] issuer, or AUTH0_DOMAIN in the environment or .env \
+                 (remove [auth] to run as a plain load balancer)"
+                .into(),
+        )),
+    };
+    check_issuer(&issuer).map_err(|m| ("auth.issuer", m))?;
+
+    let client_id = section
+        .client_id
+        .or_else(|| env.get("AUTH0_CLIENT_ID"))
+        .ok_or((
+            "auth.client_id",
+            "no client id: set [auth] client_id or AUTH0_CLIENT_ID".to_string(),
+        ))?;
+    let client_secret = env.get("AUTH0_CLIENT_SECRET").ok_or((
+        "auth",
+        "AUTH0_CLIENT_SECRET is not set (the client secret comes from the environment or .env, never the file)"
+            .to_string(),
+    ))?;
+
+    let session_secret = env.get("APP_SECRET_KEY").ok_or((
+        "auth",
+        format!("APP_SECRET_KEY is not set: it seals the session cookies; {KEY_HINT}"),
+    ))?;
+    check_secret("APP_SECRET_KEY", &session_secret)?;
+    let mut previous_session_secrets = Vec::new();
+    if let Some(list) = env.get("APP_SECRET_KEY_PREVIOUS") {
+        for old in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            check_secret("APP_SECRET_KEY_PREVIOUS", old)?;
+            previous_session_secrets.push(Secret(old.to_string()));
+        }
+    }
+    let assertion_key = match env.get("CUSTODIA_ASSERTION_KEY") {
+        Some(key) => {
+            check_secret("CUSTODIA_ASSERTION_KEY", &key)?;
+            key
+        }
+        None => custodia_identity::derive_assertion_key(&session_secret),
+    };
+
+    let public_url =
+        check_public_url(section.public_url.get_ref()).map_err(|m| ("auth.public_url", m))?;
+    let secure_cookies = public_url.starts_with("https://");
+
+    if !section.scopes.iter().any(|s| s == "openid") {
+        return Err(("auth.scopes", "must include \"openid\"".into()));
+    }
+    let ttl = section.session_ttl.0;
+    if ttl < Duration::from_secs(1) || ttl > Duration::from_secs(30 * 24 * 3600) {
+        return Err(("auth.session_ttl", "must be between 1s and 30 days".into()));
+    }
+
+    let mut trusted_proxies = Vec::new();
+    for entry in section.trusted_proxies.get_ref() {
+        let net = entry
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            .map_err(|_| {
+                (
+                    "auth.trusted_proxies",
+                    format!("`{entry}` is not an IP address or CIDR such as \"127.0.0.1/32\""),
+                )
+            })?;
+        trusted_proxies.push(net);
+    }
+
+    let mut allowed_emails = Vec::new();
+    for email in &section.allowed_emails {
+        let email = email.trim().to_ascii_lowercase();
+        match email.split_once('@') {
+            Some((local, domain)) if !local.is_empty() && domain.contains('.') => {
+                allowed_emails.push(email)
+            }
+            _ => {
+                return Err((
+                    "auth.allowed_emails",
+                    format!("`{email}` is not an email address"),
+                ))
+            }
+        }
+    }
+    let mut allowed_domains = Vec::new();
+    for domain in &section.allowed_domains {
+        let domain = domain.trim().trim_start_matches('@').to_ascii_lowercase();
+        if domain.is_empty() || !domain.contains('.') || domain.contains('@') {
+            return Err((
+                "auth.allowed_domains",
+                format!("`{domain}` is not a domain name"),
+            ));
+        }
+        allowed_domains.push(domain);
+    }
+
+    let routes = check_routes(routes)?;
+
+    Ok(AuthSettings {
+        issuer,
+        client_id,
+        client_secret: Secret(client_secret),
+        client_auth: section.client_auth.map(|c| match c {
+            ClientAuthName::ClientSecretBasic => ClientAuth::Basic,
+            ClientAuthName::ClientSecretPost => ClientAuth::Post,
+        }),
+        public_url,
+        secure_cookies,
+        scopes: section.scopes,
+        session_ttl: ttl,
+        allowed_emails,
+        allowed_domains,
+        trusted_proxies,
+        default_policy: policy(section.default_policy),
+        routes,
+        session_secret: Secret(session_secret),
+        previous_session_secrets,
+        assertion_key: Secret(assertion_key),
+    })
+}
+
+fn check_secret(name: &'static str, value: &str) -> Result<(), AuthProblem> {
+    if value.len() < MIN_SECRET_BYTES {
+        return Err((
+            "auth",
+            format!(
+                "{name} is too weak ({} bytes; at least {MIN_SECRET_BYTES} needed): {KEY_HINT}",
+                value.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_issuer(issuer: &str) -> Result<(), String> {
+    let url = url_parts(issuer)
+        .ok_or_else(|| format!("`{issuer}` is not a URL such as \"https://TENANT.auth0.com/\""))?;
+    if url.scheme == "http" && !is_loopback_host(&url.host) {
+        return Err(format!(
+            "`{issuer}` uses plain http: only https is allowed for an identity provider that is not on loopback"
+        ));
+    }
+    Ok(())
+}
+
+fn check_public_url(text: &str) -> Result<String, String> {
+    let url = url_parts(text).ok_or_else(|| {
+        format!("`{text}` is not a URL such as \"https://example.ngrok-free.app\"")
+    })?;
+    if !(url.rest.is_empty() || url.rest == "/") {
+        return Err(format!(
+            "`{text}` must be an origin only (scheme, host and port), without a path, query or fragment"
+        ));
+    }
+    Ok(format!("{}://{}", url.scheme, url.authority))
+}
+
+struct UrlParts {
+    scheme: String,
+    authority: String,
+    host: String,
+    rest: String,
+}
+
+/// Just enough URL parsing to validate http(s) URLs from the config.
+fn url_parts(text: &str) -> Option<UrlParts> {
+    let (scheme, after) = text.split_once("://")?;
+    let scheme = scheme.to_ascii_lowercase();
+    if scheme != "http" && scheme != "https" {
+        return None;
+    }
+    let end = after.find(['/', '?', '#']).unwrap_or(after.len());
+    let (authority, rest) = after.split_at(end);
+    if authority.is_empty()
+        || authority.contains('@')
+        || !authority
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+    {
+        return None;
+    }
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        v6.split(']').next()?.to_string()
+    } else {
+        authority
+            .rsplit_once(':')
+            .map_or(authority, |(h, _)| h)
+            .to_string()
+    };
+    if host.is_empty() || text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return None;
+    }
+    Some(UrlParts {
+        scheme,
+        authority: authority.to_ascii_lowercase(),
+        host: host.to_ascii_lowercase(),
+        rest: rest.to_string(),
+    })
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn check_routes(routes: Vec<RouteEntry>) -> Result<Vec<(String, RoutePolicy)>, AuthProblem> {
+    let mut out: Vec<(String, RoutePolicy)> = Vec::with_capacity(routes.len());
+    for route in routes {
+        let normalised = crate::auth::normalise_path(&route.prefix).ok();
+        if !route.prefix.starts_with('/') || normalised.as_deref() != Some(route.prefix.as_str()) {
+            return Err((
+                "route.prefix",
+                format!(
+                    "`{}` must be a normalised absolute path such as \"/api/\" (no `..`, `//`, `%` escapes or `?`)",
+                    route.prefix
+                ),
+            ));
+        }
+        // Matching ignores ASCII case, so prefixes differing only in case collide.
+        if out
+            .iter()
+            .any(|(p, _)| p.eq_ignore_ascii_case(&route.prefix))
+        {
+            return Err((
+                "route.prefix",
+                format!("`{}` is listed twice", route.prefix),
+            ));
+        }
+        out.push((route.prefix, policy(route.policy)));
+    }
+    Ok(out)
+}
