@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use custodia_proxy::auth::{open_session, seal_session, CookieSettings, SecretKeys, Session};
 use custodia_proxy::balancer::{Member, Pool, SlotRegistry};
 use custodia_proxy::config::Balance;
 
@@ -150,5 +151,53 @@ fn least_conn_pick(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, least_conn_pick, end_to_end);
+/// The per-request session check: find the cookie in the Cookie header, open it (AES-256-GCM),
+/// parse it and check expiry — the whole cost the edge adds for a signed-in request.
+fn session_check(c: &mut Criterion) {
+    let keys = SecretKeys::from_secrets("0123456789abcdef0123456789abcdef", &[]).expect("keys");
+    let cookies = CookieSettings { secure: true };
+    let session = Session {
+        sub: "auth0|5f1c2e9a7b3d4c0012345678".into(),
+        email: Some("demo@example.test".into()),
+        name: Some("Demo User".into()),
+        picture: Some("https://s.gravatar.com/avatar/0123456789abcdef.png".into()),
+        // An Auth0-sized RS256 ID token (kept for logout's id_token_hint).
+        id_token: Some("e".repeat(1100)),
+        iat: 1_800_000_000,
+        exp: 4_000_000_000,
+    };
+    let sealed = seal_session(&keys, &session);
+    let name = cookies.session_cookie_name();
+    let valid = format!("_ga=GA1.1.123; {name}={sealed}; theme=dark");
+    let mut tampered_value = sealed.clone().into_bytes();
+    let middle = tampered_value.len() / 2;
+    tampered_value[middle] = if tampered_value[middle] == b'A' {
+        b'B'
+    } else {
+        b'A'
+    };
+    let tampered = format!(
+        "_ga=GA1.1.123; {name}={}; theme=dark",
+        String::from_utf8(tampered_value).expect("ascii")
+    );
+    let absent = "_ga=GA1.1.123; theme=dark".to_string();
+
+    let mut group = c.benchmark_group("session check");
+    for (case, header) in [
+        ("valid", &valid),
+        ("tampered", &tampered),
+        ("absent", &absent),
+    ] {
+        group.bench_function(case, |b| {
+            b.iter(|| {
+                cookies
+                    .read_session(std::iter::once(header.as_bytes()))
+                    .map(|v| open_session(&keys, &v, 1_900_000_000).is_ok())
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, session_check, least_conn_pick, end_to_end);
 criterion_main!(benches);

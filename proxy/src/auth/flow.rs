@@ -490,3 +490,124 @@ pub fn render(page: &Page, status: u16, json: bool, request_id: &str) -> (&'stat
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(email: Option<&str>, verified: Option<bool>) -> VerifiedUser {
+        VerifiedUser {
+            sub: "u1".into(),
+            email: email.map(String::from),
+            email_verified: verified,
+            name: None,
+            picture: None,
+            id_token: String::new(),
+        }
+    }
+
+    fn settings(emails: &[&str], domains: &[&str]) -> AuthSettings {
+        let mut config = crate::config::parse_with_env(
+            "[upstream]\nbackends = [\"127.0.0.1:1\"]\n[auth]\npublic_url = \"http://127.0.0.1:8080\"\n",
+            std::path::Path::new("t.toml"),
+            &[
+                ("CUSTODIA_AUTH_ISSUER", "http://127.0.0.1:1"),
+                ("AUTH0_CLIENT_ID", "c"),
+                ("AUTH0_CLIENT_SECRET", "s"),
+                ("APP_SECRET_KEY", "0123456789abcdef0123456789abcdef"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<std::collections::HashMap<_, _>>(),
+        )
+        .unwrap()
+        .auth
+        .unwrap();
+        config.allowed_emails = emails.iter().map(|e| e.to_string()).collect();
+        config.allowed_domains = domains.iter().map(|e| e.to_string()).collect();
+        config
+    }
+
+    #[test]
+    fn allow_lists_admit_only_verified_matching_emails() {
+        let open = settings(&[], &[]);
+        assert!(is_allowed(&open, &user(None, None)), "no lists: anyone");
+        let lists = settings(&["boss@corp.example"], &["team.example"]);
+        assert!(is_allowed(
+            &lists,
+            &user(Some("Boss@Corp.example"), Some(true))
+        ));
+        assert!(is_allowed(&lists, &user(Some("anyone@team.example"), None)));
+        assert!(!is_allowed(
+            &lists,
+            &user(Some("x@evil.example"), Some(true))
+        ));
+        assert!(
+            !is_allowed(&lists, &user(Some("x@team.example"), Some(false))),
+            "unverified"
+        );
+        assert!(!is_allowed(
+            &lists,
+            &user(Some("x@sub.team.example.evil"), Some(true))
+        ));
+        assert!(!is_allowed(&lists, &user(None, None)), "no email");
+    }
+
+    #[test]
+    fn required_paths_send_browsers_to_login_and_api_clients_a_401() {
+        let auth = AuthRuntime::build(settings(&[], &[]), None).unwrap();
+        let no_cookies = std::iter::empty::<&[u8]>;
+        match gate(
+            &auth,
+            Policy::Required,
+            no_cookies(),
+            "/api/me?x=1",
+            true,
+            1,
+        ) {
+            Gate::Respond(r) => {
+                assert_eq!(r.status, 302);
+                assert_eq!(
+                    r.headers[0],
+                    ("location", "/login?rd=%2Fapi%2Fme%3Fx%3D1".to_string())
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        match gate(&auth, Policy::Required, no_cookies(), "/api/me", false, 1) {
+            Gate::Respond(r) => assert_eq!(r.status, 401),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            gate(&auth, Policy::Optional, no_cookies(), "/", true, 1),
+            Gate::Forward(None)
+        ));
+        assert!(matches!(
+            gate(&auth, Policy::Public, no_cookies(), "/", true, 1),
+            Gate::Forward(None)
+        ));
+
+        let session = Session {
+            sub: "u1".into(),
+            email: None,
+            name: None,
+            picture: None,
+            id_token: None,
+            iat: 1,
+            exp: 100,
+        };
+        let cookie = format!("custodia_session={}", seal_session(&auth.keys, &session));
+        let cookies = || std::iter::once(cookie.as_bytes());
+        match gate(&auth, Policy::Required, cookies(), "/api/me", false, 50) {
+            Gate::Forward(Some(s)) => assert_eq!(s.sub, "u1"),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            matches!(
+                gate(&auth, Policy::Required, cookies(), "/api/me", false, 100),
+                Gate::Respond(_)
+            ),
+            "expired"
+        );
+    }
+}

@@ -403,3 +403,54 @@ impl BackgroundService for DiscoveryService {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{RoutePolicy, Secret};
+
+    fn settings(issuer: &str) -> AuthSettings {
+        AuthSettings {
+            issuer: issuer.into(),
+            client_id: "client-1".into(),
+            client_secret: Secret("s".into()),
+            client_auth: None,
+            public_url: "https://app.example".into(),
+            secure_cookies: true,
+            scopes: vec!["openid".into()],
+            session_ttl: Duration::from_secs(60),
+            allowed_emails: vec![],
+            allowed_domains: vec![],
+            trusted_proxies: vec![],
+            default_policy: RoutePolicy::Required,
+            routes: vec![],
+            session_secret: Secret("k".repeat(32)),
+            previous_session_secrets: vec![],
+            assertion_key: Secret("a".repeat(32)),
+        }
+    }
+
+    #[test]
+    fn auth0_tenants_without_end_session_log_out_through_v2_logout() {
+        let provider = OidcProvider::new(&settings("https://tenant.eu.auth0.com/")).unwrap();
+        let url = provider
+            .logout_url(Some("id.token"), "https://app.example/")
+            .unwrap();
+        assert_eq!(
+            url,
+            "https://tenant.eu.auth0.com/v2/logout?client_id=client-1&returnTo=https%3A%2F%2Fapp.example%2F"
+        );
+        let other = OidcProvider::new(&settings("https://idp.example/")).unwrap();
+        assert_eq!(other.logout_url(None, "https://app.example/"), None);
+    }
+
+    #[test]
+    fn login_before_discovery_is_refused_not_panicked() {
+        let provider = OidcProvider::new(&settings("https://idp.example/")).unwrap();
+        assert!(!provider.is_ready());
+        assert!(matches!(
+            provider.authorize(),
+            Err(OidcError::NotReady { .. })
+        ));
+    }
+}
