@@ -230,7 +230,8 @@ fn auth0_settings_come_from_the_seed_env() {
 
 #[test]
 fn auth_problems_are_errors_never_auth_off() {
-    let cases: &[(&str, &[(&str, &str)], &str)] = &[
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
         ("", &[("CUSTODIA_AUTH_ISSUER", "")], "no identity provider"),
         ("", &[("AUTH0_CLIENT_ID", "")], "client_id"),
         ("", &[("AUTH0_CLIENT_SECRET", "")], "AUTH0_CLIENT_SECRET"),
