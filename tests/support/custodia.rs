@@ -33,12 +33,26 @@ impl Worker {
     }
 
     pub fn start_on(addr: SocketAddr, id: &str, delay_ms: u64) -> Worker {
+        Worker::launch(addr, id, delay_ms, &[])
+    }
+
+    /// A worker with extra environment, e.g. `CUSTODIA_ASSERTION_KEY` so it verifies the
+    /// proxy's identity assertions.
+    pub fn start_with_env(id: &str, env: &[(&str, &str)]) -> Worker {
+        Worker::launch(free_addr(), id, 0, env)
+    }
+
+    fn launch(addr: SocketAddr, id: &str, delay_ms: u64, env: &[(&str, &str)]) -> Worker {
         let mut command = Command::new(custodia_bin());
         command.args(["app", "--listen", &addr.to_string(), "--worker-id", id]);
         if delay_ms > 0 {
             command.args(["--delay", &delay_ms.to_string()]);
         }
         command.env("RUST_LOG", "warn");
+        clear_secret_env(&mut command);
+        for (k, v) in env {
+            command.env(k, v);
+        }
         let mut process = ChildGuard::spawn(&format!("worker {id}"), &mut command);
         wait_for_port(addr, STARTUP, &mut process);
         Worker {
@@ -66,8 +80,15 @@ impl Proxy {
     }
 
     pub fn start_with_env(sections: &str, env: &[(&str, &str)]) -> Proxy {
+        Proxy::start_at(free_addr(), sections, env)
+    }
+
+    /// A proxy listening on `addr`, chosen by the caller (who may need it first, e.g. for
+    /// `[auth] public_url`, or to restart a proxy on the same port). Runs in its own scratch
+    /// directory (so no `.env` of the checkout is read) with the secret variables of
+    /// [`SECRET_ENV`] removed from the inherited environment; `env` sets what the test wants.
+    pub fn start_at(addr: SocketAddr, sections: &str, env: &[(&str, &str)]) -> Proxy {
         let dir = TempDir::new("proxy");
-        let addr = free_addr();
         let admin = free_addr();
         let config = format!(
             "[server]\nlisten = \"{addr}\"\nthreads = 2\ngrace_period = \"1s\"\n\
@@ -79,7 +100,8 @@ impl Proxy {
         std::fs::write(&config_path, config).expect("write proxy config");
         let mut command = Command::new(custodia_bin());
         command.arg("proxy").arg("--config").arg(&config_path);
-        command.env("RUST_LOG", "warn");
+        command.env("RUST_LOG", "warn").current_dir(dir.path());
+        clear_secret_env(&mut command);
         for (k, v) in env {
             command.env(k, v);
         }
@@ -97,6 +119,11 @@ impl Proxy {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// `path` on the admin listener.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
     }
 
     /// Scrape `/metrics` and return every sample of `name` as (labels text, value).
@@ -118,6 +145,25 @@ impl Proxy {
             .into_iter()
             .find(|(labels, _)| labels.contains(&wanted))
             .map(|(_, v)| v)
+    }
+}
+
+/// Environment variables the proxy and workers read secrets and IdP settings from. Tests start
+/// children without the developer's values of these, so a test never depends on the shell.
+pub const SECRET_ENV: &[&str] = &[
+    "AUTH0_DOMAIN",
+    "AUTH0_CLIENT_ID",
+    "AUTH0_CLIENT_SECRET",
+    "APP_SECRET_KEY",
+    "APP_SECRET_KEY_PREVIOUS",
+    "CUSTODIA_AUTH_ISSUER",
+    "CUSTODIA_ASSERTION_KEY",
+];
+
+/// Removes [`SECRET_ENV`] from what `command` inherits.
+pub fn clear_secret_env(command: &mut Command) {
+    for name in SECRET_ENV {
+        command.env_remove(name);
     }
 }
 

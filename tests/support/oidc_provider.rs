@@ -140,6 +140,12 @@ impl OidcProvider {
 
     /// Starts the provider with these clients, a fresh signing key and a free port.
     pub async fn start_with_clients(clients: Vec<TestClient>) -> OidcProvider {
+        OidcProvider::start_with_clients_on(free_addr().port(), clients).await
+    }
+
+    /// Starts the provider on a given loopback port (e.g. one a relying party was already
+    /// pointed at while nothing listened there).
+    pub async fn start_with_clients_on(port: u16, clients: Vec<TestClient>) -> OidcProvider {
         ensure_installed();
         let dir = TempDir::new("oidc-provider");
         let clients_file = dir.path().join("clients.json");
@@ -147,7 +153,7 @@ impl OidcProvider {
             serde_json::Value::Array(clients.iter().map(TestClient::to_json).collect());
         std::fs::write(&clients_file, clients_json.to_string()).expect("write clients.json");
         let mut provider = OidcProvider {
-            port: free_addr().port(),
+            port,
             clients,
             kid: String::new(),
             log: dir.path().join("provider-0.log"),
@@ -193,6 +199,12 @@ impl OidcProvider {
             .join(format!("provider-{}.log", self.generation));
         self.launch().await;
         self.kid.clone()
+    }
+
+    /// Kills the provider (an IdP outage); the port stays reserved in [`OidcProvider::port`].
+    /// [`OidcProvider::rotate_key`] starts it again.
+    pub fn stop(&mut self) {
+        self.process = None;
     }
 
     /// What the provider printed so far (stdout and stderr).
@@ -410,6 +422,63 @@ pub async fn login(
     Err(unexpected(format!(
         "no redirect to {callback_prefix} within {MAX_HOPS} hops"
     )))
+}
+
+/// Completes an RP-initiated logout the way a browser would: GETs `end_session_url` (the
+/// provider checks `id_token_hint`, `client_id` and `post_logout_redirect_uri` here and shows a
+/// confirmation form with a hidden `xsrf`), submits the form with `logout=yes`, and returns the
+/// URL the provider then redirects to (the relying party's post-logout page).
+pub async fn confirm_logout(end_session_url: &str) -> Result<String, LoginError> {
+    let browser = reqwest::Client::builder()
+        .cookie_store(true)
+        .redirect(Policy::none())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("reqwest client");
+    let unexpected = |what: String| LoginError::Unexpected(what);
+    let url =
+        Url::parse(end_session_url).map_err(|e| unexpected(format!("{end_session_url}: {e}")))?;
+    let response = browser
+        .get(url.clone())
+        .send()
+        .await
+        .map_err(|e| unexpected(format!("{url}: {e}")))?;
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    let form = HtmlForm::parse(&body)
+        .filter(|_| status == StatusCode::OK)
+        .ok_or_else(|| unexpected(format!("{status} from {url} (no logout form):\n{body}")))?;
+    let action = url
+        .join(&form.action)
+        .map_err(|e| unexpected(format!("bad form action {}: {e}", form.action)))?;
+    let mut fields = form.hidden;
+    // With an IdP session the page asks (the "Yes" button is outside the form); without one
+    // it is an auto-submitting form that already carries `logout=yes`.
+    if !fields.iter().any(|(name, _)| name == "logout") {
+        fields.push(("logout".to_string(), "yes".to_string()));
+    }
+    let response = browser
+        .post(action.clone())
+        .form(&fields)
+        .send()
+        .await
+        .map_err(|e| unexpected(format!("{action}: {e}")))?;
+    let status = response.status();
+    let location = response
+        .headers()
+        .get(reqwest::header::LOCATION)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_string);
+    match location {
+        Some(location) if status.is_redirection() => action
+            .join(&location)
+            .map(|next| next.to_string())
+            .map_err(|e| unexpected(format!("bad Location {location}: {e}"))),
+        _ => Err(unexpected(format!(
+            "{status} from {action} without a redirect:\n{}",
+            response.text().await.unwrap_or_default()
+        ))),
+    }
 }
 
 /// The parts of a login form the driver needs.

@@ -140,3 +140,22 @@ fn fastrand_suffix() -> u64 {
     h.write_u64(Instant::now().elapsed().as_nanos() as u64);
     h.finish()
 }
+
+/// Async [`eventually`]: awaits `check` until it returns Some, or panics with `what` after
+/// `patience`. For checks that make async requests (reqwest) inside a tokio test.
+pub async fn eventually_async<T, F, Fut>(what: &str, patience: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + patience;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {patience:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
