@@ -78,6 +78,8 @@ async fn sets_the_seed_nginx_forwarding_headers() {
         .header("host", "custodia.example")
         .header("x-forwarded-for", "203.0.113.9")
         .header("x-request-id", "client-chosen-id")
+        .header("x-forwarded-user", "spoofed")
+        .header("x-custodia-identity", "a.b.c")
         .send()
         .await
         .unwrap();
@@ -90,6 +92,11 @@ async fn sets_the_seed_nginx_forwarding_headers() {
     assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1", "appended");
     assert_eq!(h["x-forwarded-proto"], "http");
     assert_eq!(h["x-request-id"], "client-chosen-id");
+    assert!(
+        h.get("x-forwarded-user").is_none(),
+        "client identity headers are stripped even without [auth]"
+    );
+    assert!(h.get("x-custodia-identity").is_none());
 
     let bad_id = client()
         .get(proxy.url("/"))

@@ -196,13 +196,25 @@ pub fn escape_html(text: &str) -> String {
 }
 
 /// `url` if it is an absolute `http://` or `https://` URL without whitespace or control
-/// characters; `None` for anything else (`javascript:`, `data:`, relative paths, …).
+/// characters, or an inline `data:image/…` picture; `None` for anything else (`javascript:`,
+/// other `data:` types, relative paths, …).
 pub fn safe_picture_url(url: &str) -> Option<&str> {
     let lower_prefix = |prefix: &str| {
         url.len() > prefix.len()
             && url.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
     };
-    let has_scheme = lower_prefix("https://") || lower_prefix("http://");
+    // Inline raster/SVG images are safe in an <img> (no script runs there); the development
+    // identity provider uses one so the offline stack shows a picture.
+    let inline_image = [
+        "data:image/png",
+        "data:image/jpeg",
+        "data:image/gif",
+        "data:image/webp",
+        "data:image/svg+xml",
+    ]
+    .iter()
+    .any(|p| lower_prefix(p));
+    let has_scheme = lower_prefix("https://") || lower_prefix("http://") || inline_image;
     let clean = !url.chars().any(|c| c.is_whitespace() || c.is_control());
     (has_scheme && clean).then_some(url)
 }
@@ -294,11 +306,12 @@ mod tests {
     }
 
     #[test]
-    fn picture_is_omitted_unless_http_and_attribute_breakouts_are_escaped() {
+    fn picture_is_omitted_unless_http_or_inline_image_and_breakouts_are_escaped() {
         let page = HomePage::new();
         for bad in [
             "javascript:alert(1)",
-            "data:image/png;base64,AAAA",
+            "data:text/html,<script>alert(1)</script>",
+            "data:image/",
             "/relative.png",
             "https://",
             "https://a b",
@@ -309,6 +322,12 @@ mod tests {
         }
         let text = page_text(page.signed_in(&identity(Some("A"), None)));
         assert!(!text.contains("<img"));
+        let inline =
+            page_text(page.signed_in(&identity(Some("A"), Some("data:image/png;base64,AAAA"))));
+        assert!(
+            inline.contains("<img src=\"data:image/png;base64,AAAA\""),
+            "{inline}"
+        );
         let text = page_text(page.signed_in(&identity(
             Some("A"),
             Some(r#"HTTPS://x/"onerror="alert(1)"#),
