@@ -1,4 +1,5 @@
-//! The command line: `custodia-proxy --config FILE [--check | --upgrade]`.
+//! The command line: `custodia-proxy --config FILE [--check | --reload | --upgrade]`, and
+//! `custodia-proxy --probe URL` (the container health check, see [`crate::probe`]).
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -7,23 +8,31 @@ use crate::config;
 use crate::server::{self, StartOptions};
 
 const USAGE: &str = "\
-usage: custodia-proxy --config FILE [--check] [--upgrade]
+usage: custodia-proxy --config FILE [--check | --reload | --upgrade]
+       custodia-proxy --probe URL
 
   --config FILE   the TOML configuration (see config/README.md)
   --check         validate FILE, print a summary and exit (0 valid, 1 invalid)
+  --reload        validate FILE, then tell the running custodia-proxy (the pid in
+                  FILE's server.pid_file) to reload it: sends SIGHUP
   --upgrade       take the listening sockets over from a running custodia-proxy
                   (start this, then send SIGQUIT to the old process)
+  --probe URL     health check (for containers without curl): GET URL over HTTP/1.1,
+                  exit 0 on a 200, 1 otherwise, within 3 s; e.g.
+                  custodia-proxy --probe http://127.0.0.1:9090/readyz
   --help          this text
   --version       the version
 
-signals: SIGTERM drains within server.grace_period, SIGINT stops at once,
-         SIGQUIT hands the listeners to a process started with --upgrade";
+signals: SIGHUP reloads FILE, SIGTERM drains within server.grace_period,
+         SIGINT stops at once, SIGQUIT hands the listeners to a process started with --upgrade";
 
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Args {
     config: Option<PathBuf>,
     check: bool,
+    reload: bool,
     upgrade: bool,
+    probe: Option<String>,
     help: bool,
     version: bool,
 }
@@ -39,17 +48,36 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, String> 
                 parsed.config = Some(PathBuf::from(value));
             }
             "--check" | "-t" => parsed.check = true,
+            "--reload" | "-r" => parsed.reload = true,
             "--upgrade" | "-u" => parsed.upgrade = true,
+            "--probe" => {
+                let value = args.next().ok_or("--probe needs a URL")?;
+                parsed.probe = Some(value.to_string_lossy().into_owned());
+            }
             "--help" | "-h" => parsed.help = true,
             "--version" | "-V" => parsed.version = true,
-            _ => match text.strip_prefix("--config=") {
-                Some(path) if !path.is_empty() => parsed.config = Some(PathBuf::from(path)),
+            _ => match (
+                text.strip_prefix("--config="),
+                text.strip_prefix("--probe="),
+            ) {
+                (Some(path), _) if !path.is_empty() => parsed.config = Some(PathBuf::from(path)),
+                (_, Some(url)) if !url.is_empty() => parsed.probe = Some(url.to_string()),
                 _ => return Err(format!("unknown argument `{text}`")),
             },
         }
     }
-    if parsed.check && parsed.upgrade {
-        return Err("--check and --upgrade cannot be combined".into());
+    if [parsed.check, parsed.reload, parsed.upgrade]
+        .iter()
+        .filter(|f| **f)
+        .count()
+        > 1
+    {
+        return Err("--check, --reload and --upgrade cannot be combined".into());
+    }
+    if parsed.probe.is_some()
+        && (parsed.config.is_some() || parsed.check || parsed.reload || parsed.upgrade)
+    {
+        return Err("--probe URL cannot be combined with the other flags".into());
     }
     Ok(parsed)
 }
@@ -66,7 +94,9 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
     let Args {
         config,
         check,
+        reload,
         upgrade,
+        probe,
         help,
         version,
     } = args;
@@ -77,6 +107,9 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
     if version {
         println!("custodia-proxy {}", env!("CARGO_PKG_VERSION"));
         return 0;
+    }
+    if let Some(url) = probe {
+        return crate::probe::run_probe("custodia-proxy", &url);
     }
     let Some(path) = config else {
         eprintln!("custodia-proxy: --config FILE is required\n\n{USAGE}");
@@ -93,7 +126,22 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
         print!("{}", config::summary(&config));
         return 0;
     }
-    crate::logging::init();
+    if reload {
+        return match signal_running(&config.server.pid_file) {
+            Ok(pid) => {
+                println!(
+                    "custodia-proxy: asked process {pid} to reload {} (its log says whether it did)",
+                    path.display()
+                );
+                0
+            }
+            Err(message) => {
+                eprintln!("custodia-proxy: cannot reload: {message}");
+                1
+            }
+        };
+    }
+    crate::logging::init(&config.log);
     match server::run(config, StartOptions { upgrade }) {
         Ok(()) => 0,
         Err(e) => {
@@ -102,6 +150,38 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
             1
         }
     }
+}
+
+/// Send SIGHUP to the process whose pid is in `pid_file`; its pid, or why not.
+fn signal_running(pid_file: &std::path::Path) -> Result<i32, String> {
+    let text = std::fs::read_to_string(pid_file).map_err(|e| {
+        format!(
+            "no running custodia-proxy: cannot read the pid file {} ({e})",
+            pid_file.display()
+        )
+    })?;
+    let pid = text
+        .trim()
+        .parse::<i32>()
+        .ok()
+        .filter(|pid| *pid > 0)
+        .ok_or_else(|| format!("the pid file {} holds no pid", pid_file.display()))?;
+    // SAFETY: kill(2) has no memory effects; signal 0 only checks that the process exists.
+    let alive = unsafe { libc::kill(pid, 0) } == 0;
+    if !alive {
+        return Err(format!(
+            "no running custodia-proxy: process {pid} (from {}) does not exist",
+            pid_file.display()
+        ));
+    }
+    // SAFETY: as above; SIGHUP asks custodia-proxy to reload.
+    if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
+        return Err(format!(
+            "cannot signal process {pid}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(pid)
 }
 
 #[cfg(test)]
@@ -125,5 +205,38 @@ mod tests {
         assert!(args(&["--bogus"]).is_err());
         assert!(args(&["--config"]).is_err());
         assert!(args(&["--config", "a", "--check", "--upgrade"]).is_err());
+        assert!(args(&["--config", "a", "--reload"]).unwrap().reload);
+        assert!(args(&["--config", "a", "--reload", "--upgrade"]).is_err());
+    }
+
+    #[test]
+    fn reload_without_a_running_process_says_so() {
+        let missing = std::env::temp_dir().join("custodia-no-such-pid-file.pid");
+        let message = signal_running(&missing).unwrap_err();
+        assert!(message.contains("no running custodia-proxy"), "{message}");
+        let dir = std::env::temp_dir().join(format!("custodia-cli-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let stale = dir.join("stale.pid");
+        // Pid numbers wrap well below i32::MAX on Linux: this one cannot exist.
+        std::fs::write(&stale, "2147483646\n").unwrap();
+        let message = signal_running(&stale).unwrap_err();
+        assert!(message.contains("does not exist"), "{message}");
+        std::fs::write(&stale, "garbage").unwrap();
+        assert!(signal_running(&stale).unwrap_err().contains("holds no pid"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn probe_is_its_own_mode() {
+        let url = "http://127.0.0.1:9090/readyz";
+        assert_eq!(args(&["--probe", url]).unwrap().probe.as_deref(), Some(url));
+        assert_eq!(
+            args(&[&format!("--probe={url}")]).unwrap().probe.as_deref(),
+            Some(url)
+        );
+        assert!(args(&["--probe"]).is_err());
+        assert!(args(&["--probe", url, "--config", "a.toml"]).is_err());
+        assert!(args(&["--check", "--probe", url]).is_err());
+        assert!(USAGE.contains("--probe URL"));
     }
 }

@@ -12,9 +12,13 @@
 //!                        ▲      │
 //!                        └──────┘ fail_to_connect / error_while_proxy: retry on another backend
 //! ```
+//!
+//! `logging` runs last for every request, also those the proxy answered itself: it counts the
+//! request metrics and writes the access-log line ([`crate::access_log`]).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use http::HeaderValue;
@@ -23,11 +27,13 @@ use pingora_core::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
+use crate::access_log::{self, AccessRecord};
 use crate::auth::flow::{self, AuthResponse, Endpoint, Gate};
 use crate::auth::identity_headers;
 use crate::auth::session::Session as UserSession;
 use crate::balancer::Lease;
 use crate::headers;
+use crate::metrics::{self, InFlight, PolicyClass};
 use crate::pages;
 use crate::runtime::{Runtime, SharedRuntime};
 
@@ -54,6 +60,17 @@ pub struct RequestCtx {
     attempts: u32,
     /// The verified session, when the route's policy looked for one and found it.
     identity: Option<UserSession>,
+    // Measurements for metrics and the access log.
+    /// When the request's headers had been read.
+    started: Instant,
+    /// Counts the request in `custodia_requests_in_flight` while it lives.
+    _in_flight: InFlight,
+    policy: PolicyClass,
+    /// The real client (behind trusted proxies), once known.
+    client: Option<IpAddr>,
+    /// When the current attempt chose its backend, and how long until its response headers.
+    upstream_started: Option<Instant>,
+    upstream_elapsed: Option<Duration>,
 }
 
 impl RequestCtx {
@@ -74,13 +91,23 @@ impl ProxyHttp for Edge {
             failed: Vec::new(),
             attempts: 0,
             identity: None,
+            started: Instant::now(),
+            _in_flight: InFlight::start(),
+            policy: PolicyClass::None,
+            client: None,
+            upstream_started: None,
+            upstream_elapsed: None,
         }
     }
 
     /// Returns `Ok(true)` when the proxy answered the request itself.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let keepalive = ctx.runtime.config.server.keepalive_timeout.as_secs().max(1);
-        session.set_keepalive(Some(keepalive));
+        // Pingora turns keep-alive off once a graceful shutdown or upgrade has begun (the
+        // response then says `Connection: close`); only an open connection gets our timeout.
+        if session.get_keepalive().is_some() && !session.is_process_shutting_down() {
+            let keepalive = ctx.runtime.config.server.keepalive_timeout.as_secs().max(1);
+            session.set_keepalive(Some(keepalive));
+        }
         ctx.request_id = headers::request_id(session.req_header());
         let runtime = ctx.runtime.clone();
         let Some(auth) = runtime.auth.as_ref() else {
@@ -104,6 +131,7 @@ impl ProxyHttp for Edge {
             };
             return self.answer(session, ctx, response).await;
         };
+        ctx.policy = policy.into();
         let now = flow::now_unix();
         let cookies = || {
             req.headers
@@ -164,6 +192,7 @@ impl ProxyHttp for Edge {
             });
         };
         ctx.attempts += 1;
+        ctx.upstream_started = Some(Instant::now());
         let upstream = &ctx.runtime.config.upstream;
         let mut peer = HttpPeer::new(lease.slot().addr, false, String::new());
         peer.options.connection_timeout = Some(upstream.connect_timeout);
@@ -223,6 +252,10 @@ impl ProxyHttp for Edge {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
+        ctx.client = peer_ip;
+        // Identity headers only ever come from us, also when auth is off: a worker configured
+        // with an assertion key must never see a client's copy.
+        identity_headers::strip_client_identity(upstream_request);
         let Some(auth) = ctx.runtime.auth.as_ref() else {
             return headers::set_forwarding(
                 upstream_request,
@@ -239,7 +272,7 @@ impl ProxyHttp for Edge {
                 .get(name)
                 .and_then(|v| v.to_str().ok())
         };
-        let (client_ip, proto) = match peer_ip {
+        let (client_ip, proto, forwarded_host) = match peer_ip {
             Some(peer) => (
                 Some(
                     auth.trusted
@@ -248,10 +281,19 @@ impl ProxyHttp for Edge {
                 auth.trusted
                     .forwarded_proto(peer, header(headers::X_FORWARDED_PROTO))
                     .unwrap_or("http"),
+                auth.trusted
+                    .forwarded_host(peer, header(headers::X_FORWARDED_HOST)),
             ),
-            None => (None, "http"),
+            None => (None, "http", None),
         };
-        identity_headers::strip_client_identity(upstream_request);
+        // An untrusted client's X-Forwarded-Host must not reach the workers as if we vouched for it.
+        match forwarded_host {
+            Some(host) => upstream_request.insert_header(headers::X_FORWARDED_HOST, host)?,
+            None => {
+                upstream_request.remove_header(headers::X_FORWARDED_HOST);
+            }
+        }
+        ctx.client = client_ip;
         identity_headers::remove_custodia_cookies(upstream_request);
         headers::set_forwarding(upstream_request, peer_ip, client_ip, proto, &ctx.request_id)?;
         if let Some(identity) = &ctx.identity {
@@ -266,6 +308,7 @@ impl ProxyHttp for Edge {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
         upstream_response.insert_header(headers::X_REQUEST_ID, ctx.request_id.clone())
     }
 
@@ -301,8 +344,64 @@ impl ProxyHttp for Edge {
         }
     }
 
-    async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let total = ctx.started.elapsed();
+        let status = match (session.response_written(), e) {
+            (Some(header), _) => header.status.as_u16(),
+            (None, Some(e)) => status_for(e),
+            (None, None) => 0,
+        };
+        let req = session.req_header();
+        let (bytes_in, bytes_out) = (
+            session.as_ref().body_bytes_read() as u64,
+            session.as_ref().body_bytes_sent() as u64,
+        );
+        let m = metrics::requests();
+        m.requests(ctx.policy, metrics::method_index(&req.method), status)
+            .inc();
+        m.duration.observe(total.as_secs_f64());
+        m.request_bytes.inc_by(bytes_in);
+        m.response_bytes.inc_by(bytes_out);
+        if ctx.attempts > 1 {
+            m.upstream_retries.inc_by(u64::from(ctx.attempts - 1));
+        }
+        if let Some(elapsed) = ctx.upstream_elapsed {
+            m.upstream_response.observe(elapsed.as_secs_f64());
+        }
+        if ctx.runtime.config.log.access_log {
+            let peer = || {
+                session
+                    .client_addr()
+                    .and_then(|a| a.as_inet())
+                    .map(|a| a.ip())
+            };
+            access_log::emit(&AccessRecord {
+                request_id: ctx.request_id.to_str().unwrap_or(""),
+                client: ctx.client.or_else(peer),
+                method: req.method.as_str(),
+                path: req.uri.path(),
+                status,
+                backend: ctx.lease.as_ref().map(|l| l.slot().label.as_str()),
+                upstream_ms: ctx.upstream_elapsed.map(access_log::millis),
+                total_ms: access_log::millis(total),
+                bytes_in,
+                bytes_out,
+                sub: ctx.identity.as_ref().map(|s| s.sub.as_str()),
+            });
+        }
         ctx.lease = None;
+    }
+
+    /// What Pingora's own log lines say about a request: no query string (it may hold
+    /// `code=` or tokens).
+    fn request_summary(&self, session: &Session, _ctx: &RequestCtx) -> String {
+        let req = session.req_header();
+        let host = req
+            .headers
+            .get(http::header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-");
+        format!("{} {}, Host: {host}", req.method, req.uri.path())
     }
 }
 

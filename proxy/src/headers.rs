@@ -7,6 +7,7 @@ pub const X_REQUEST_ID: &str = "x-request-id";
 pub const X_REAL_IP: &str = "x-real-ip";
 pub const X_FORWARDED_FOR: &str = "x-forwarded-for";
 pub const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
+pub const X_FORWARDED_HOST: &str = "x-forwarded-host";
 
 /// The client's id if it is a sane token (1–64 of `[A-Za-z0-9._-]`), else a fresh random one.
 pub fn request_id(req: &RequestHeader) -> HeaderValue {

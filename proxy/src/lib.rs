@@ -4,17 +4,21 @@
 //! Layout: [`config`] (file → validated model), [`runtime`] (the live snapshot),
 //! [`balancer`] (pool, leases, health), [`edge`] (the request path), [`server`] (process).
 
+pub mod access_log;
 pub mod admin;
 pub mod auth;
 pub mod balancer;
 pub mod cli;
 pub mod config;
+pub mod discovery;
 pub mod edge;
 pub mod error;
 pub mod headers;
 pub mod logging;
 pub mod metrics;
 pub mod pages;
+pub mod probe;
+pub mod reload;
 pub mod runtime;
 pub mod server;
 

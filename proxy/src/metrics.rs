@@ -3,7 +3,10 @@
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
 
 use crate::runtime::SharedRuntime;
 
@@ -72,10 +75,252 @@ pub fn auth() -> &'static AuthMetrics {
     AUTH.get_or_init(AuthMetrics::new)
 }
 
+/// Reloads of the configuration file and what is loaded now.
+pub struct ConfigMetrics {
+    reloads: IntCounterVec,
+    pub reload_success: IntCounter,
+    pub reload_failure: IntCounter,
+    /// Unix time the running configuration was loaded (start or last successful reload).
+    pub last_reload: Gauge,
+    build_info: IntGaugeVec,
+}
+
+impl ConfigMetrics {
+    fn new() -> ConfigMetrics {
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "custodia_config_reloads_total",
+                "Reloads of the configuration file by result (success, failure).",
+            ),
+            &["result"],
+        )
+        .unwrap_or_else(|e| unreachable!("constant metric descriptor: {e}"));
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "custodia_build_info",
+                "Always 1; the version of the running custodia-proxy is in the labels.",
+            ),
+            &["version"],
+        )
+        .unwrap_or_else(|e| unreachable!("constant metric descriptor: {e}"));
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        ConfigMetrics {
+            reload_success: reloads.with_label_values(&["success"]),
+            reload_failure: reloads.with_label_values(&["failure"]),
+            reloads,
+            last_reload: Gauge::new(
+                "custodia_config_last_reload_timestamp_seconds",
+                "Unix time the running configuration was loaded (start or last successful reload).",
+            )
+            .unwrap_or_else(|e| unreachable!("constant metric descriptor: {e}")),
+            build_info,
+        }
+    }
+
+    /// Record that a configuration was loaded now.
+    pub fn loaded_now(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.last_reload.set(now);
+    }
+
+    fn register(&self, registry: &Registry) {
+        let _ = registry.register(Box::new(self.reloads.clone()));
+        let _ = registry.register(Box::new(self.last_reload.clone()));
+        let _ = registry.register(Box::new(self.build_info.clone()));
+    }
+}
+
+/// The process-wide configuration counters.
+pub fn config() -> &'static ConfigMetrics {
+    static CONFIG: std::sync::OnceLock<ConfigMetrics> = std::sync::OnceLock::new();
+    CONFIG.get_or_init(ConfigMetrics::new)
+}
+
+/// Route policy class of a request: the `policy` label. `None` = auth off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PolicyClass {
+    Public,
+    Optional,
+    Required,
+    #[default]
+    None,
+}
+
+impl PolicyClass {
+    pub const LABELS: [&'static str; 4] = ["public", "optional", "required", "none"];
+
+    pub fn as_str(self) -> &'static str {
+        Self::LABELS[self as usize]
+    }
+}
+
+impl From<crate::auth::policy::Policy> for PolicyClass {
+    fn from(p: crate::auth::policy::Policy) -> PolicyClass {
+        use crate::auth::policy::Policy;
+        match p {
+            Policy::Public => PolicyClass::Public,
+            Policy::Optional => PolicyClass::Optional,
+            Policy::Required => PolicyClass::Required,
+        }
+    }
+}
+
+/// The `method` label: the common methods by name, anything else as `OTHER`.
+pub const METHOD_LABELS: [&str; 8] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "OTHER",
+];
+
+pub fn method_index(method: &http::Method) -> usize {
+    match *method {
+        http::Method::GET => 0,
+        http::Method::HEAD => 1,
+        http::Method::POST => 2,
+        http::Method::PUT => 3,
+        http::Method::DELETE => 4,
+        http::Method::PATCH => 5,
+        http::Method::OPTIONS => 6,
+        _ => 7,
+    }
+}
+
+/// The `status` label.
+pub const STATUS_LABELS: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Class index of a status; 0 (the client left before any response) counts as 4xx, as nginx
+/// logs such requests with its 499.
+pub fn status_index(status: u16) -> usize {
+    match status {
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        0 | 400..=499 => 3,
+        _ => 4,
+    }
+}
+
+/// Request-path metrics. Every `requests_total` child exists from the start (4 × 8 × 5 = 160
+/// series), resolved once, so counting a request is an index and one atomic add.
+pub struct RequestMetrics {
+    requests: IntCounterVec,
+    by_labels: Vec<IntCounter>,
+    pub duration: Histogram,
+    pub in_flight: IntGauge,
+    pub request_bytes: IntCounter,
+    pub response_bytes: IntCounter,
+    pub upstream_retries: IntCounter,
+    pub upstream_response: Histogram,
+}
+
+/// Latency buckets (seconds): sub-millisecond loopback answers up to the 30 s read timeout.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+impl RequestMetrics {
+    fn new() -> RequestMetrics {
+        let bad = |e: prometheus::Error| -> ! { unreachable!("constant metric descriptor: {e}") };
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "custodia_requests_total",
+                "Requests answered, by route policy class, method and status class.",
+            ),
+            &["policy", "method", "status"],
+        )
+        .unwrap_or_else(|e| bad(e));
+        let mut by_labels = Vec::with_capacity(160);
+        for policy in PolicyClass::LABELS {
+            for method in METHOD_LABELS {
+                for status in STATUS_LABELS {
+                    by_labels.push(requests.with_label_values(&[policy, method, status]));
+                }
+            }
+        }
+        let histogram = |name: &str, help: &str| {
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()))
+                .unwrap_or_else(|e| bad(e))
+        };
+        let counter =
+            |name: &str, help: &str| IntCounter::new(name, help).unwrap_or_else(|e| bad(e));
+        RequestMetrics {
+            requests,
+            by_labels,
+            duration: histogram(
+                "custodia_request_duration_seconds",
+                "Time from a request's headers to the end of its response, as the proxy saw it.",
+            ),
+            in_flight: IntGauge::new("custodia_requests_in_flight", "Requests being handled now.")
+                .unwrap_or_else(|e| bad(e)),
+            request_bytes: counter(
+                "custodia_request_bytes_total",
+                "Request body bytes received from clients.",
+            ),
+            response_bytes: counter(
+                "custodia_response_bytes_total",
+                "Response body bytes sent to clients.",
+            ),
+            upstream_retries: counter(
+                "custodia_upstream_retries_total",
+                "Attempts repeated on another backend after a failure (failovers).",
+            ),
+            upstream_response: histogram(
+                "custodia_upstream_response_seconds",
+                "Time from choosing a backend to its response headers (last attempt).",
+            ),
+        }
+    }
+
+    /// The `requests_total` child of one request.
+    pub fn requests(&self, policy: PolicyClass, method: usize, status: u16) -> &IntCounter {
+        let index = (policy as usize * METHOD_LABELS.len() + method.min(7)) * STATUS_LABELS.len()
+            + status_index(status);
+        // The vector holds every combination: the index is always in range.
+        &self.by_labels[index]
+    }
+
+    fn register(&self, registry: &Registry) {
+        let _ = registry.register(Box::new(self.requests.clone()));
+        let _ = registry.register(Box::new(self.duration.clone()));
+        let _ = registry.register(Box::new(self.in_flight.clone()));
+        let _ = registry.register(Box::new(self.request_bytes.clone()));
+        let _ = registry.register(Box::new(self.response_bytes.clone()));
+        let _ = registry.register(Box::new(self.upstream_retries.clone()));
+        let _ = registry.register(Box::new(self.upstream_response.clone()));
+    }
+}
+
+/// The process-wide request metrics.
+pub fn requests() -> &'static RequestMetrics {
+    static REQUESTS: std::sync::OnceLock<RequestMetrics> = std::sync::OnceLock::new();
+    REQUESTS.get_or_init(RequestMetrics::new)
+}
+
+/// Counts a request in flight for as long as it lives.
+#[derive(Debug)]
+pub struct InFlight(());
+
+impl InFlight {
+    pub fn start() -> InFlight {
+        requests().in_flight.inc();
+        InFlight(())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        requests().in_flight.dec();
+    }
+}
+
 /// Builds the registry served on `/metrics`.
 pub fn registry(runtime: SharedRuntime) -> Registry {
     let registry = Registry::new();
     auth().register(&registry);
+    config().register(&registry);
+    requests().register(&registry);
     // Registration only fails on duplicate or inconsistent descriptors, which these are not.
     let _ = registry.register(Box::new(PoolCollector::new(runtime)));
     #[cfg(target_os = "linux")]
@@ -91,6 +336,8 @@ struct PoolCollector {
     in_flight: IntGaugeVec,
     healthy: IntGaugeVec,
     selected: IntCounterVec,
+    connect_failures: IntCounterVec,
+    health_checks: IntCounterVec,
     generation: IntGauge,
 }
 
@@ -117,16 +364,46 @@ impl PoolCollector {
             ),
             &["backend"],
         );
+        let connect_failures = IntCounterVec::new(
+            Opts::new(
+                "custodia_upstream_connect_failures_total",
+                "Requests that could not connect to the backend.",
+            ),
+            &["backend"],
+        );
+        let health_checks = IntCounterVec::new(
+            Opts::new(
+                "custodia_upstream_health_checks_total",
+                "Active health checks of the backend by result (success, failure).",
+            ),
+            &["backend", "result"],
+        );
         let generation = IntGauge::new(
             "custodia_config_generation",
             "Generation of the loaded configuration (1 at start, +1 per reload).",
         );
-        match (in_flight, healthy, selected, generation) {
-            (Ok(in_flight), Ok(healthy), Ok(selected), Ok(generation)) => PoolCollector {
+        match (
+            in_flight,
+            healthy,
+            selected,
+            connect_failures,
+            health_checks,
+            generation,
+        ) {
+            (
+                Ok(in_flight),
+                Ok(healthy),
+                Ok(selected),
+                Ok(connect_failures),
+                Ok(health_checks),
+                Ok(generation),
+            ) => PoolCollector {
                 runtime,
                 in_flight,
                 healthy,
                 selected,
+                connect_failures,
+                health_checks,
                 generation,
             },
             _ => unreachable!("constant metric descriptors are valid"),
@@ -139,6 +416,8 @@ impl Collector for PoolCollector {
         let mut descs = self.in_flight.desc();
         descs.extend(self.healthy.desc());
         descs.extend(self.selected.desc());
+        descs.extend(self.connect_failures.desc());
+        descs.extend(self.health_checks.desc());
         descs.extend(self.generation.desc());
         descs
     }
@@ -148,6 +427,8 @@ impl Collector for PoolCollector {
         self.in_flight.reset();
         self.healthy.reset();
         self.selected.reset();
+        self.connect_failures.reset();
+        self.health_checks.reset();
         let runtime = self.runtime.load();
         for member in runtime.pool.members() {
             let slot = &member.slot;
@@ -161,12 +442,77 @@ impl Collector for PoolCollector {
             self.selected
                 .with_label_values(&label)
                 .inc_by(slot.selected_total());
+            self.connect_failures
+                .with_label_values(&label)
+                .inc_by(slot.connect_failures());
+            let (passed, failed) = slot.health_checks();
+            let backend = slot.label.as_str();
+            self.health_checks
+                .with_label_values(&[backend, "success"])
+                .inc_by(passed);
+            self.health_checks
+                .with_label_values(&[backend, "failure"])
+                .inc_by(failed);
         }
         self.generation.set(runtime.generation as i64);
         let mut families = self.in_flight.collect();
         families.extend(self.healthy.collect());
         families.extend(self.selected.collect());
+        families.extend(self.connect_failures.collect());
+        families.extend(self.health_checks.collect());
         families.extend(self.generation.collect());
         families
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_request_lands_in_the_child_with_its_labels() {
+        let m = requests();
+        let cases = [
+            (
+                PolicyClass::Required,
+                http::Method::PATCH,
+                503,
+                "required",
+                "PATCH",
+                "5xx",
+            ),
+            (
+                PolicyClass::None,
+                http::Method::GET,
+                200,
+                "none",
+                "GET",
+                "2xx",
+            ),
+            (
+                PolicyClass::Public,
+                http::Method::TRACE,
+                0,
+                "public",
+                "OTHER",
+                "4xx",
+            ),
+            (
+                PolicyClass::Optional,
+                http::Method::OPTIONS,
+                101,
+                "optional",
+                "OPTIONS",
+                "1xx",
+            ),
+        ];
+        for (policy, method, status, p, mth, s) in cases {
+            let child = m.requests.with_label_values(&[p, mth, s]);
+            let before = child.get();
+            m.requests(policy, method_index(&method), status).inc();
+            assert_eq!(child.get(), before + 1, "{p} {mth} {s}");
+        }
+        assert_eq!(m.by_labels.len(), 160);
+        assert_eq!(PolicyClass::Optional.as_str(), "optional");
     }
 }

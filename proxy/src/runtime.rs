@@ -17,8 +17,10 @@ pub struct Runtime {
     pub pool: Pool,
     /// None: auth off (plain load balancer).
     pub auth: Option<AuthRuntime>,
-    /// 1 for the first config, +1 per successful reload.
+    /// 1 for the first config, +1 per successful reload or discovered change of the pool.
     pub generation: u64,
+    /// What each configured backend resolved to (the last good answer of each name).
+    pub resolution: Resolution,
 }
 
 pub type SharedRuntime = Arc<ArcSwap<Runtime>>;
@@ -42,16 +44,33 @@ pub struct ResolveError {
 
 impl Runtime {
     /// Resolve the configured backends and build the pool, reusing live slots from `registry`
-    /// and the identity provider connection of `previous` when it is the same IdP.
+    /// and the identity provider connection of `previous` when it is the same IdP. A name that
+    /// does not resolve keeps the addresses it had in `previous`, if it was there.
     pub fn build(
         config: ProxyConfig,
         registry: &SlotRegistry,
         generation: u64,
         previous: Option<&Runtime>,
     ) -> Result<Runtime, RuntimeError> {
+        let resolution = Resolution::resolve(
+            &config.upstream.backends,
+            previous.map(|p| &p.resolution),
+            resolve,
+        )?;
+        Runtime::assemble(config, resolution, registry, generation, previous)
+    }
+
+    /// Build the pool from addresses already resolved (see [`Resolution::resolve`]).
+    pub fn assemble(
+        config: ProxyConfig,
+        resolution: Resolution,
+        registry: &SlotRegistry,
+        generation: u64,
+        previous: Option<&Runtime>,
+    ) -> Result<Runtime, RuntimeError> {
         let mut members = Vec::new();
-        for target in &config.upstream.backends {
-            for addr in resolve(target)? {
+        for (target, resolved) in config.upstream.backends.iter().zip(&resolution.targets) {
+            for &addr in &resolved.addrs {
                 if members.iter().any(|m: &Member| m.slot.addr == addr) {
                     continue;
                 }
@@ -74,10 +93,95 @@ impl Runtime {
             pool,
             auth,
             generation,
+            resolution,
         })
     }
 }
 
+/// The addresses of every configured backend, in configuration order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resolution {
+    pub targets: Vec<ResolvedTarget>,
+}
+
+/// One configured `host:port` and the addresses it stands for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedTarget {
+    pub host: String,
+    pub port: u16,
+    /// Sorted, without duplicates.
+    pub addrs: Vec<SocketAddr>,
+    /// The last lookup failed and these are the addresses of an earlier one.
+    pub stale: bool,
+}
+
+impl Resolution {
+    /// Resolve every target with `lookup`. A failed lookup keeps the last good addresses of the
+    /// same `host:port` from `previous` (marked `stale`); it is an error only for a target that
+    /// never resolved.
+    pub fn resolve(
+        targets: &[BackendTarget],
+        previous: Option<&Resolution>,
+        lookup: impl Fn(&BackendTarget) -> Result<Vec<SocketAddr>, ResolveError>,
+    ) -> Result<Resolution, ResolveError> {
+        let mut resolved = Vec::with_capacity(targets.len());
+        for target in targets {
+            let entry = match lookup(target) {
+                Ok(mut addrs) => {
+                    addrs.sort();
+                    addrs.dedup();
+                    ResolvedTarget {
+                        host: target.host.clone(),
+                        port: target.port,
+                        addrs,
+                        stale: false,
+                    }
+                }
+                Err(e) => {
+                    let last_good = previous.and_then(|p| p.get(&target.host, target.port));
+                    match last_good {
+                        Some(last) => {
+                            tracing::warn!(
+                                backend = %target,
+                                error = %e.reason,
+                                kept = last.addrs.len(),
+                                "cannot resolve backend; keeping its last good addresses"
+                            );
+                            ResolvedTarget {
+                                stale: true,
+                                ..last.clone()
+                            }
+                        }
+                        None => return Err(e),
+                    }
+                }
+            };
+            resolved.push(entry);
+        }
+        Ok(Resolution { targets: resolved })
+    }
+
+    pub fn get(&self, host: &str, port: u16) -> Option<&ResolvedTarget> {
+        self.targets
+            .iter()
+            .find(|t| t.host == host && t.port == port)
+    }
+
+    /// The same addresses for the same targets (staleness aside).
+    pub fn same_addresses(&self, other: &Resolution) -> bool {
+        self.targets.len() == other.targets.len()
+            && self
+                .targets
+                .iter()
+                .zip(&other.targets)
+                .all(|(a, b)| a.host == b.host && a.port == b.port && a.addrs == b.addrs)
+    }
+}
+
+/// True when a target is a DNS name rather than an IP literal (it may change over time).
+pub fn is_name(target: &BackendTarget) -> bool {
+    target.host.parse::<std::net::IpAddr>().is_err()
+}
 /// Every address of a target: an IP literal as is, a name through the system resolver.
 pub fn resolve(target: &BackendTarget) -> Result<Vec<SocketAddr>, ResolveError> {
     if let Ok(ip) = target.host.parse::<std::net::IpAddr>() {
@@ -97,4 +201,83 @@ pub fn resolve(target: &BackendTarget) -> Result<Vec<SocketAddr>, ResolveError> 
         });
     }
     Ok(addrs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(host: &str) -> BackendTarget {
+        BackendTarget {
+            host: host.into(),
+            port: 8000,
+            weight: 1,
+        }
+    }
+
+    fn addr(last: u8) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, last], 8000))
+    }
+
+    fn fails(target: &BackendTarget) -> ResolveError {
+        ResolveError {
+            target: target.to_string(),
+            reason: "temporary failure in name resolution".into(),
+        }
+    }
+
+    #[test]
+    fn a_failed_lookup_keeps_the_last_good_set() {
+        let targets = [target("app"), target("db")];
+        let first = Resolution::resolve(&targets, None, |t| {
+            Ok(if t.host == "app" {
+                vec![addr(3), addr(1), addr(2), addr(1)]
+            } else {
+                vec![addr(9)]
+            })
+        })
+        .unwrap();
+        assert_eq!(first.targets[0].addrs, vec![addr(1), addr(2), addr(3)]);
+        assert!(!first.targets[0].stale);
+
+        // "app" fails, "db" moves: app keeps its three, db takes the new answer.
+        let second = Resolution::resolve(&targets, Some(&first), |t| {
+            if t.host == "app" {
+                Err(fails(t))
+            } else {
+                Ok(vec![addr(8)])
+            }
+        })
+        .unwrap();
+        assert_eq!(second.targets[0].addrs, first.targets[0].addrs);
+        assert!(second.targets[0].stale);
+        assert_eq!(second.targets[1].addrs, vec![addr(8)]);
+        assert!(!first.same_addresses(&second));
+
+        // Everything failing changes nothing.
+        let third = Resolution::resolve(&targets, Some(&second), |t| Err(fails(t))).unwrap();
+        assert!(third.same_addresses(&second));
+    }
+
+    #[test]
+    fn a_name_that_never_resolved_is_an_error() {
+        let targets = [target("app"), target("new")];
+        let first = Resolution::resolve(&targets[..1], None, |_| Ok(vec![addr(1)])).unwrap();
+        let err = Resolution::resolve(&targets, Some(&first), |t| {
+            if t.host == "new" {
+                Err(fails(t))
+            } else {
+                Ok(vec![addr(1)])
+            }
+        })
+        .unwrap_err();
+        assert_eq!(err.target, "new:8000");
+    }
+
+    #[test]
+    fn ip_literals_are_not_names() {
+        assert!(!is_name(&target("127.0.0.1")));
+        assert!(!is_name(&target("::1")));
+        assert!(is_name(&target("localhost")));
+    }
 }

@@ -14,8 +14,10 @@ use crate::auth::oidc::DiscoveryService;
 use crate::balancer::health::HealthChecker;
 use crate::balancer::SlotRegistry;
 use crate::config::ProxyConfig;
+use crate::discovery::Discovery;
 use crate::edge::Edge;
 use crate::error::ProxyError;
+use crate::reload::{Reloader, SignalReload};
 use crate::runtime::{Runtime, SharedRuntime};
 
 /// How the process was asked to start.
@@ -35,19 +37,36 @@ fn server_conf(config: &ProxyConfig) -> ServerConf {
         // Pingora sleeps this long after SIGTERM before stopping its runtimes.
         grace_period_seconds: Some(s.grace_period.as_secs_f64().ceil() as u64),
         graceful_shutdown_timeout_seconds: Some(1),
-        // Pingora counts attempts, ours counts retries.
-        max_retries: config.upstream.retries as usize + 1,
+        // Pingora counts attempts, ours counts retries; the edge enforces `retries` per request,
+        // so a reload may raise it up to this limit.
+        max_retries: max_attempts(config),
         ..ServerConf::default()
     };
     conf.upstream_keepalive_pool_size = conf.upstream_keepalive_pool_size.max(256);
     conf
 }
 
+/// Pingora's fixed attempt limit: at least [`MIN_ATTEMPTS`], so reloads can raise `retries`.
+fn max_attempts(config: &ProxyConfig) -> usize {
+    (config.upstream.retries as usize + 1).max(MIN_ATTEMPTS)
+}
+
+/// Attempts Pingora allows per request whatever the starting `retries` (8 = 7 retries).
+const MIN_ATTEMPTS: usize = 8;
+
 /// Build the services and serve until shut down. Returns when the server has stopped.
 pub fn run(config: ProxyConfig, options: StartOptions) -> Result<(), ProxyError> {
+    // Until the reload service watches SIGHUP, a SIGHUP must not kill the process (the default).
+    ignore_sighup();
     let registry = Arc::new(SlotRegistry::new());
     let runtime = Runtime::build(config.clone(), &registry, 1, None)?;
     let shared: SharedRuntime = Arc::new(ArcSwap::from_pointee(runtime));
+    crate::metrics::config().loaded_now();
+    let reloader = Arc::new(Reloader::new(
+        shared.clone(),
+        registry.clone(),
+        max_attempts(&config),
+    ));
 
     let opt = Opt {
         upgrade: options.upgrade,
@@ -69,12 +88,19 @@ pub fn run(config: ProxyConfig, options: StartOptions) -> Result<(), ProxyError>
         "health checks",
         HealthChecker::new(shared.clone()),
     ));
-    if config.auth.is_some() {
-        server.add_service(background_service(
-            "identity provider discovery",
-            DiscoveryService::new(shared.clone()),
-        ));
-    }
+    server.add_service(background_service(
+        "reload on SIGHUP",
+        SignalReload::new(reloader.clone()),
+    ));
+    server.add_service(background_service(
+        "DNS discovery",
+        Discovery::new(reloader),
+    ));
+    // Always running: a reload may turn [auth] on (it idles while auth is off).
+    server.add_service(background_service(
+        "identity provider discovery",
+        DiscoveryService::new(shared.clone()),
+    ));
     if let Some(admin) = &config.admin {
         let mut service = Service::new("admin".to_string(), AdminApp::new(shared.clone()));
         service.add_tcp(&admin.listen.to_string());
@@ -95,8 +121,29 @@ pub fn run(config: ProxyConfig, options: StartOptions) -> Result<(), ProxyError>
         "custodia-proxy starting; {auth}"
     );
     server.run(RunArgs::default());
-    let _ = std::fs::remove_file(&config.server.pid_file);
+    remove_pid_file(&config);
     Ok(())
+}
+
+/// Remove the pid file unless another process (the one an upgrade handed over to) wrote its
+/// own pid there since.
+fn remove_pid_file(config: &ProxyConfig) {
+    let path = &config.server.pid_file;
+    let ours = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| text.trim().parse::<u32>().ok())
+        .is_some_and(|pid| pid == std::process::id());
+    if ours {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+fn ignore_sighup() {
+    // SAFETY: setting the disposition of SIGHUP to SIG_IGN has no memory effects; tokio's
+    // handler replaces it when the reload service starts.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
 }
 
 fn write_pid_file(config: &ProxyConfig) -> Result<(), ProxyError> {

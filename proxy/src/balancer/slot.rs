@@ -20,6 +20,11 @@ pub struct BackendSlot {
     healthy: AtomicBool,
     /// Consecutive health results that disagree with `healthy`.
     streak: AtomicU32,
+    /// Requests that could not connect (metrics).
+    connect_failures: AtomicU64,
+    /// Active health checks passed and failed (metrics).
+    checks_passed: AtomicU64,
+    checks_failed: AtomicU64,
 }
 
 impl BackendSlot {
@@ -33,6 +38,9 @@ impl BackendSlot {
             // Like nginx and Pingora: usable until a check says otherwise.
             healthy: AtomicBool::new(true),
             streak: AtomicU32::new(0),
+            connect_failures: AtomicU64::new(0),
+            checks_passed: AtomicU64::new(0),
+            checks_failed: AtomicU64::new(0),
         }
     }
 
@@ -48,6 +56,18 @@ impl BackendSlot {
         self.virtual_picks.load(Ordering::Relaxed)
     }
 
+    pub fn connect_failures(&self) -> u64 {
+        self.connect_failures.load(Ordering::Relaxed)
+    }
+
+    /// (passed, failed) active health checks so far.
+    pub fn health_checks(&self) -> (u64, u64) {
+        (
+            self.checks_passed.load(Ordering::Relaxed),
+            self.checks_failed.load(Ordering::Relaxed),
+        )
+    }
+
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }
@@ -55,6 +75,12 @@ impl BackendSlot {
     /// Record an active health-check result; returns `Some(new_state)` when the state flips
     /// after `rise` consecutive successes or `fall` consecutive failures.
     pub fn observe_health(&self, success: bool, rise: u32, fall: u32) -> Option<bool> {
+        let tally = if success {
+            &self.checks_passed
+        } else {
+            &self.checks_failed
+        };
+        tally.fetch_add(1, Ordering::Relaxed);
         let healthy = self.is_healthy();
         if success == healthy {
             self.streak.store(0, Ordering::Relaxed);
@@ -75,6 +101,7 @@ impl BackendSlot {
     /// `max_fails=1`); the active checks bring it back after `healthy_after` successes.
     /// Returns true when this call flipped it.
     pub fn mark_failed(&self) -> bool {
+        self.connect_failures.fetch_add(1, Ordering::Relaxed);
         self.streak.store(0, Ordering::Relaxed);
         self.healthy.swap(false, Ordering::Relaxed)
     }

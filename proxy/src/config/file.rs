@@ -22,6 +22,9 @@ pub struct FileConfig {
     pub admin: Option<AdminSection>,
     /// Absent: no login at the edge (a plain load balancer).
     pub auth: Option<AuthSection>,
+    /// `[log]`: diagnostics on stderr, access log on stdout.
+    #[serde(default)]
+    pub log: LogSection,
     /// `[[route]]` entries: policies by path prefix (need `[auth]`).
     #[serde(default = "defaults::routes")]
     pub route: Spanned<Vec<RouteEntry>>,
@@ -77,6 +80,36 @@ pub enum PolicyName {
 pub enum ClientAuthName {
     ClientSecretBasic,
     ClientSecretPost,
+}
+
+/// `[log]`: what the proxy writes. Diagnostics go to stderr, the access log to stdout.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// Diagnostics level or `RUST_LOG`-style directives; default `info`. `RUST_LOG` wins.
+    pub level: String,
+    /// Diagnostics on stderr as `text` (default) or `json` lines.
+    pub format: LogFormatName,
+    /// One JSON line per request on stdout; default true.
+    pub access_log: bool,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            level: "info".into(),
+            format: LogFormatName::Text,
+            access_log: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormatName {
+    #[default]
+    Text,
+    Json,
 }
 
 /// `[admin]`: metrics and probes for operators, never on the public listener.
@@ -149,6 +182,9 @@ pub struct UpstreamSection {
     pub retries: u32,
     #[serde(default)]
     pub health: HealthSection,
+    /// How often backends given by DNS name are re-resolved; default 10 s.
+    #[serde(default = "defaults::discovery_interval")]
+    pub discovery_interval: HumanDuration,
 }
 
 /// `[upstream.health]`: active HTTP health checks.
@@ -191,6 +227,9 @@ mod defaults {
     }
     pub fn idle_timeout() -> HumanDuration {
         HumanDuration(Duration::from_secs(60))
+    }
+    pub fn discovery_interval() -> HumanDuration {
+        HumanDuration(Duration::from_secs(10))
     }
     pub fn retries() -> u32 {
         2

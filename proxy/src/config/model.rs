@@ -14,6 +14,31 @@ pub struct ProxyConfig {
     pub admin: Option<AdminSettings>,
     /// None: a plain load balancer.
     pub auth: Option<AuthSettings>,
+    pub log: LogSettings,
+}
+
+/// `[log]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSettings {
+    /// An `EnvFilter` directive string (`info`, `warn,custodia_proxy=debug`, …).
+    pub level: String,
+    pub format: LogFormat,
+    pub access_log: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl LogFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
 }
 
 pub use super::env::Secret;
@@ -118,6 +143,8 @@ pub struct UpstreamSettings {
     pub idle_timeout: Duration,
     pub retries: u32,
     pub health: HealthSettings,
+    /// How often backends given by DNS name are re-resolved.
+    pub discovery_interval: Duration,
 }
 
 /// One configured backend: an address as written (IP or DNS name) and its weight.

@@ -50,6 +50,27 @@ pub fn summary(config: &ProxyConfig) -> String {
         h.healthy_after,
         h.unhealthy_after
     );
+    if u.backends
+        .iter()
+        .any(|b| b.host.parse::<std::net::IpAddr>().is_err())
+    {
+        let _ = writeln!(
+            out,
+            "  discovery       DNS names re-resolved every {}",
+            d(u.discovery_interval)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  logs            {} {} on stderr; access log {}",
+        config.log.format.as_str(),
+        config.log.level,
+        if config.log.access_log {
+            "on stdout (JSON lines)"
+        } else {
+            "off"
+        }
+    );
     let _ = writeln!(
         out,
         "  shutdown        grace period {}; pid file {}",

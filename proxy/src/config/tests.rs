@@ -32,6 +32,7 @@ read_timeout = "2s"
 send_timeout = "3s"
 idle_timeout = "4s"
 retries = 5
+discovery_interval = "3s"
 
 [upstream.health]
 path = "/up"
@@ -42,6 +43,11 @@ unhealthy_after = 3
 
 [admin]
 listen = "127.0.0.1:9191"
+
+[log]
+level = "warn,custodia_proxy=debug"
+format = "json"
+access_log = false
 "#;
     let expected = ProxyConfig {
         source: "test.toml".into(),
@@ -49,6 +55,11 @@ listen = "127.0.0.1:9191"
             listen: "127.0.0.1:9191".parse().unwrap(),
         }),
         auth: None,
+        log: LogSettings {
+            level: "warn,custodia_proxy=debug".into(),
+            format: LogFormat::Json,
+            access_log: false,
+        },
         server: ServerSettings {
             listen: vec![
                 "127.0.0.1:8080".parse().unwrap(),
@@ -79,6 +90,7 @@ listen = "127.0.0.1:9191"
             send_timeout: Duration::from_secs(3),
             idle_timeout: Duration::from_secs(4),
             retries: 5,
+            discovery_interval: Duration::from_secs(3),
             health: HealthSettings {
                 path: "/up".into(),
                 interval: Duration::from_millis(500),
@@ -103,6 +115,10 @@ fn defaults_follow_the_seed_nginx() {
     assert_eq!(c.upstream.retries, 2);
     assert_eq!(c.upstream.health.path, "/healthz");
     assert_eq!(c.upstream.backends[0].host, "app");
+    assert_eq!(c.upstream.discovery_interval, Duration::from_secs(10));
+    assert_eq!(c.log.level, "info");
+    assert_eq!(c.log.format, LogFormat::Text);
+    assert!(c.log.access_log);
 }
 
 #[test]
@@ -131,6 +147,12 @@ fn errors_name_the_key_and_the_line() {
          "upstream.health.path", "absolute path"),
         ("[upstream]\nbackends = [\"127.0.0.1:1\"]\n[upstream.health]\ninterval = \"1s\"\ntimeout = \"2s\"\n",
          "upstream.health.timeout", "longer than its interval"),
+        ("[upstream]\nbackends = [\"127.0.0.1:1\"]\n[log]\nlevel = \"loud=verbose=x\"\n",
+         "log.level", "invalid level"),
+        ("[upstream]\nbackends = [\"127.0.0.1:1\"]\n[log]\nformat = \"xml\"\n",
+         "log.format", "unknown variant"),
+        ("[upstream]\nbackends = [\"127.0.0.1:1\"]\ndiscovery_interval = \"1ms\"\n",
+         "upstream.discovery_interval", "at least 100ms"),
     ];
     for (text, key, words) in cases {
         let message = error_of(text);

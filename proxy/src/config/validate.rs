@@ -6,13 +6,15 @@
 //! 3. `server.listen` lists no address twice.
 //! 4. `upstream.health.timeout` is not longer than `upstream.health.interval`.
 //! 5. `admin.listen` is not one of the public `server.listen` addresses.
-//! 6. `[auth]` and `[[route]]`: see [`super::auth`] (secrets come from the environment).
+//! 6. `log.level` is a valid level or `RUST_LOG`-style directive list.
+//! 7. `upstream.discovery_interval` is at least 100 ms.
+//! 8. `[auth]` and `[[route]]`: see [`super::auth`] (secrets come from the environment).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use super::env::{Env, ProcessEnv};
-use super::file::{BalanceName, FileConfig};
+use super::file::{BalanceName, FileConfig, LogFormatName};
 use super::model::*;
 use super::ConfigError;
 
@@ -135,6 +137,25 @@ fn into_model(
         }
     }
 
+    let log = file.log;
+    if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&log.level) {
+        return Err(invalid(
+            find_key_in_section(text, "log", "level"),
+            "log.level",
+            format!(
+                "invalid level `{}` ({e}): expected e.g. \"info\", \"warn\" or \"info,custodia_proxy=debug\"",
+                log.level
+            ),
+        ));
+    }
+    if upstream.discovery_interval.0 < std::time::Duration::from_millis(100) {
+        return Err(invalid(
+            find_key(text, "discovery_interval"),
+            "upstream.discovery_interval",
+            "the discovery interval must be at least 100ms".into(),
+        ));
+    }
+
     let routes_span = file.route.span();
     let routes = file.route.into_inner();
     let auth = match file.auth {
@@ -169,6 +190,14 @@ fn into_model(
         source: path.to_path_buf(),
         admin,
         auth,
+        log: LogSettings {
+            level: log.level,
+            format: match log.format {
+                LogFormatName::Text => LogFormat::Text,
+                LogFormatName::Json => LogFormat::Json,
+            },
+            access_log: log.access_log,
+        },
         server: ServerSettings {
             listen: server.listen.0.into_iter().map(|a| a.0).collect(),
             threads,
@@ -188,6 +217,7 @@ fn into_model(
             send_timeout: upstream.send_timeout.0,
             idle_timeout: upstream.idle_timeout.0,
             retries: upstream.retries,
+            discovery_interval: upstream.discovery_interval.0,
             health: HealthSettings {
                 path: health.path.0,
                 interval: health.interval.0,

@@ -1,0 +1,1030 @@
+//! Operations end to end: hot reload (SIGHUP and `--reload`), request and upstream metrics, the
+//! access log and what never appears in logs, graceful upgrade and shutdown, DNS discovery,
+//! `promtool check metrics` and a real Prometheus scraping the admin listener.
+//!
+//! Every proxy here writes its stdout (the access log) and stderr (diagnostics) to files in its
+//! scratch directory, so tests can read what it logged.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::custodia::{
+    clear_secret_env, client, custodia_bin, parse_samples, upstream_section, Worker, STARTUP,
+};
+use support::echo::EchoServer;
+use support::process::{eventually_async, free_addr, wait_for_port, ChildGuard, TempDir};
+use support::prometheus::{promtool_check, Prometheus};
+
+const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A proxy whose output goes to files, with a config file the test may rewrite.
+struct Ops {
+    addr: SocketAddr,
+    admin: SocketAddr,
+    config: PathBuf,
+    pid_file: PathBuf,
+    upgrade_sock: PathBuf,
+    env: Vec<(String, String)>,
+    process: ChildGuard,
+    dir: TempDir,
+}
+
+impl Ops {
+    fn start(sections: &str) -> Ops {
+        Ops::start_with_env(sections, &[])
+    }
+
+    fn start_with_env(sections: &str, env: &[(&str, &str)]) -> Ops {
+        Ops::start_at(free_addr(), sections, env)
+    }
+
+    fn start_at(addr: SocketAddr, sections: &str, env: &[(&str, &str)]) -> Ops {
+        let dir = TempDir::new("ops");
+        let admin = free_addr();
+        let config = dir.path().join("proxy.toml");
+        let pid_file = dir.path().join("proxy.pid");
+        let upgrade_sock = dir.path().join("upgrade.sock");
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        std::fs::write(
+            &config,
+            config_text(addr, admin, &pid_file, &upgrade_sock, 2, sections),
+        )
+        .unwrap();
+        let process = spawn_proxy(dir.path(), &config, "a", &[], &env);
+        let mut ops = Ops {
+            addr,
+            admin,
+            config,
+            pid_file,
+            upgrade_sock,
+            env,
+            process,
+            dir,
+        };
+        wait_for_port(addr, STARTUP, &mut ops.process);
+        wait_for_port(admin, STARTUP, &mut ops.process);
+        ops
+    }
+
+    /// Rewrite the config file with the same `[server]` and `[admin]`.
+    fn rewrite(&self, sections: &str) {
+        self.rewrite_server(self.addr, 2, sections);
+    }
+
+    fn rewrite_server(&self, listen: SocketAddr, threads: usize, sections: &str) {
+        let text = config_text(
+            listen,
+            self.admin,
+            &self.pid_file,
+            &self.upgrade_sock,
+            threads,
+            sections,
+        );
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    /// Another `custodia proxy --config FILE ARGS…` on the same config; its output goes to
+    /// `TAG.out` / `TAG.err`.
+    fn spawn(&self, tag: &str, args: &[&str]) -> ChildGuard {
+        spawn_proxy(self.dir.path(), &self.config, tag, args, &self.env)
+    }
+
+    /// `custodia proxy --config FILE --reload`, run to completion.
+    fn reload_command(&self) -> std::process::Output {
+        let mut command = Command::new(custodia_bin());
+        command
+            .arg("proxy")
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--reload")
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null());
+        clear_secret_env(&mut command);
+        command.output().unwrap()
+    }
+
+    fn sighup(&self) {
+        self.process.signal(libc::SIGHUP);
+    }
+
+    /// Everything every proxy process of this test printed (stdout and stderr).
+    fn output(&self) -> String {
+        let mut all = String::new();
+        let mut entries: Vec<_> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.extension()
+                    .is_some_and(|ext| ext == "out" || ext == "err")
+            })
+            .collect();
+        entries.sort();
+        for path in entries {
+            all.push_str(&std::fs::read_to_string(path).unwrap_or_default());
+        }
+        all
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("a.err")).unwrap_or_default()
+    }
+
+    /// The access-log lines of the first process, parsed.
+    fn access_lines(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("a.out"))
+            .unwrap_or_default()
+            .lines()
+            .map(|line| {
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+            })
+            .collect()
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    async fn scrape(&self) -> String {
+        client()
+            .get(format!("http://{}/metrics", self.admin))
+            .send()
+            .await
+            .expect("scrape /metrics")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+
+    /// The sum of the samples of `name` whose labels contain every one of `labels`.
+    async fn value(&self, name: &str, labels: &[&str]) -> Option<f64> {
+        let samples: Vec<f64> = parse_samples(&self.scrape().await, name)
+            .into_iter()
+            .filter(|(l, _)| labels.iter().all(|want| l.contains(want)))
+            .map(|(_, v)| v)
+            .collect();
+        (!samples.is_empty()).then(|| samples.iter().sum())
+    }
+
+    async fn wait_value(&self, name: &str, labels: &[&str], expected: f64) {
+        let what = format!("{name}{labels:?} == {expected}");
+        eventually_async(&what, PATIENCE, || async {
+            (self.value(name, labels).await == Some(expected)).then_some(())
+        })
+        .await;
+    }
+}
+
+fn config_text(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    pid_file: &std::path::Path,
+    upgrade_sock: &std::path::Path,
+    threads: usize,
+    sections: &str,
+) -> String {
+    format!(
+        "[server]\nlisten = \"{listen}\"\nthreads = {threads}\ngrace_period = \"1s\"\n\
+         pid_file = \"{}\"\nupgrade_sock = \"{}\"\n\n[admin]\nlisten = \"{admin}\"\n\n{sections}\n",
+        pid_file.display(),
+        upgrade_sock.display()
+    )
+}
+
+fn spawn_proxy(
+    dir: &std::path::Path,
+    config: &std::path::Path,
+    tag: &str,
+    args: &[&str],
+    env: &[(String, String)],
+) -> ChildGuard {
+    let out = std::fs::File::create(dir.join(format!("{tag}.out"))).unwrap();
+    let err = std::fs::File::create(dir.join(format!("{tag}.err"))).unwrap();
+    let mut command = Command::new(custodia_bin());
+    command
+        .arg("proxy")
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err));
+    clear_secret_env(&mut command);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    ChildGuard {
+        name: format!("custodia-proxy {tag}"),
+        child: command.spawn().expect("start custodia proxy"),
+    }
+}
+
+/// Steady load on `url` until stopped: counts answers per worker id and keeps every failure.
+struct Load {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    seen: Arc<Mutex<HashMap<String, usize>>>,
+    failures: Arc<Mutex<Vec<String>>>,
+}
+
+impl Load {
+    fn start(url: String, concurrency: usize, client: reqwest::Client) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(HashMap::new()));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let tasks = (0..concurrency)
+            .map(|_| {
+                let (stop, seen, failures) = (stop.clone(), seen.clone(), failures.clone());
+                let (url, client) = (url.clone(), client.clone());
+                tokio::spawn(async move {
+                    // Bounded: at most this many requests per task, whatever happens.
+                    for _ in 0..20_000 {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        match client.get(&url).send().await {
+                            Ok(r) if r.status() == 200 => {
+                                let body: serde_json::Value = r.json().await.unwrap_or_default();
+                                let worker = body["worker"].as_str().unwrap_or("?").to_string();
+                                *seen.lock().unwrap().entry(worker).or_insert(0) += 1;
+                            }
+                            Ok(r) => failures
+                                .lock()
+                                .unwrap()
+                                .push(format!("status {}", r.status())),
+                            Err(e) => failures.lock().unwrap().push(format!("error {e:?}")),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            tasks,
+            seen,
+            failures,
+        }
+    }
+
+    fn ok(&self) -> usize {
+        self.seen.lock().unwrap().values().sum()
+    }
+
+    /// Stop and return (answers per worker, failures).
+    async fn finish(self) -> (HashMap<String, usize>, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            tokio::time::timeout(PATIENCE, task)
+                .await
+                .expect("load task ends")
+                .expect("load task");
+        }
+        let seen = self.seen.lock().unwrap().clone();
+        let failures = self.failures.lock().unwrap().clone();
+        (seen, failures)
+    }
+}
+
+async fn worker_of(client: &reqwest::Client, url: &str) -> String {
+    let response = client.get(url).send().await.expect("request");
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.expect("json");
+    body["worker"].as_str().expect("worker id").to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hot reload
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_reloads_under_load_add_and_remove_backends_without_a_failed_request() {
+    let workers: Vec<Worker> = ["w0", "w1", "w2", "w3"]
+        .iter()
+        .map(|id| Worker::start_slow(id, 15))
+        .collect();
+    let section = |set: &[usize]| {
+        let backends: Vec<(SocketAddr, u32)> = set.iter().map(|i| (workers[*i].addr, 1)).collect();
+        upstream_section("least_conn", &backends)
+    };
+    let proxy = Ops::start(&section(&[0, 1]));
+    let load = Load::start(proxy.url("/api/hello"), 6, client());
+
+    let sets: [&[usize]; 10] = [
+        &[0, 1, 2],
+        &[1, 2],
+        &[2, 3],
+        &[0, 3],
+        &[0, 1, 2, 3],
+        &[1],
+        &[1, 3],
+        &[0, 2],
+        &[3],
+        &[0, 1],
+    ];
+    let probe = client();
+    for (i, set) in sets.iter().enumerate() {
+        proxy.rewrite(&section(set));
+        if i % 2 == 0 {
+            proxy.sighup();
+        } else {
+            let out = proxy.reload_command();
+            assert!(
+                out.status.success(),
+                "--reload: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let generation = (i + 2) as f64;
+        proxy
+            .wait_value("custodia_config_generation", &[], generation)
+            .await;
+        // From the swap on, new requests only reach the new set.
+        let allowed: Vec<String> = set.iter().map(|w| format!("w{w}")).collect();
+        for _ in 0..6 {
+            let worker = worker_of(&probe, &proxy.url("/api/hello")).await;
+            assert!(
+                allowed.contains(&worker),
+                "after reload {} to {allowed:?}, {worker} answered",
+                i + 1
+            );
+        }
+    }
+    assert!(load.ok() > 0);
+    let (seen, failures) = load.finish().await;
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
+    assert!(
+        seen.len() == 4,
+        "every worker served at some point: {seen:?}"
+    );
+    assert_eq!(
+        proxy
+            .value("custodia_config_reloads_total", &["result=\"success\""])
+            .await,
+        Some(10.0)
+    );
+    // Removed backends drained, staying ones released every lease.
+    proxy
+        .wait_value("custodia_requests_in_flight", &[], 0.0)
+        .await;
+    proxy
+        .wait_value("custodia_upstream_in_flight_requests", &[], 0.0)
+        .await;
+    let backends = parse_samples(&proxy.scrape().await, "custodia_upstream_healthy");
+    assert_eq!(
+        backends.len(),
+        2,
+        "only the last set is reported: {backends:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_reload_is_refused_and_the_old_config_keeps_serving() {
+    let worker = Worker::start("only");
+    let good = upstream_section("least_conn", &[(worker.addr, 1)]);
+    let proxy = Ops::start(&good);
+    let bad = good.replacen("retries = 2", "retries = \"two\"", 1);
+    proxy.rewrite(&bad);
+    let text = std::fs::read_to_string(&proxy.config).unwrap();
+    let line = text
+        .lines()
+        .position(|l| l.starts_with("retries = \"two\""))
+        .unwrap()
+        + 1;
+
+    proxy.sighup();
+    proxy
+        .wait_value(
+            "custodia_config_reloads_total",
+            &["result=\"failure\""],
+            1.0,
+        )
+        .await;
+    assert_eq!(
+        proxy
+            .value("custodia_config_reloads_total", &["result=\"success\""])
+            .await,
+        Some(0.0)
+    );
+    assert_eq!(
+        proxy.value("custodia_config_generation", &[]).await,
+        Some(1.0)
+    );
+    assert_eq!(worker_of(&client(), &proxy.url("/api/hello")).await, "only");
+    let log = proxy.stderr();
+    assert!(
+        log.contains(&format!("proxy.toml:{line}: key `upstream.retries`")),
+        "the log names the line and key:\n{log}"
+    );
+    assert!(log.contains("reload refused"), "{log}");
+
+    // `--reload` checks the file first and does not signal a bad one.
+    let out = proxy.reload_command();
+    assert_eq!(out.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("upstream.retries"), "{said}");
+    assert_eq!(
+        proxy
+            .value("custodia_config_reloads_total", &["result=\"failure\""])
+            .await,
+        Some(1.0)
+    );
+
+    // Fixed: the next reload goes through.
+    proxy.rewrite(&good);
+    assert!(proxy.reload_command().status.success());
+    proxy
+        .wait_value("custodia_config_generation", &[], 2.0)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_that_need_an_upgrade_are_reported_and_keep_their_values() {
+    let a = Worker::start("a");
+    let b = Worker::start("b");
+    // Diagnostics as JSON lines this time.
+    let json_logs = "\n[log]\nformat = \"json\"\n";
+    let proxy = Ops::start(&format!(
+        "{}{json_logs}",
+        upstream_section("least_conn", &[(a.addr, 1)])
+    ));
+    let elsewhere = free_addr();
+    proxy.rewrite_server(
+        elsewhere,
+        3,
+        &format!(
+            "{}{json_logs}",
+            upstream_section("least_conn", &[(b.addr, 1)])
+        ),
+    );
+    proxy.sighup();
+    proxy
+        .wait_value("custodia_config_generation", &[], 2.0)
+        .await;
+    // The live part applied, the listener stayed.
+    assert_eq!(worker_of(&client(), &proxy.url("/api/hello")).await, "b");
+    assert!(support::process::port_closed(elsewhere));
+    let log = proxy.stderr();
+    for line in log.lines() {
+        let parsed: Result<serde_json::Value, _> = serde_json::from_str(line);
+        assert!(parsed.is_ok(), "format = json: not JSON: {line}");
+    }
+    assert!(!log.contains("log.format"), "unchanged, not reported");
+    for key in ["server.listen", "server.threads"] {
+        assert!(
+            log.contains(&format!(
+                "`{key}` changed but cannot change in a running process"
+            )),
+            "{key} reported:\n{log}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_without_a_running_proxy_is_a_clear_error() {
+    let dir = TempDir::new("no-proxy");
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\npid_file = \"{}\"\n[upstream]\nbackends = [\"127.0.0.1:9\"]\n",
+            dir.path().join("absent.pid").display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(custodia_bin())
+        .args(["proxy", "--config"])
+        .arg(&config)
+        .arg("--reload")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("no running custodia-proxy"), "{said}");
+    assert!(said.contains("absent.pid"), "{said}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_metrics_count_what_the_test_did() {
+    let worker = Worker::start("m");
+    // A level above info mutes the access log (its lines are info events).
+    let proxy = Ops::start(&format!(
+        "{}\n[log]\nlevel = \"warn\"\n",
+        upstream_section("least_conn", &[(worker.addr, 1)])
+    ));
+    let c = client();
+    for _ in 0..7 {
+        assert_eq!(worker_of(&c, &proxy.url("/api/hello")).await, "m");
+    }
+    for _ in 0..2 {
+        let r = c
+            .post(proxy.url("/api/hello"))
+            .body("hello")
+            .send()
+            .await
+            .unwrap();
+        let _ = r.bytes().await;
+    }
+    let get_ok = ["policy=\"none\"", "method=\"GET\"", "status=\"2xx\""];
+    proxy
+        .wait_value("custodia_requests_total", &get_ok, 7.0)
+        .await;
+    let m = |name: &'static str, labels: &'static [&'static str]| {
+        let proxy = &proxy;
+        async move { proxy.value(name, labels).await }
+    };
+    assert_eq!(
+        m("custodia_requests_total", &["method=\"POST\""]).await,
+        Some(2.0)
+    );
+    assert_eq!(
+        m("custodia_requests_total", &["policy=\"required\""]).await,
+        Some(0.0),
+        "every label combination is there from the start"
+    );
+    assert_eq!(
+        m("custodia_request_duration_seconds_count", &[]).await,
+        Some(9.0)
+    );
+    assert_eq!(
+        m("custodia_upstream_response_seconds_count", &[]).await,
+        Some(9.0)
+    );
+    assert_eq!(m("custodia_request_bytes_total", &[]).await, Some(10.0));
+    assert!(m("custodia_response_bytes_total", &[]).await.unwrap() > 0.0);
+    assert_eq!(m("custodia_requests_in_flight", &[]).await, Some(0.0));
+    let backend = format!("backend=\"{}\"", worker.addr);
+    assert_eq!(
+        proxy
+            .value("custodia_upstream_selected_total", &[&backend])
+            .await,
+        Some(9.0)
+    );
+    eventually_async("a passed health check", PATIENCE, || async {
+        let n = proxy
+            .value(
+                "custodia_upstream_health_checks_total",
+                &[&backend, "result=\"success\""],
+            )
+            .await?;
+        (n >= 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(m("custodia_upstream_retries_total", &[]).await, Some(0.0));
+    assert_eq!(
+        m(
+            "custodia_build_info",
+            &[concat!("version=\"", env!("CARGO_PKG_VERSION"), "\"")]
+        )
+        .await,
+        Some(1.0)
+    );
+    let loaded = m("custodia_config_last_reload_timestamp_seconds", &[])
+        .await
+        .unwrap();
+    assert!(loaded > 1.7e9, "a unix time: {loaded}");
+    assert!(proxy.access_lines().is_empty(), "level warn: no access log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_backend_counts_one_connect_failure_and_one_retry() {
+    let worker = Worker::start("alive");
+    let dead = free_addr();
+    // Slow health checks: the dead backend is only found out by the request.
+    let section = format!(
+        "[upstream]\nbalance = \"round_robin\"\nbackends = [\"{dead}\", \"{}\"]\n\
+         connect_timeout = \"1s\"\nretries = 2\n\n[upstream.health]\ninterval = \"30s\"\n\
+         timeout = \"1s\"\nhealthy_after = 2\nunhealthy_after = 2\n\n[log]\naccess_log = false\n",
+        worker.addr
+    );
+    let proxy = Ops::start(&section);
+    let c = client();
+    for _ in 0..4 {
+        assert_eq!(worker_of(&c, &proxy.url("/api/hello")).await, "alive");
+    }
+    let dead_label = format!("backend=\"{dead}\"");
+    assert_eq!(
+        proxy
+            .value("custodia_upstream_connect_failures_total", &[&dead_label])
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        proxy.value("custodia_upstream_retries_total", &[]).await,
+        Some(1.0)
+    );
+    assert_eq!(
+        proxy
+            .value("custodia_upstream_healthy", &[&dead_label])
+            .await,
+        Some(0.0)
+    );
+    let alive_label = format!("backend=\"{}\"", worker.addr);
+    assert_eq!(
+        proxy
+            .value("custodia_upstream_connect_failures_total", &[&alive_label])
+            .await,
+        Some(0.0)
+    );
+    assert!(proxy.access_lines().is_empty(), "access_log = false");
+    assert!(
+        proxy.stderr().contains("cannot connect"),
+        "diagnostics stay on"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promtool_accepts_the_metrics() {
+    let worker = Worker::start("p");
+    let proxy = Ops::start(&upstream_section("least_conn", &[(worker.addr, 1)]));
+    let _ = worker_of(&client(), &proxy.url("/api/hello")).await;
+    let exposition = proxy.scrape().await;
+    for family in [
+        "custodia_requests_total",
+        "custodia_request_duration_seconds",
+        "custodia_upstream_health_checks_total",
+        "custodia_config_reloads_total",
+        "custodia_build_info",
+    ] {
+        assert!(
+            exposition.contains(&format!("# TYPE {family} ")),
+            "{family} exposed"
+        );
+    }
+    if let Err(problems) = promtool_check(&exposition) {
+        panic!("promtool check metrics:\n{problems}\n--- exposition ---\n{exposition}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scrapes_the_admin_listener() {
+    let worker = Worker::start("scraped");
+    let proxy = Ops::start(&upstream_section("least_conn", &[(worker.addr, 1)]));
+    let prometheus = Prometheus::start(proxy.admin);
+    let up = eventually_async(
+        "Prometheus sees up == 1",
+        Duration::from_secs(45),
+        || async {
+            let samples = prometheus.query("up{job=\"custodia\"}").await;
+            samples.iter().any(|(_, v)| *v == 1.0).then_some(samples)
+        },
+    )
+    .await;
+    assert_eq!(up[0].0["instance"], proxy.admin.to_string());
+    let healthy = format!("custodia_upstream_healthy{{backend=\"{}\"}}", worker.addr);
+    eventually_async(
+        "Prometheus has custodia_upstream_healthy == 1",
+        Duration::from_secs(30),
+        || async {
+            let samples = prometheus.query(&healthy).await;
+            samples.iter().any(|(_, v)| *v == 1.0).then_some(())
+        },
+    )
+    .await;
+    let info = prometheus.query("custodia_build_info").await;
+    assert_eq!(info.len(), 1, "{}", prometheus.output());
+    assert_eq!(info[0].0["version"], env!("CARGO_PKG_VERSION"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Access log and secrets
+// ---------------------------------------------------------------------------------------------
+
+const SECRETS: &[&str] = &[
+    "SECRETCODE4711",
+    "SECRETTOKEN0815",
+    "SECRETSTATE1234",
+    "SECRETBEARER9999",
+    "SECRETCOOKIE2222",
+];
+
+fn assert_no_secrets(output: &str, extra: &[&str]) {
+    for secret in SECRETS.iter().chain(extra) {
+        assert!(
+            !output.contains(secret),
+            "`{secret}` appears in the proxy's output:\n{output}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_has_a_json_line_per_request_and_no_secrets() {
+    let echo = EchoServer::start();
+    let dead = free_addr();
+    // The dead backend first: the request fails over, so Pingora logs its retry too.
+    let section = format!(
+        "[upstream]\nbalance = \"round_robin\"\nbackends = [\"{dead}\", \"{}\"]\n\
+         connect_timeout = \"1s\"\n\n[upstream.health]\ninterval = \"30s\"\ntimeout = \"1s\"\n",
+        echo.addr
+    );
+    let proxy = Ops::start(&section);
+    let response = client()
+        .get(
+            proxy.url("/some/path?code=SECRETCODE4711&token=SECRETTOKEN0815&state=SECRETSTATE1234"),
+        )
+        .header("authorization", "Bearer SECRETBEARER9999")
+        .header("cookie", "custodia_session=SECRETCOOKIE2222; theme=dark")
+        .header("x-forwarded-for", "203.0.113.9")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let _ = response.bytes().await;
+    let second = client()
+        .post(proxy.url("/upload"))
+        .body("twelve bytes")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(second.status(), 200);
+    let _ = second.bytes().await;
+
+    let lines = eventually_async("two access-log lines", PATIENCE, || async {
+        let lines = proxy.access_lines();
+        (lines.len() >= 2).then_some(lines)
+    })
+    .await;
+    assert_eq!(lines.len(), 2, "one line per request: {lines:?}");
+    let line = lines
+        .iter()
+        .find(|l| l["request_id"] == id.as_str())
+        .expect("the request's line");
+    assert_eq!(line["method"], "GET");
+    assert_eq!(line["path"], "/some/path", "no query string");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["backend"], echo.addr.to_string());
+    // Auth off: no trusted proxies, the client is the peer (X-Forwarded-For is not believed).
+    assert_eq!(line["client"], "127.0.0.1");
+    assert!(line["total_ms"].as_f64().unwrap() >= line["upstream_ms"].as_f64().unwrap());
+    assert!(line["bytes_out"].as_u64().unwrap() > 0);
+    assert_eq!(line["bytes_in"], 0);
+    assert!(line["time"].as_str().unwrap().ends_with('Z'));
+    assert!(line.get("sub").is_none());
+    let post = &lines[1];
+    assert_eq!(post["method"], "POST");
+    assert_eq!(post["bytes_in"], 12);
+
+    let output = proxy.output();
+    assert!(
+        output.contains("cannot connect"),
+        "the failover was logged:\n{output}"
+    );
+    assert_no_secrets(&output, &[]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_auth_on_the_subject_is_logged_and_no_secret_is() {
+    use custodia_proxy::auth::{seal_session, CookieSettings, SecretKeys, Session};
+
+    let echo = EchoServer::start();
+    let app_secret = "SECRETAPPKEY-0123456789abcdef0123456789abcdef";
+    let client_secret = "SECRETCLIENT-5555";
+    let idp = free_addr(); // nothing listens: discovery keeps failing, sessions still work
+    let addr = free_addr();
+    let section = format!(
+        "{}\n[auth]\nissuer = \"http://{idp}/\"\nclient_id = \"custodia-test\"\n\
+         public_url = \"http://{addr}\"\ndefault_policy = \"required\"\n\n\
+         [[route]]\nprefix = \"/public/\"\npolicy = \"public\"\n",
+        upstream_section("least_conn", &[(echo.addr, 1)])
+    );
+    let proxy = Ops::start_at(
+        addr,
+        &section,
+        &[
+            ("APP_SECRET_KEY", app_secret),
+            ("AUTH0_CLIENT_SECRET", client_secret),
+        ],
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let session = Session {
+        sub: "user-sub-42".into(),
+        email: Some("alice@example.com".into()),
+        name: Some("Alice".into()),
+        picture: None,
+        id_token: Some("SECRETIDTOKEN-7777".into()),
+        iat: now,
+        exp: now + 3600,
+    };
+    let keys = SecretKeys::from_secrets(app_secret, &[]).unwrap();
+    let sealed = seal_session(&keys, &session);
+    let cookie = format!(
+        "{}={sealed}",
+        CookieSettings { secure: false }.session_cookie_name()
+    );
+
+    let c = client();
+    let signed_in = c
+        .get(proxy.url("/api/private?token=SECRETTOKEN0815"))
+        .header("cookie", &cookie)
+        .header("authorization", "Bearer SECRETBEARER9999")
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed_in.status(), 200);
+    let _ = signed_in.bytes().await;
+    // A callback the proxy answers itself (no login state): code and state must not be logged.
+    let callback = c
+        .get(proxy.url("/callback?code=SECRETCODE4711&state=SECRETSTATE1234"))
+        .header("cookie", "custodia_session=SECRETCOOKIE2222")
+        .send()
+        .await
+        .unwrap();
+    assert!(callback.status().is_client_error() || callback.status().is_server_error());
+    let _ = callback.bytes().await;
+    let anonymous = c
+        .get(proxy.url("/api/private"))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+
+    let lines = eventually_async("three access-log lines", PATIENCE, || async {
+        let lines = proxy.access_lines();
+        (lines.len() >= 3).then_some(lines)
+    })
+    .await;
+    let private = &lines[0];
+    assert_eq!(private["path"], "/api/private");
+    assert_eq!(
+        private["sub"], "user-sub-42",
+        "the subject, never the email"
+    );
+    assert_eq!(private["status"], 200);
+    let cb = &lines[1];
+    assert_eq!(cb["path"], "/callback");
+    assert!(cb["backend"].is_null(), "answered by the proxy: {cb}");
+    assert_eq!(cb["client"], "127.0.0.1");
+    assert_eq!(lines[2]["status"], 401);
+    assert!(lines[2].get("sub").is_none());
+    assert_eq!(
+        proxy
+            .value(
+                "custodia_requests_total",
+                &["policy=\"required\"", "status=\"2xx\""]
+            )
+            .await,
+        Some(1.0)
+    );
+
+    let output = proxy.output();
+    assert_no_secrets(
+        &output,
+        &[
+            &sealed,
+            app_secret,
+            client_secret,
+            "alice@example.com",
+            "SECRETIDTOKEN-7777",
+        ],
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Graceful upgrade and shutdown
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_upgrade_under_load_fails_no_request() {
+    let a = Worker::start("a");
+    let b = Worker::start("b");
+    let mut old = Ops::start(&upstream_section("least_conn", &[(a.addr, 1), (b.addr, 1)]));
+    let old_pid = old.process.pid();
+    // A connection per request: an idle keep-alive connection the old process closes at its
+    // exit can race with a client's next request on it (inherent to HTTP/1.1; clients retry
+    // idempotent requests then). Requests on busy connections are answered `Connection: close`
+    // once the hand-over has begun, and new connections are accepted by whichever process
+    // holds the shared listening socket: none of these may fail.
+    let fresh_connections = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .pool_max_idle_per_host(0)
+        .no_proxy()
+        .build()
+        .unwrap();
+    let load = Load::start(old.url("/api/hello"), 4, fresh_connections);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The new process waits on upgrade_sock for the listeners; then the old one hands them over.
+    let mut new = old.spawn("b", &["--upgrade"]);
+    let deadline = Instant::now() + PATIENCE;
+    while !old.upgrade_sock.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the new process never opened upgrade_sock"
+        );
+        assert!(new.is_running(), "the new process exited: {}", old.output());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    old.process.signal(libc::SIGQUIT);
+    let served_before = load.ok();
+    let exited = tokio::task::spawn_blocking(move || {
+        let code = old.process.wait_exit(Duration::from_secs(30));
+        (old, code)
+    })
+    .await
+    .unwrap();
+    let (old, code) = exited;
+    assert!(code.is_some(), "the old process exits after the hand-over");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (seen, failures) = load.finish().await;
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
+    assert!(
+        seen.values().sum::<usize>() > served_before,
+        "requests went on during the upgrade"
+    );
+
+    // The new process serves, owns the pid file, and answers on the admin listener.
+    assert!(new.is_running());
+    assert_eq!(worker_of(&client(), &old.url("/api/hello")).await.len(), 1);
+    let pid: i32 = std::fs::read_to_string(&old.pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(pid, new.pid());
+    assert_ne!(pid, old_pid);
+    assert!(old.scrape().await.contains("custodia_build_info"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_an_in_flight_request_finish() {
+    let slow = Worker::start_slow("slow", 600);
+    let mut proxy = Ops::start(&upstream_section("least_conn", &[(slow.addr, 1)]));
+    let url = proxy.url("/api/hello");
+    let request = tokio::spawn(async move { client().get(url).send().await });
+    proxy
+        .wait_value("custodia_requests_in_flight", &[], 1.0)
+        .await;
+    proxy.process.signal(libc::SIGTERM);
+    let response = request
+        .await
+        .unwrap()
+        .expect("the in-flight request completes");
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["worker"], "slow");
+    let exited = tokio::task::spawn_blocking(move || proxy.process.wait_exit(PATIENCE))
+        .await
+        .unwrap();
+    assert!(exited.is_some(), "the proxy exits after draining");
+}
+
+// ---------------------------------------------------------------------------------------------
+// DNS discovery
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_given_by_name_is_resolved_and_rediscovered_without_churn() {
+    let worker = Worker::start("named");
+    let section = format!(
+        "[upstream]\nbackends = [\"localhost:{}\"]\nconnect_timeout = \"1s\"\n\
+         discovery_interval = \"200ms\"\n\n[upstream.health]\ninterval = \"200ms\"\n\
+         timeout = \"200ms\"\n",
+        worker.addr.port()
+    );
+    let proxy = Ops::start(&section);
+    let label = format!("backend=\"{}\"", worker.addr);
+    assert!(
+        proxy
+            .value("custodia_upstream_healthy", &[&label])
+            .await
+            .is_some(),
+        "localhost became {}",
+        worker.addr
+    );
+    let c = client();
+    for _ in 0..5 {
+        assert_eq!(worker_of(&c, &proxy.url("/api/hello")).await, "named");
+    }
+    // Several discovery rounds later the same answer has not rebuilt anything.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        proxy.value("custodia_config_generation", &[]).await,
+        Some(1.0)
+    );
+}
