@@ -39,6 +39,7 @@ pub const EXIT_FAILURE: i32 = 1;
 
 pub const USAGE: &str = "\
 Usage: custodia-app --listen ADDR [--worker-id ID] [--delay MS]
+       custodia-app --probe URL
 
 Custodia app worker: the home page and JSON greeting API over HTTP/1.1.
 
@@ -47,6 +48,9 @@ Options:
   --worker-id ID    name reported as \"worker\" in JSON answers [default: the bound address]
   --delay MS        fixed delay before every response except /healthz, in milliseconds
                     (or a duration such as 250ms, 1s): simulates a slow worker [default: 0]
+  --probe URL       health check (for containers without curl): GET URL over HTTP/1.1,
+                    exit 0 on a 200, 1 otherwise, within 3 s; e.g.
+                    custodia-app --probe http://127.0.0.1:8000/healthz
   -h, --help        print this help
   -V, --version     print the version
 
@@ -82,6 +86,8 @@ pub enum CliError {
     InvalidDelay { value: String },
     #[error("--worker-id must not be empty")]
     EmptyWorkerId,
+    #[error("--probe URL cannot be combined with other flags")]
+    ProbeAlone,
     #[error(
         "{ASSERTION_KEY_ENV} is {len} bytes; it must be at least {MIN_KEY_LEN}. \
          Generate one with: openssl rand -hex 32"
@@ -93,6 +99,8 @@ pub enum CliError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     Run(RunArgs),
+    /// `--probe URL`: one health check, then exit.
+    Probe(String),
     Help,
     Version,
 }
@@ -111,6 +119,7 @@ pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Command, C
     let mut listen = None;
     let mut worker_id = None;
     let mut delay = None;
+    let mut probe = None;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let arg = utf8(arg)?;
@@ -124,6 +133,7 @@ pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Command, C
             "--listen" => ("--listen", &mut listen),
             "--worker-id" => ("--worker-id", &mut worker_id),
             "--delay" => ("--delay", &mut delay),
+            "--probe" => ("--probe", &mut probe),
             _ => return Err(CliError::UnknownArgument { arg }),
         };
         let value = match inline {
@@ -135,6 +145,12 @@ pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Command, C
         }
     }
 
+    if let Some(url) = probe {
+        if listen.is_some() || worker_id.is_some() || delay.is_some() {
+            return Err(CliError::ProbeAlone);
+        }
+        return Ok(Command::Probe(url));
+    }
     let listen = listen.ok_or(CliError::MissingListen)?;
     let listen = listen.parse().map_err(|source| CliError::InvalidListen {
         value: listen.clone(),
@@ -206,6 +222,7 @@ pub fn run_cli(args: impl IntoIterator<Item = OsString>) -> i32 {
             println!("custodia-app {}", env!("CARGO_PKG_VERSION"));
             return 0;
         }
+        Ok(Command::Probe(url)) => return crate::probe::run_probe("custodia-app", &url),
         Err(error) => return usage_error(&error),
     };
     let assertion_key = match assertion_key(std::env::var_os(ASSERTION_KEY_ENV).as_deref()) {
@@ -357,6 +374,28 @@ mod tests {
             run_args(&["--listen", "127.0.0.1:1", "--delay", "1s"]).delay,
             Duration::from_secs(1)
         );
+    }
+
+    #[test]
+    fn probe_is_its_own_mode() {
+        let url = "http://127.0.0.1:8000/healthz";
+        assert_eq!(
+            parse(&["--probe", url]).unwrap(),
+            Command::Probe(url.into())
+        );
+        assert_eq!(
+            parse(&[&format!("--probe={url}")]).unwrap(),
+            Command::Probe(url.into())
+        );
+        assert!(matches!(
+            parse(&["--probe"]),
+            Err(CliError::MissingValue { flag: "--probe" })
+        ));
+        assert!(matches!(
+            parse(&["--listen", "127.0.0.1:1", "--probe", url]),
+            Err(CliError::ProbeAlone)
+        ));
+        assert!(USAGE.contains("--probe URL"));
     }
 
     #[test]

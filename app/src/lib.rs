@@ -13,6 +13,7 @@
 
 pub mod cli;
 pub mod page;
+pub mod probe;
 pub mod routes;
 pub mod server;
 
