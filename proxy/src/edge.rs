@@ -219,6 +219,7 @@ impl ProxyHttp for Edge {
         }
         // Nothing reached the worker: always safe to try another one.
         e.set_retry(ctx.may_retry());
+        record_failover(ctx, &e);
         e.more_context(format!("backend {peer}"))
     }
 
@@ -239,6 +240,7 @@ impl ProxyHttp for Edge {
             && session.response_written().is_none()
             && *e.esource() == ErrorSource::Upstream;
         e.set_retry(replayable && ctx.may_retry());
+        record_failover(ctx, &e);
         e.more_context(format!("backend {peer}"))
     }
 
@@ -365,8 +367,8 @@ impl ProxyHttp for Edge {
         if ctx.attempts > 1 {
             m.upstream_retries.inc_by(u64::from(ctx.attempts - 1));
         }
-        if let Some(elapsed) = ctx.upstream_elapsed {
-            m.upstream_response.observe(elapsed.as_secs_f64());
+        if let (Some(elapsed), Some(lease)) = (ctx.upstream_elapsed, ctx.lease.as_ref()) {
+            lease.slot().observe_response(elapsed);
         }
         if ctx.runtime.config.log.access_log {
             let peer = || {
@@ -438,6 +440,15 @@ impl Edge {
             session.write_response_body(Some(body), true).await?;
         }
         Ok(true)
+    }
+}
+
+/// Count a failover against the backend that failed, when the request moves on.
+fn record_failover(ctx: &RequestCtx, e: &Error) {
+    if e.retry() {
+        if let Some(lease) = &ctx.lease {
+            lease.slot().record_failover();
+        }
     }
 }
 

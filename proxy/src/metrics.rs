@@ -212,7 +212,19 @@ pub struct RequestMetrics {
     pub request_bytes: IntCounter,
     pub response_bytes: IntCounter,
     pub upstream_retries: IntCounter,
-    pub upstream_response: Histogram,
+}
+
+const UPSTREAM_RESPONSE: &str = "custodia_upstream_response_seconds";
+const UPSTREAM_RESPONSE_HELP: &str =
+    "Time from choosing the backend to its response headers (last attempt), by backend.";
+
+/// The response-time histogram of one backend (owned by its slot).
+pub fn upstream_response_histogram(backend: &str) -> Histogram {
+    let opts = HistogramOpts::new(UPSTREAM_RESPONSE, UPSTREAM_RESPONSE_HELP)
+        .const_label("backend", backend)
+        .buckets(LATENCY_BUCKETS.to_vec());
+    // A constant name and a socket-address label value are always valid.
+    Histogram::with_opts(opts).unwrap_or_else(|e| unreachable!("constant metric descriptor: {e}"))
 }
 
 /// Latency buckets (seconds): sub-millisecond loopback answers up to the 30 s read timeout.
@@ -266,10 +278,6 @@ impl RequestMetrics {
                 "custodia_upstream_retries_total",
                 "Attempts repeated on another backend after a failure (failovers).",
             ),
-            upstream_response: histogram(
-                "custodia_upstream_response_seconds",
-                "Time from choosing a backend to its response headers (last attempt).",
-            ),
         }
     }
 
@@ -288,7 +296,6 @@ impl RequestMetrics {
         let _ = registry.register(Box::new(self.request_bytes.clone()));
         let _ = registry.register(Box::new(self.response_bytes.clone()));
         let _ = registry.register(Box::new(self.upstream_retries.clone()));
-        let _ = registry.register(Box::new(self.upstream_response.clone()));
     }
 }
 
@@ -338,6 +345,9 @@ struct PoolCollector {
     selected: IntCounterVec,
     connect_failures: IntCounterVec,
     health_checks: IntCounterVec,
+    failovers: IntCounterVec,
+    /// Only for its descriptor: the samples come from the slots' own histograms.
+    response_template: prometheus::HistogramVec,
     generation: IntGauge,
 }
 
@@ -382,6 +392,20 @@ impl PoolCollector {
             "custodia_config_generation",
             "Generation of the loaded configuration (1 at start, +1 per reload).",
         );
+        let bad = |e: prometheus::Error| -> ! { unreachable!("constant metric descriptor: {e}") };
+        let failovers = IntCounterVec::new(
+            Opts::new(
+                "custodia_upstream_failovers_total",
+                "Attempts on the backend that failed and were retried on another backend.",
+            ),
+            &["backend"],
+        )
+        .unwrap_or_else(|e| bad(e));
+        let response_template = prometheus::HistogramVec::new(
+            HistogramOpts::new(UPSTREAM_RESPONSE, UPSTREAM_RESPONSE_HELP),
+            &["backend"],
+        )
+        .unwrap_or_else(|e| bad(e));
         match (
             in_flight,
             healthy,
@@ -404,6 +428,8 @@ impl PoolCollector {
                 selected,
                 connect_failures,
                 health_checks,
+                failovers,
+                response_template,
                 generation,
             },
             _ => unreachable!("constant metric descriptors are valid"),
@@ -418,6 +444,8 @@ impl Collector for PoolCollector {
         descs.extend(self.selected.desc());
         descs.extend(self.connect_failures.desc());
         descs.extend(self.health_checks.desc());
+        descs.extend(self.failovers.desc());
+        descs.extend(self.response_template.desc());
         descs.extend(self.generation.desc());
         descs
     }
@@ -429,7 +457,9 @@ impl Collector for PoolCollector {
         self.selected.reset();
         self.connect_failures.reset();
         self.health_checks.reset();
+        self.failovers.reset();
         let runtime = self.runtime.load();
+        let mut responses: Option<MetricFamily> = None;
         for member in runtime.pool.members() {
             let slot = &member.slot;
             let label = [slot.label.as_str()];
@@ -453,6 +483,20 @@ impl Collector for PoolCollector {
             self.health_checks
                 .with_label_values(&[backend, "failure"])
                 .inc_by(failed);
+            self.failovers
+                .with_label_values(&label)
+                .inc_by(slot.failovers());
+            // Merge every backend's histogram into one family.
+            for family in slot.response_seconds().collect() {
+                match responses.as_mut() {
+                    None => responses = Some(family),
+                    Some(all) => {
+                        for metric in family.get_metric() {
+                            all.mut_metric().push(metric.clone());
+                        }
+                    }
+                }
+            }
         }
         self.generation.set(runtime.generation as i64);
         let mut families = self.in_flight.collect();
@@ -460,6 +504,8 @@ impl Collector for PoolCollector {
         families.extend(self.selected.collect());
         families.extend(self.connect_failures.collect());
         families.extend(self.health_checks.collect());
+        families.extend(self.failovers.collect());
+        families.extend(responses);
         families.extend(self.generation.collect());
         families
     }

@@ -25,6 +25,11 @@ pub struct BackendSlot {
     /// Active health checks passed and failed (metrics).
     checks_passed: AtomicU64,
     checks_failed: AtomicU64,
+    /// Attempts on this backend that failed and moved to another one (metrics).
+    failovers: AtomicU64,
+    /// Time to the backend's response headers; exported by the pool collector while the
+    /// backend is in the pool, so removed backends vanish from the output.
+    response_seconds: prometheus::Histogram,
 }
 
 impl BackendSlot {
@@ -41,7 +46,26 @@ impl BackendSlot {
             connect_failures: AtomicU64::new(0),
             checks_passed: AtomicU64::new(0),
             checks_failed: AtomicU64::new(0),
+            failovers: AtomicU64::new(0),
+            response_seconds: crate::metrics::upstream_response_histogram(&addr.to_string()),
         }
+    }
+
+    /// An attempt on this backend failed and the request is retried elsewhere.
+    pub fn record_failover(&self) {
+        self.failovers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn failovers(&self) -> u64 {
+        self.failovers.load(Ordering::Relaxed)
+    }
+
+    pub fn observe_response(&self, elapsed: std::time::Duration) {
+        self.response_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn response_seconds(&self) -> &prometheus::Histogram {
+        &self.response_seconds
     }
 
     pub fn in_flight(&self) -> usize {
