@@ -14,18 +14,20 @@ COPY Cargo.toml Cargo.lock ./
 COPY proxy/Cargo.toml proxy/
 COPY app/Cargo.toml app/
 COPY identity/Cargo.toml identity/
-RUN mkdir -p src proxy/src app/src identity/src benches \
- && for dir in src proxy/src app/src identity/src; do \
+COPY probe/Cargo.toml probe/
+RUN mkdir -p src proxy/src app/src identity/src probe/src benches \
+ && for dir in src proxy/src app/src identity/src probe/src; do \
       touch "$dir/lib.rs"; echo 'fn main() {}' > "$dir/main.rs"; \
     done \
  && echo 'fn main() {}' > benches/request_path.rs \
  && cargo build --release --locked -p custodia-app \
- && rm -rf app/src identity/src
+ && rm -rf app/src identity/src probe/src
 
 # The real sources of the worker and the crate it uses; the other members keep their stubs.
 COPY identity/src identity/src
+COPY probe/src probe/src
 COPY app/src app/src
-RUN find app/src identity/src -name '*.rs' -exec touch {} + \
+RUN find app/src identity/src probe/src -name '*.rs' -exec touch {} + \
  && cargo build --release --locked -p custodia-app \
  && install -m 0755 target/release/custodia-app /usr/local/bin/custodia-app
 

@@ -13,7 +13,7 @@
 
 pub mod cli;
 pub mod page;
-pub mod probe;
+pub use custodia_probe as probe;
 pub mod routes;
 pub mod server;
 

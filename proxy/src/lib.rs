@@ -17,7 +17,7 @@ pub mod headers;
 pub mod logging;
 pub mod metrics;
 pub mod pages;
-pub mod probe;
+pub use custodia_probe as probe;
 pub mod reload;
 pub mod runtime;
 pub mod server;

@@ -1,4 +1,5 @@
-//! `custodia-app --probe URL`: the container health check, for runtime images without curl.
+//! `--probe URL` of custodia-app and custodia-proxy: the container health check, for runtime
+//! images without curl. One small client shared by both binaries.
 //!
 //! One plain HTTP/1.1 `GET` over a std [`TcpStream`]: healthy (exit 0) on a `200`, unhealthy
 //! (exit 1, the reason on stderr) on any other status, a refused connection, a bad answer or no
@@ -6,6 +7,7 @@
 //!
 //! ```text
 //! custodia-app --probe http://127.0.0.1:8000/healthz && echo healthy
+//! custodia-proxy --probe http://127.0.0.1:9090/readyz && echo ready
 //! ```
 
 use std::io::{Read as _, Write as _};
