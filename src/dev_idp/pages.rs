@@ -3,21 +3,8 @@
 /// Shown at the top of every page and in the startup banner.
 pub(crate) const NOT_FOR_PRODUCTION: &str = "Development identity provider — not for production";
 
-/// Escapes text for HTML element content and quoted attribute values.
-pub(crate) fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            _ => out.push(c),
-        }
-    }
-    out
-}
+/// Escapes text for HTML element content and quoted attribute values (the proxy's escaper).
+pub(crate) use custodia_proxy::pages::escape_html as escape;
 
 /// What the login form shows; all fields are raw text, escaped when rendered.
 pub(crate) struct LoginForm<'a> {

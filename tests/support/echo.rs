@@ -58,38 +58,44 @@ impl EchoServer {
     }
 }
 
+/// The request line and headers (lower-cased names) of the next request, or None at EOF.
+fn read_head(reader: &mut BufReader<TcpStream>) -> Option<(String, Vec<(String, String)>)> {
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+        return None;
+    }
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return None;
+        }
+        let line = line.trim_end();
+        if line.is_empty() {
+            return Some((request_line, headers));
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            headers.push((name.trim().to_ascii_lowercase(), value.trim().to_string()));
+        }
+    }
+}
+
 fn echo_connection(stream: TcpStream) {
     let mut reader = BufReader::new(stream.try_clone().expect("clone"));
     let mut writer = stream;
-    loop {
-        let mut request_line = String::new();
-        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
-            return;
-        }
+    while let Some((request_line, received)) = read_head(&mut reader) {
         let mut parts = request_line.split_whitespace();
         let method = parts.next().unwrap_or("").to_string();
         let path = parts.next().unwrap_or("").to_string();
         let mut headers = serde_json::Map::new();
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                return;
-            }
-            let line = line.trim_end();
-            if line.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = line.split_once(':') {
-                let name = name.trim().to_ascii_lowercase();
-                let value = value.trim().to_string();
-                match headers.get_mut(&name) {
-                    Some(serde_json::Value::String(prior)) => {
-                        prior.push_str(", ");
-                        prior.push_str(&value);
-                    }
-                    _ => {
-                        headers.insert(name, serde_json::Value::String(value));
-                    }
+        for (name, value) in received {
+            match headers.get_mut(&name) {
+                Some(serde_json::Value::String(prior)) => {
+                    prior.push_str(", ");
+                    prior.push_str(&value);
+                }
+                _ => {
+                    headers.insert(name, serde_json::Value::String(value));
                 }
             }
         }
@@ -126,17 +132,7 @@ impl HangUpServer {
 fn hang_up_connection(stream: TcpStream) {
     let mut reader = BufReader::new(stream.try_clone().expect("clone"));
     let mut writer = stream;
-    loop {
-        let mut request_line = String::new();
-        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
-            return;
-        }
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim_end().is_empty() {
-                break;
-            }
-        }
+    while let Some((request_line, _)) = read_head(&mut reader) {
         if !request_line.starts_with("GET /healthz ") {
             return; // dropping the stream closes it with no response
         }
