@@ -5,11 +5,21 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A free loopback port (bound then released; the OS hands out ports round-robin, so a race
-/// with another test is unlikely).
+/// A free loopback port (bound then released). Tests of one binary run in parallel and the
+/// kernel may hand a just-released port out again, so a port is never returned twice by one
+/// test process: two tests can then not end up talking to each other's servers.
 pub fn free_addr() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local_addr")
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    for _ in 0..1000 {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local_addr");
+        let mut seen = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+        if !seen.contains(&addr.port()) {
+            seen.push(addr.port());
+            return addr;
+        }
+    }
+    panic!("no fresh loopback port after 1000 tries");
 }
 
 /// Kills (SIGKILL) and reaps the child when dropped.
