@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use support::edge_auth::{AuthConfig, AuthStack, GUEST_GREETING, SIGNED_IN_GREETING};
 use support::oidc_provider::DEMO_SUB;
-use support::process::eventually_async;
+use support::process::{eventually_async, TcpSocket};
 
 /// Concurrent clients, each one keep-alive connection doing one request at a time.
 const CONCURRENCY: usize = 12;
@@ -93,6 +93,14 @@ async fn chaos_under_load_fails_no_idempotent_request_while_a_worker_is_up() {
     })
     .await;
     let rss_end = proxy.process.rss_kib();
+    // No leaked connection: none half-closed (the peer closed, the proxy never did), no client
+    // connection left, and upstream only the keep-alive pool to the running workers.
+    let workers: Vec<SocketAddr> = chaos.stack.workers.iter().map(|w| w.addr).collect();
+    let connections = eventually_async("the proxy's connections to settle", PATIENCE, || {
+        let connections = Connections::of(&proxy.process.tcp_sockets(), proxy.addr, &workers);
+        async move { connections.settled().then_some(connections) }
+    })
+    .await;
 
     let report = Report {
         secs,
@@ -101,23 +109,34 @@ async fn chaos_under_load_fails_no_idempotent_request_while_a_worker_is_up() {
         chaos: &chaos,
         fds: (fds_before_load, fds_end, fd_bound),
         rss: (rss_warm, rss_end),
+        connections: &connections,
     };
     println!("{report}");
 
-    let unexpected: Vec<&Failure> = stats
+    // The report above is in the test's output when an assertion fails.
+    let unexpected: Vec<String> = stats
         .failures
         .iter()
         .filter(|f| !chaos.during_all_down(f))
+        .map(|f| {
+            format!(
+                "{} {} at {:.3} s after {:.0} ms",
+                f.kind,
+                f.cause,
+                (f.started - stats.started).as_secs_f64(),
+                (f.ended - f.started).as_secs_f64() * 1000.0
+            )
+        })
         .collect();
     assert!(
         unexpected.is_empty(),
-        "{} idempotent requests failed while a worker was up, first: {:?}\n{report}",
+        "{} idempotent requests failed while a worker was up (seed {seed}), first: {:#?}",
         unexpected.len(),
         &unexpected[..unexpected.len().min(10)]
     );
     assert!(
         stats.total > 0 && chaos.kills > 0 && chaos.reloads > 0 && chaos.idp_restarts == 2,
-        "the chaos ran: {report}"
+        "the chaos ran"
     );
     assert!(
         in_flight.iter().all(|(_, v)| *v == 0.0) && !backend_in_flight.is_empty(),
@@ -208,6 +227,7 @@ struct Stats {
     total: u64,
     by_kind: BTreeMap<&'static str, u64>,
     failures: Vec<Failure>,
+    started: Instant,
     elapsed: Duration,
 }
 
@@ -292,6 +312,7 @@ impl Load {
             total: self.total.load(Ordering::Relaxed),
             by_kind,
             failures,
+            started: self.started,
             elapsed,
         }
     }
@@ -639,6 +660,7 @@ struct Report<'a> {
     fds: (usize, usize, usize),
     /// (after warm-up, at the end) in KiB
     rss: (u64, u64),
+    connections: &'a Connections,
 }
 
 impl std::fmt::Display for Report<'_> {
@@ -709,11 +731,52 @@ impl std::fmt::Display for Report<'_> {
             "  proxy fds: {} before the load, {} at the end (bound {})",
             self.fds.0, self.fds.1, self.fds.2
         )?;
+        let c = self.connections;
+        writeln!(
+            f,
+            "  proxy TCP at the end: {} from clients, {} pooled to workers, {} half-closed, {} other",
+            c.downstream, c.upstream, c.half_closed, c.other
+        )?;
         write!(
             f,
             "  proxy RSS: {} KiB after warm-up, {} KiB at the end",
             self.rss.0, self.rss.1
         )
+    }
+}
+
+/// The proxy's TCP connections by kind (listeners left out).
+#[derive(Debug)]
+struct Connections {
+    /// Accepted on the public listener.
+    downstream: usize,
+    /// Established to a worker (the keep-alive pool once the load is gone).
+    upstream: usize,
+    /// CLOSE_WAIT: the peer closed and the proxy has not.
+    half_closed: usize,
+    /// Anything else: the IdP client's keep-alive, an admin scrape.
+    other: usize,
+}
+
+impl Connections {
+    fn of(sockets: &[TcpSocket], listener: SocketAddr, workers: &[SocketAddr]) -> Connections {
+        let open: Vec<&TcpSocket> = sockets.iter().filter(|s| s.state != "LISTEN").collect();
+        let count = |f: &dyn Fn(&TcpSocket) -> bool| open.iter().filter(|s| f(s)).count();
+        let downstream = count(&|s| s.local == listener);
+        let upstream = count(&|s| s.state == "ESTABLISHED" && workers.contains(&s.remote));
+        let half_closed = count(&|s| s.state == "CLOSE_WAIT");
+        Connections {
+            downstream,
+            upstream,
+            half_closed,
+            other: open.len() - downstream - upstream,
+        }
+    }
+
+    /// Clients gone, nothing half-closed, and no more pooled connections than could ever be
+    /// in use at once (CONCURRENCY per worker).
+    fn settled(&self) -> bool {
+        self.downstream == 0 && self.half_closed == 0 && self.upstream <= WORKERS * CONCURRENCY
     }
 }
 
