@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use support::custodia::{client, Proxy, Worker};
 use support::edge_auth::{AuthConfig, AuthStack, GUEST_GREETING, SIGNED_IN_GREETING};
 use support::oidc_provider::DEMO_SUB;
 use support::process::{eventually_async, TcpSocket};
@@ -156,6 +157,49 @@ async fn chaos_under_load_fails_no_idempotent_request_while_a_worker_is_up() {
     );
     chaos.stack.assert_signed_in(&browser).await;
     assert_eq!(chaos.stack.readyz().await, reqwest::StatusCode::OK);
+}
+
+/// Found by the chaos run: after every worker was down, a worker that is back must serve the
+/// next request, not only once the health checks have seen it `healthy_after` times (here an
+/// hour apart; with the defaults that took up to 6 s of 503s, e.g. after a lone worker's restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_back_after_all_were_down_serves_the_next_request() {
+    let mut worker = Worker::start("lone");
+    let proxy = Proxy::start(&format!(
+        "[upstream]\nbackends = [{{ addr = \"{}\", weight = 1 }}]\nconnect_timeout = \"1s\"\n\
+         retries = 2\n\n[upstream.health]\ninterval = \"1h\"\nhealthy_after = 2\n\
+         unhealthy_after = 2\n",
+        worker.addr
+    ));
+    let http = client();
+    let url = proxy.url("/api/hello");
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 200);
+
+    tokio::task::block_in_place(|| worker.kill());
+    // A failed connect takes the lone backend out of rotation (a request on a pooled
+    // connection may see the close instead, hence the loop).
+    eventually_async("the dead worker out of rotation", PATIENCE, || async {
+        let status = http.get(&url).send().await.unwrap().status();
+        assert!(status == 502 || status == 503, "{status}");
+        let healthy = proxy
+            .backend_metric("custodia_upstream_healthy", worker.addr)
+            .await;
+        (healthy == Some(0.0)).then_some(())
+    })
+    .await;
+    let down = http.get(&url).send().await.unwrap();
+    assert_eq!(down.status(), 503, "every backend down is a 503");
+
+    tokio::task::block_in_place(|| worker.restart());
+    let back = http.get(&url).send().await.unwrap();
+    assert_eq!(back.status(), 200, "the worker is back: served at once");
+    assert_eq!(
+        proxy
+            .backend_metric("custodia_upstream_healthy", worker.addr)
+            .await,
+        Some(0.0),
+        "served although the health checks have not seen it back yet"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -380,9 +424,11 @@ struct Chaos {
     restart_at: Vec<Option<Instant>>,
     /// Each worker's weight in the running config; None: removed from it.
     weights: Vec<Option<u32>>,
-    /// The windows in which every worker was down (from the first kill until the proxy
-    /// reported a healthy backend again).
+    /// The windows in which every worker was down: from the first kill until they all
+    /// listen again.
     all_down: Vec<(Instant, Instant)>,
+    /// How long after each window the proxy's health checks had a backend in rotation again.
+    back_in_rotation: Vec<Duration>,
     kills: u32,
     restarts: u32,
     reloads: u32,
@@ -408,6 +454,7 @@ impl Chaos {
             restart_at: vec![None; n],
             weights: vec![Some(1); n],
             all_down: Vec::new(),
+            back_in_rotation: Vec::new(),
             kills: 0,
             restarts: 0,
             reloads: 0,
@@ -585,8 +632,9 @@ impl Chaos {
         }
     }
 
-    /// Kills every running worker, keeps them down a moment, starts them all and waits until
-    /// the proxy has a backend in rotation again: the one window where failures are allowed.
+    /// Kills every running worker, keeps them down a moment and starts them all: the one
+    /// window where failures are allowed. Then waits until the proxy has a backend in rotation
+    /// again (requests must not fail meanwhile: the workers are up).
     async fn all_workers_down(&mut self) {
         let from = Instant::now();
         for i in 0..self.restart_at.len() {
@@ -601,6 +649,8 @@ impl Chaos {
         for i in 0..self.restart_at.len() {
             self.restart_worker(i);
         }
+        let to = Instant::now();
+        self.all_down.push((from, to));
         let proxy = self.stack.proxy();
         let configured: Vec<String> = self
             .stack
@@ -618,7 +668,7 @@ impl Chaos {
                 .then_some(())
         })
         .await;
-        self.all_down.push((from, Instant::now()));
+        self.back_in_rotation.push(to.elapsed());
     }
 
     /// Stops the IdP, starts it again on its port (with the same or a new signing key), and
@@ -708,9 +758,15 @@ impl std::fmt::Display for Report<'_> {
             .iter()
             .map(|(from, to)| format!("{:.1} s", (*to - *from).as_secs_f64()))
             .collect();
+        let rotation: Vec<String> = chaos
+            .back_in_rotation
+            .iter()
+            .map(|d| format!("{:.1} s", d.as_secs_f64()))
+            .collect();
         writeln!(
             f,
-            "  worker kills {} (restarts {}), all-down windows {windows:?}",
+            "  worker kills {} (restarts {}), all-down windows {windows:?}, \
+             health checks back {rotation:?} later",
             chaos.kills, chaos.restarts
         )?;
         writeln!(
