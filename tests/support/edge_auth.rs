@@ -103,6 +103,8 @@ pub struct AuthConfig {
     pub workers: usize,
     /// `[log] access_log`; off for load tests, whose access log would flood the output.
     pub access_log: bool,
+    /// The proxy's `RUST_LOG` (default `info`).
+    pub proxy_log: String,
 }
 
 impl Default for AuthConfig {
@@ -127,6 +129,7 @@ impl Default for AuthConfig {
             public_https: false,
             workers: 1,
             access_log: true,
+            proxy_log: "info".to_string(),
         }
     }
 }
@@ -193,6 +196,12 @@ impl AuthConfig {
 
     pub fn without_access_log(mut self) -> Self {
         self.access_log = false;
+        self
+    }
+
+    /// The proxy's `RUST_LOG` directives.
+    pub fn proxy_log(mut self, directives: &str) -> Self {
+        self.proxy_log = directives.to_string();
         self
     }
 
@@ -365,7 +374,7 @@ impl AuthStack {
             ),
             ("APP_SECRET_KEY", self.config.app_secret_key.clone()),
             ("CUSTODIA_ASSERTION_KEY", ASSERTION_KEY.to_string()),
-            ("RUST_LOG", "info".to_string()),
+            ("RUST_LOG", self.config.proxy_log.clone()),
         ];
         if let Some(previous) = &self.config.app_secret_key_previous {
             env.push(("APP_SECRET_KEY_PREVIOUS", previous.clone()));
