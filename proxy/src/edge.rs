@@ -182,7 +182,8 @@ impl ProxyHttp for Edge {
         // A retry moves the request: the previous backend's count is released first.
         ctx.lease = None;
         let Some(lease) = ctx.runtime.pool.pick(&ctx.failed) else {
-            return Err(if ctx.failed.is_empty() {
+            let all_down = ctx.runtime.pool.healthy_count() == 0;
+            return Err(if ctx.failed.is_empty() || all_down {
                 Error::explain(ErrorType::HTTPStatus(503), "no healthy backend")
             } else {
                 Error::explain(
@@ -220,6 +221,10 @@ impl ProxyHttp for Edge {
         // Nothing reached the worker: always safe to try another one.
         e.set_retry(ctx.may_retry());
         record_failover(ctx, &e);
+        if !e.retry() && ctx.runtime.pool.healthy_count() == 0 {
+            // The last try of a pool that is all down: 503, as when no backend is left to try.
+            return Error::because(ErrorType::HTTPStatus(503), "no healthy backend", e);
+        }
         e.more_context(format!("backend {peer}"))
     }
 

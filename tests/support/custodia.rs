@@ -20,6 +20,8 @@ pub struct Worker {
     pub addr: SocketAddr,
     pub id: String,
     pub process: ChildGuard,
+    delay_ms: u64,
+    env: Vec<(String, String)>,
 }
 
 impl Worker {
@@ -42,6 +44,28 @@ impl Worker {
         Worker::launch(free_addr(), id, 0, env)
     }
 
+    /// Kills the worker at once (SIGKILL, as a crash or the OOM killer would) and reaps it.
+    pub fn kill(&mut self) {
+        self.process.signal(libc::SIGKILL);
+        if self.process.wait_exit(STARTUP).is_none() {
+            panic!("worker {} did not exit after SIGKILL", self.id);
+        }
+    }
+
+    /// Starts the worker again on the same address with the same id, delay and environment
+    /// (after [`Worker::kill`], or killing it first).
+    pub fn restart(&mut self) {
+        if self.process.is_running() {
+            self.kill();
+        }
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        *self = Worker::launch(self.addr, &self.id, self.delay_ms, &env);
+    }
+
     fn launch(addr: SocketAddr, id: &str, delay_ms: u64, env: &[(&str, &str)]) -> Worker {
         let mut command = Command::new(custodia_bin());
         command.args(["app", "--listen", &addr.to_string(), "--worker-id", id]);
@@ -59,6 +83,11 @@ impl Worker {
             addr,
             id: id.to_string(),
             process,
+            delay_ms,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         }
     }
 }
@@ -69,6 +98,8 @@ pub struct Proxy {
     pub admin: SocketAddr,
     pub config_path: PathBuf,
     pub process: ChildGuard,
+    /// The generated `[server]` and `[admin]` sections, kept by [`Proxy::rewrite`].
+    server_sections: String,
     _dir: TempDir,
 }
 
@@ -90,14 +121,15 @@ impl Proxy {
     pub fn start_at(addr: SocketAddr, sections: &str, env: &[(&str, &str)]) -> Proxy {
         let dir = TempDir::new("proxy");
         let admin = free_addr();
-        let config = format!(
+        let server_sections = format!(
             "[server]\nlisten = \"{addr}\"\nthreads = 2\ngrace_period = \"1s\"\n\
-             pid_file = \"{pid}\"\nupgrade_sock = \"{sock}\"\n\n[admin]\nlisten = \"{admin}\"\n\n{sections}\n",
+             pid_file = \"{pid}\"\nupgrade_sock = \"{sock}\"\n\n[admin]\nlisten = \"{admin}\"\n",
             pid = dir.path().join("proxy.pid").display(),
             sock = dir.path().join("upgrade.sock").display(),
         );
         let config_path = dir.path().join("proxy.toml");
-        std::fs::write(&config_path, config).expect("write proxy config");
+        std::fs::write(&config_path, format!("{server_sections}\n{sections}\n"))
+            .expect("write proxy config");
         let mut command = Command::new(custodia_bin());
         command.arg("proxy").arg("--config").arg(&config_path);
         command.env("RUST_LOG", "warn").current_dir(dir.path());
@@ -113,8 +145,42 @@ impl Proxy {
             admin,
             config_path,
             process,
+            server_sections,
             _dir: dir,
         }
+    }
+
+    /// Rewrites the config file with new `sections` and the same `[server]` and `[admin]`; the
+    /// running proxy reads it on its next reload ([`Proxy::sighup`], [`Proxy::reload_command`]).
+    pub fn rewrite(&self, sections: &str) {
+        std::fs::write(
+            &self.config_path,
+            format!("{}\n{sections}\n", self.server_sections),
+        )
+        .expect("rewrite proxy config");
+    }
+
+    /// Asks the running proxy to reload its config file.
+    pub fn sighup(&self) {
+        self.process.signal(libc::SIGHUP);
+    }
+
+    /// `custodia proxy --config FILE --reload` run to completion, with `env` (the secrets the
+    /// file's validation needs) instead of the inherited secret variables.
+    pub fn reload_command(&self, env: &[(&str, &str)]) -> std::process::Output {
+        let mut command = Command::new(custodia_bin());
+        command
+            .arg("proxy")
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--reload")
+            .current_dir(self._dir.path())
+            .stdin(std::process::Stdio::null());
+        clear_secret_env(&mut command);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        command.output().expect("run custodia proxy --reload")
     }
 
     pub fn url(&self, path: &str) -> String {

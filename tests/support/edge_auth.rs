@@ -1,7 +1,7 @@
 //! An edge-authentication stack for tests, and the login dance through it.
 //!
-//! [`AuthStack`] runs the certified IdP (npm `oidc-provider`, see [`super::oidc_provider`]), one
-//! upstream — a real `custodia app` worker that verifies identity assertions, or the
+//! [`AuthStack`] runs the certified IdP (npm `oidc-provider`, see [`super::oidc_provider`]), the
+//! upstream — real `custodia app` workers (one by default) that verify identity assertions, or the
 //! [`EchoServer`] that shows what the proxy forwarded — and a proxy with an `[auth]` section whose
 //! `public_url` is the proxy's own loopback address. [`AuthConfig`] chooses the knobs.
 //!
@@ -61,7 +61,7 @@ pub fn is_login_cookie(name: &str) -> bool {
 /// What the proxy forwards to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Upstream {
-    /// A `custodia app` worker started with [`ASSERTION_KEY`].
+    /// `custodia app` workers started with [`ASSERTION_KEY`] ([`AuthConfig::workers`] of them).
     Worker,
     /// The [`EchoServer`]: every response is the request it received, as JSON.
     Echo,
@@ -99,6 +99,12 @@ pub struct AuthConfig {
     /// `public_url` is `https://127.0.0.1:PORT` (as behind a TLS-terminating tunnel) while the
     /// tests still talk plain http to the proxy.
     pub public_https: bool,
+    /// How many workers with [`Upstream::Worker`] (`w-auth`, `w-auth-2`, …).
+    pub workers: usize,
+    /// `[log] access_log`; off for load tests, whose access log would flood the output.
+    pub access_log: bool,
+    /// The proxy's `RUST_LOG` (default `info`).
+    pub proxy_log: String,
 }
 
 impl Default for AuthConfig {
@@ -121,6 +127,9 @@ impl Default for AuthConfig {
             app_secret_key_previous: None,
             idp_at_start: IdpAtStart::Running,
             public_https: false,
+            workers: 1,
+            access_log: true,
+            proxy_log: "info".to_string(),
         }
     }
 }
@@ -179,6 +188,23 @@ impl AuthConfig {
         self
     }
 
+    /// Balance over `n` workers (with [`Upstream::Worker`]).
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = n.max(1);
+        self
+    }
+
+    pub fn without_access_log(mut self) -> Self {
+        self.access_log = false;
+        self
+    }
+
+    /// The proxy's `RUST_LOG` directives.
+    pub fn proxy_log(mut self, directives: &str) -> Self {
+        self.proxy_log = directives.to_string();
+        self
+    }
+
     pub async fn start(self) -> AuthStack {
         AuthStack::start(self).await
     }
@@ -219,6 +245,9 @@ impl AuthConfig {
         if let Some(method) = self.client_auth {
             toml.push_str(&format!("client_auth = {:?}\n", method.as_str()));
         }
+        if !self.access_log {
+            toml.push_str("\n[log]\naccess_log = false\n");
+        }
         for (prefix, policy) in &self.routes {
             toml.push_str(&format!(
                 "\n[[route]]\nprefix = {prefix:?}\npolicy = {policy:?}\n"
@@ -245,7 +274,8 @@ pub struct PendingLogin {
 pub struct AuthStack {
     // Declaration order is drop order: the proxy goes first.
     proxy: Option<Proxy>,
-    pub worker: Option<Worker>,
+    /// The workers with [`Upstream::Worker`], in config order.
+    pub workers: Vec<Worker>,
     pub echo: Option<EchoServer>,
     idp: Option<OidcProvider>,
     pub config: AuthConfig,
@@ -270,19 +300,25 @@ impl AuthStack {
             }
             IdpAtStart::Down => (None, free_addr().port()),
         };
-        let (worker, echo) = match config.upstream {
+        let (workers, echo) = match config.upstream {
             Upstream::Worker => (
-                Some(Worker::start_with_env(
-                    "w-auth",
-                    &[("CUSTODIA_ASSERTION_KEY", ASSERTION_KEY)],
-                )),
+                (1..=config.workers)
+                    .map(|n| {
+                        let id = if n == 1 {
+                            "w-auth".to_string()
+                        } else {
+                            format!("w-auth-{n}")
+                        };
+                        Worker::start_with_env(&id, &[("CUSTODIA_ASSERTION_KEY", ASSERTION_KEY)])
+                    })
+                    .collect(),
                 None,
             ),
-            Upstream::Echo => (None, Some(EchoServer::start())),
+            Upstream::Echo => (Vec::new(), Some(EchoServer::start())),
         };
         let mut stack = AuthStack {
             proxy: None,
-            worker,
+            workers,
             echo,
             idp,
             config,
@@ -297,11 +333,11 @@ impl AuthStack {
         stack
     }
 
-    fn upstream_addr(&self) -> SocketAddr {
-        match (&self.worker, &self.echo) {
-            (Some(worker), _) => worker.addr,
-            (None, Some(echo)) => echo.addr,
-            (None, None) => unreachable!("a stack always has an upstream"),
+    /// Every upstream with weight 1: the workers, or the echo server.
+    pub fn upstreams(&self) -> Vec<(SocketAddr, u32)> {
+        match &self.echo {
+            Some(echo) => vec![(echo.addr, 1)],
+            None => self.workers.iter().map(|w| (w.addr, 1)).collect(),
         }
     }
 
@@ -317,15 +353,20 @@ impl AuthStack {
 
     /// The proxy's config file sections (everything but `[server]` / `[admin]`).
     pub fn sections(&self) -> String {
+        self.sections_for(&self.upstreams())
+    }
+
+    /// The config file sections with another backend list (for reloads).
+    pub fn sections_for(&self, backends: &[(SocketAddr, u32)]) -> String {
         format!(
             "{}\n{}",
-            upstream_section("least_conn", &[(self.upstream_addr(), 1)]),
+            upstream_section("least_conn", backends),
             self.config.auth_toml(&self.issuer(), &self.public_url)
         )
     }
 
-    fn launch_proxy(&mut self) {
-        let sections = self.sections();
+    /// The environment the proxy runs with: its secrets and `RUST_LOG`.
+    pub fn proxy_env(&self) -> Vec<(&'static str, String)> {
         let mut env = vec![
             (
                 "AUTH0_CLIENT_SECRET",
@@ -333,17 +374,47 @@ impl AuthStack {
             ),
             ("APP_SECRET_KEY", self.config.app_secret_key.clone()),
             ("CUSTODIA_ASSERTION_KEY", ASSERTION_KEY.to_string()),
-            ("RUST_LOG", "info".to_string()),
+            ("RUST_LOG", self.config.proxy_log.clone()),
         ];
         if let Some(previous) = &self.config.app_secret_key_previous {
             env.push(("APP_SECRET_KEY_PREVIOUS", previous.clone()));
         }
+        env
+    }
+
+    fn launch_proxy(&mut self) {
+        let sections = self.sections();
+        let env = self.proxy_env();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         self.proxy = Some(Proxy::start_at(self.addr, &sections, &env));
     }
 
+    /// Rewrites the proxy's config with `backends` and reloads it, by SIGHUP or by
+    /// `custodia proxy --reload` (which must succeed).
+    pub fn reload_with(&self, backends: &[(SocketAddr, u32)], by_command: bool) {
+        let proxy = self.proxy();
+        proxy.rewrite(&self.sections_for(backends));
+        if by_command {
+            let env = self.proxy_env();
+            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let out = proxy.reload_command(&env);
+            assert!(
+                out.status.success(),
+                "custodia proxy --reload: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        } else {
+            proxy.sighup();
+        }
+    }
+
     pub fn proxy(&self) -> &Proxy {
         self.proxy.as_ref().expect("the proxy is running")
+    }
+
+    pub fn proxy_mut(&mut self) -> &mut Proxy {
+        self.proxy.as_mut().expect("the proxy is running")
     }
 
     /// Stops the proxy, lets `change` edit the config, and starts it again on the same port

@@ -122,6 +122,8 @@ pub struct OidcProvider {
     /// The registered clients.
     pub clients: Vec<TestClient>,
     kid: String,
+    /// The private JWKS file the current process signs with.
+    jwks: PathBuf,
     dir: TempDir,
     log: PathBuf,
     generation: u32,
@@ -156,12 +158,13 @@ impl OidcProvider {
             port,
             clients,
             kid: String::new(),
+            jwks: PathBuf::new(),
             log: dir.path().join("provider-0.log"),
             dir,
             generation: 0,
             process: None,
         };
-        provider.launch().await;
+        provider.launch(true).await;
         provider
     }
 
@@ -191,18 +194,28 @@ impl OidcProvider {
     /// Restarts the provider on the same port with a new signing key (an IdP key rotation) and
     /// returns the new `kid`. Its sessions, codes and tokens are gone afterwards.
     pub async fn rotate_key(&mut self) -> String {
+        self.relaunch(true).await;
+        self.kid.clone()
+    }
+
+    /// Restarts the provider on the same port with the same signing key (a crash or a deploy
+    /// of the IdP). Its sessions, codes and tokens are gone afterwards.
+    pub async fn restart(&mut self) {
+        self.relaunch(false).await;
+    }
+
+    async fn relaunch(&mut self, new_key: bool) {
         self.process = None; // kill and reap the old process
         self.generation += 1;
         self.log = self
             .dir
             .path()
             .join(format!("provider-{}.log", self.generation));
-        self.launch().await;
-        self.kid.clone()
+        self.launch(new_key).await;
     }
 
     /// Kills the provider (an IdP outage); the port stays reserved in [`OidcProvider::port`].
-    /// [`OidcProvider::rotate_key`] starts it again.
+    /// [`OidcProvider::restart`] or [`OidcProvider::rotate_key`] starts it again.
     pub fn stop(&mut self) {
         self.process = None;
     }
@@ -212,12 +225,14 @@ impl OidcProvider {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    async fn launch(&mut self) {
-        let jwks = self
-            .dir
-            .path()
-            .join(format!("jwks-{}.json", self.generation));
-        self.kid = generate_key(&jwks);
+    async fn launch(&mut self, new_key: bool) {
+        if new_key {
+            self.jwks = self
+                .dir
+                .path()
+                .join(format!("jwks-{}.json", self.generation));
+            self.kid = generate_key(&self.jwks);
+        }
         let log = std::fs::File::create(&self.log).expect("create provider log");
         let mut command = Command::new(node());
         command
@@ -225,7 +240,7 @@ impl OidcProvider {
             .current_dir(harness_dir())
             .env("PORT", self.port.to_string())
             .env("ISSUER", self.issuer())
-            .env("JWKS_FILE", &jwks)
+            .env("JWKS_FILE", &self.jwks)
             .env("CLIENTS_FILE", self.dir.path().join("clients.json"))
             .env("DEMO_PASSWORD", DEMO_PASSWORD)
             .env_remove("CLIENTS_JSON")

@@ -70,12 +70,98 @@ impl ChildGuard {
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+
+    /// How many file descriptors the process has open now (entries of `/proc/PID/fd`).
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap_or_else(|e| panic!("cannot list the fds of {}: {e}", self.name))
+            .count()
+    }
+
+    /// The TCP sockets (IPv4) the process has open, from `/proc/PID/fd` and `/proc/net/tcp`.
+    pub fn tcp_sockets(&self) -> Vec<TcpSocket> {
+        let inodes: Vec<u64> = std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap_or_else(|e| panic!("cannot list the fds of {}: {e}", self.name))
+            .filter_map(|entry| {
+                let target = std::fs::read_link(entry.ok()?.path()).ok()?;
+                let target = target.to_str()?;
+                target
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        let table = std::fs::read_to_string(format!("/proc/{}/net/tcp", self.pid()))
+            .unwrap_or_else(|e| panic!("cannot read the TCP table of {}: {e}", self.name));
+        table
+            .lines()
+            .skip(1)
+            .filter_map(TcpSocket::parse)
+            .filter(|(inode, _)| inodes.contains(inode))
+            .map(|(_, socket)| socket)
+            .collect()
+    }
+
+    /// The process's resident set size in KiB (`VmRSS` of `/proc/PID/status`).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_else(|e| panic!("cannot read the status of {}: {e}", self.name));
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no VmRSS in the status of {}", self.name))
+    }
 }
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// One line of `/proc/net/tcp`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpSocket {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// The kernel's name of the state: ESTABLISHED, CLOSE_WAIT, LISTEN, …
+    pub state: &'static str,
+}
+
+impl TcpSocket {
+    /// (inode, socket) from a `/proc/net/tcp` line.
+    fn parse(line: &str) -> Option<(u64, TcpSocket)> {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let addr = |field: &str| -> Option<SocketAddr> {
+            let (ip, port) = field.split_once(':')?;
+            // The address is the in-memory (network order) u32 printed as a host-order hex.
+            let ip = u32::from_str_radix(ip, 16).ok()?;
+            let port = u16::from_str_radix(port, 16).ok()?;
+            Some(SocketAddr::from((ip.to_ne_bytes(), port)))
+        };
+        let state = match *fields.get(3)? {
+            "01" => "ESTABLISHED",
+            "02" => "SYN_SENT",
+            "03" => "SYN_RECV",
+            "04" => "FIN_WAIT1",
+            "05" => "FIN_WAIT2",
+            "06" => "TIME_WAIT",
+            "07" => "CLOSE",
+            "08" => "CLOSE_WAIT",
+            "09" => "LAST_ACK",
+            "0A" => "LISTEN",
+            "0B" => "CLOSING",
+            _ => "UNKNOWN",
+        };
+        let socket = TcpSocket {
+            local: addr(fields.get(1)?)?,
+            remote: addr(fields.get(2)?)?,
+            state,
+        };
+        Some((fields.get(9)?.parse().ok()?, socket))
     }
 }
 

@@ -6,7 +6,12 @@ use super::Member;
 
 /// Scans from a random start; exact ties in load go to the backend with the fewest
 /// weight-normalised picks, so equal loads are shared by weight and not by list position.
-pub(super) fn pick<'a>(members: &'a [Member], exclude: &[SocketAddr]) -> Option<&'a Member> {
+/// `healthy_only: false` considers the backends out of rotation too.
+pub(super) fn pick<'a>(
+    members: &'a [Member],
+    exclude: &[SocketAddr],
+    healthy_only: bool,
+) -> Option<&'a Member> {
     let n = members.len();
     if n == 0 {
         return None;
@@ -16,7 +21,7 @@ pub(super) fn pick<'a>(members: &'a [Member], exclude: &[SocketAddr]) -> Option<
     for i in 0..n {
         let member = &members[(start + i) % n];
         let slot = &member.slot;
-        if !slot.is_healthy() || exclude.contains(&slot.addr) {
+        if (healthy_only && !slot.is_healthy()) || exclude.contains(&slot.addr) {
             continue;
         }
         let load = slot.in_flight() as u64;

@@ -59,16 +59,28 @@ impl Pool {
         self.members.iter().filter(|m| m.slot.is_healthy()).count()
     }
 
-    /// Choose a healthy backend not in `exclude` and take a lease on it.
+    /// Choose a healthy backend not in `exclude` and take a lease on it. When every backend is
+    /// out of rotation, choose among all of them instead (nginx does so for a lone server,
+    /// Envoy calls it panic routing): a worker that is back is used at once rather than after
+    /// `healthy_after` health checks, and one still down fails to connect and the request
+    /// moves on like any failover.
     pub fn pick(&self, exclude: &[SocketAddr]) -> Option<Lease> {
-        let member = match self.balance {
-            Balance::LeastConn => least_conn::pick(&self.members, exclude),
+        let member = self.choose(exclude, true).or_else(|| {
+            (self.healthy_count() == 0)
+                .then(|| self.choose(exclude, false))
+                .flatten()
+        })?;
+        Some(Lease::take(&member.slot, member.weight))
+    }
+
+    fn choose(&self, exclude: &[SocketAddr], healthy_only: bool) -> Option<&Member> {
+        match self.balance {
+            Balance::LeastConn => least_conn::pick(&self.members, exclude, healthy_only),
             Balance::RoundRobin => {
                 let start = self.rr_cursor.fetch_add(1, Ordering::Relaxed);
-                round_robin::pick(&self.members, &self.rr_order, start, exclude)
+                round_robin::pick(&self.members, &self.rr_order, start, exclude, healthy_only)
             }
-        }?;
-        Some(Lease::take(&member.slot, member.weight))
+        }
     }
 }
 

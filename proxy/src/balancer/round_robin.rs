@@ -38,15 +38,17 @@ fn gcd(a: u32, b: u32) -> u32 {
     }
 }
 
-/// The next healthy, not excluded member in the sequence from `start`.
+/// The next healthy (or, with `healthy_only: false`, any), not excluded member in the
+/// sequence from `start`.
 pub(super) fn pick<'a>(
     members: &'a [Member],
     order: &[usize],
     start: usize,
     exclude: &[SocketAddr],
+    healthy_only: bool,
 ) -> Option<&'a Member> {
     let n = order.len();
     (0..n)
         .map(|i| &members[order[(start + i) % n]])
-        .find(|m| m.slot.is_healthy() && !exclude.contains(&m.slot.addr))
+        .find(|m| (!healthy_only || m.slot.is_healthy()) && !exclude.contains(&m.slot.addr))
 }

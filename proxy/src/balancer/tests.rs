@@ -112,6 +112,35 @@ fn unhealthy_and_excluded_backends_get_nothing() {
 }
 
 #[test]
+fn when_every_backend_is_out_of_rotation_they_are_all_tried() {
+    let registry = SlotRegistry::new();
+    for balance in [Balance::LeastConn, Balance::RoundRobin] {
+        let pool = pool(&registry, &[1, 1], balance);
+        for member in pool.members() {
+            member.slot.mark_failed();
+        }
+        assert_eq!(pool.healthy_count(), 0);
+        // A worker that is back is reached at once, not after `healthy_after` checks.
+        let first = pool
+            .pick(&[])
+            .expect("a backend while all are down")
+            .slot()
+            .addr;
+        let other = pool.pick(&[first]).expect("the other one on retry");
+        assert_ne!(other.slot().addr, first, "{balance:?}");
+        assert!(
+            pool.pick(&[addr(9000), addr(9001)]).is_none(),
+            "{balance:?}"
+        );
+        // One healthy backend: only it is chosen again.
+        pool.members()[1].slot.observe_health(true, 1, 1);
+        assert_eq!(shares(&pool, 10), vec![0, 10], "{balance:?}");
+        assert!(pool.pick(&[addr(9001)]).is_none(), "{balance:?}");
+        pool.members()[0].slot.observe_health(true, 1, 1);
+    }
+}
+
+#[test]
 fn round_robin_follows_weights() {
     let registry = SlotRegistry::new();
     let pool = pool(&registry, &[1, 2], Balance::RoundRobin);
