@@ -318,7 +318,6 @@ impl ProxyHttp for Edge {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
         ctx.client = peer_ip;
-        request_guard::drop_connection_listed(upstream_request);
         // Identity headers only ever come from us, also when auth is off: a worker configured
         // with an assertion key must never see a client's copy.
         identity_headers::strip_client_identity(upstream_request);
@@ -458,10 +457,12 @@ impl ProxyHttp for Edge {
         ctx.lease = None;
     }
 
-    /// Requests refused with a 4xx are the client's problem: no error line for each (a flood
-    /// of bad requests must not flood the log); they are counted and in the access log.
+    /// Requests refused for the client's fault (4xx, malformed framing, a client that left or
+    /// timed out) get no error line each: a flood of bad requests must not flood the log. They
+    /// are counted and in the access log.
     fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
-        matches!(e.etype(), ErrorType::HTTPStatus(status) if *status < 500)
+        let status = status_for(e);
+        (400..500).contains(&status) || (status == 0 && *e.esource() == ErrorSource::Downstream)
     }
 
     /// What Pingora's own log lines say about a request: no query string (it may hold

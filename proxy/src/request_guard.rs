@@ -5,8 +5,11 @@
 //! What Pingora 0.9.1 refuses itself (400, before this runs): unparseable heads, more than
 //! 256 header lines or 1 MiB of head, differing duplicate `Content-Length`s, a final
 //! `Transfer-Encoding` other than chunked, `Transfer-Encoding` in HTTP/1.0, two `Host`s, an
-//! absolute-form target whose authority differs from `Host`, userinfo in the target; and
-//! CONNECT (405). What it lets through and this module refuses:
+//! absolute-form target whose authority differs from `Host`, userinfo in the target, a
+//! `Connection` header naming `Host` or `X-Forwarded-For/-Host/-Proto`; and CONNECT (405).
+//! Before the request goes upstream it also removes hop-by-hop headers and those `Connection`
+//! names, and percent-escapes control bytes in the target (`/a\x01b` → `/a%01b`). What it lets
+//! through and this module refuses:
 //!
 //! | what | answer |
 //! |---|---|
@@ -15,6 +18,7 @@
 //! | a head with bare LF line ends (httparse accepts them) | 400 |
 //! | HTTP/0.9, missing or malformed `Host` | 400 |
 //! | absolute-form / authority-form targets, bytes outside visible ASCII in the target | 400 |
+//! | control characters in the path, also percent-encoded (`%00`–`%1F`, `%7F`) | 400 |
 //! | a target longer than [`MAX_TARGET`] | 414 |
 //! | more than [`MAX_HEADERS`] headers, a header line over [`MAX_HEADER_LINE`] (a big
 //!   `Cookie`), more than [`MAX_HEAD`] of headers | 431 |
@@ -131,7 +135,24 @@ fn check_target(req: &RequestHeader) -> Result<(), Box<Error>> {
             "request target with bytes outside visible ASCII",
         );
     }
+    let path = target.split(|&b| b == b'?').next().unwrap_or(target);
+    if has_encoded_control(path) {
+        return refuse(
+            400,
+            Reason::Malformed,
+            "control character in the request path",
+        );
+    }
     Ok(())
+}
+
+/// `%00`–`%1F` or `%7F` (any case): what Pingora's escaping of raw control bytes also yields.
+fn has_encoded_control(path: &[u8]) -> bool {
+    path.windows(3).any(|w| {
+        w[0] == b'%'
+            && ((matches!(w[1], b'0' | b'1') && w[2].is_ascii_hexdigit())
+                || (w[1] == b'7' && matches!(w[2], b'f' | b'F')))
+    })
 }
 
 fn check_headers(req: &RequestHeader) -> Result<(), Box<Error>> {
@@ -243,49 +264,6 @@ fn refuse<T>(status: u16, reason: Reason, why: &'static str) -> Result<T, Box<Er
     Err(Error::explain(ErrorType::HTTPStatus(status), why))
 }
 
-/// Remove the headers a client names in `Connection` (they are hop-by-hop, RFC 9110 7.6.1)
-/// and keep only `close` / `keep-alive` / `upgrade` there, so `Connection: X-Forwarded-For`
-/// cannot make anything downstream of us drop the headers the proxy sets. Call before the
-/// proxy sets its own headers. Allocates only when a client names other headers.
-pub fn drop_connection_listed(req: &mut RequestHeader) {
-    if !req.headers.contains_key(http::header::CONNECTION) {
-        return;
-    }
-    let standard = |t: &str| {
-        t.eq_ignore_ascii_case("close")
-            || t.eq_ignore_ascii_case("keep-alive")
-            || t.eq_ignore_ascii_case("upgrade")
-    };
-    let tokens = || {
-        req.headers
-            .get_all(http::header::CONNECTION)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .map(|t| std::str::from_utf8(t).unwrap_or("\u{fffd}").trim())
-            .filter(|t| !t.is_empty())
-    };
-    if tokens().all(standard) {
-        return;
-    }
-    let listed: Vec<String> = tokens()
-        .filter(|t| !standard(t))
-        .map(str::to_owned)
-        .collect();
-    let kept: Vec<String> = tokens()
-        .filter(|t| standard(t))
-        .map(str::to_owned)
-        .collect();
-    for name in &listed {
-        if let Ok(name) = http::HeaderName::from_bytes(name.as_bytes()) {
-            req.remove_header(&name);
-        }
-    }
-    req.remove_header(&http::header::CONNECTION);
-    if !kept.is_empty() {
-        let _ = req.insert_header(http::header::CONNECTION, kept.join(", "));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -362,6 +340,8 @@ mod tests {
             (req(b"/", &[host, ("transfer-encoding", "chunked")]),
              Some(b"POST / HTTP/1.1\r\nHost: e\r\nContent-Length : 5\r\nTransfer-Encoding: chunked\r\n\r\n"), 400),
             (req(b"/", &[host]), Some(b"GET / HTTP/1.1\nHost: e\n\n"), 400),
+            (req(b"/a%00b", &[host]), None, 400),
+            (req(b"/a%7fb", &[host]), None, 400),
             (req(b"/", &[]), None, 400),
             (req(b"/", &[("host", "a b")]), None, 400),
             (req(b"/", &[("host", "user@evil")]), None, 400),
@@ -378,24 +358,5 @@ mod tests {
             many.append_header(format!("x-h{i}"), "1").unwrap();
         }
         assert_eq!(status(check(&many, None, &limits())), 431);
-    }
-
-    #[test]
-    fn connection_listed_headers_are_dropped() {
-        let mut r = req(
-            b"/",
-            &[
-                ("connection", "close, X-Forwarded-User"),
-                ("x-forwarded-user", "admin"),
-                ("x-other", "kept"),
-            ],
-        );
-        drop_connection_listed(&mut r);
-        assert!(r.headers.get("x-forwarded-user").is_none());
-        assert_eq!(r.headers["connection"], "close");
-        assert_eq!(r.headers["x-other"], "kept");
-        let mut plain = req(b"/", &[("connection", "keep-alive")]);
-        drop_connection_listed(&mut plain);
-        assert_eq!(plain.headers["connection"], "keep-alive");
     }
 }
