@@ -13,6 +13,11 @@
 //!                        └──────┘ fail_to_connect / error_while_proxy: retry on another backend
 //! ```
 //!
+//! Before all of it, `early_request_filter` refuses ambiguous or oversized request heads
+//! ([`crate::request_guard`]: 400/413/414/431) and `request_body_filter` counts streamed bodies
+//! against `max_body_size`; `/login` and `/callback` are rate limited per client
+//! ([`crate::limits`]).
+//!
 //! `logging` runs last for every request, also those the proxy answered itself: it counts the
 //! request metrics and writes the access-log line ([`crate::access_log`]).
 
