@@ -317,8 +317,10 @@ impl AuthStack {
 
     /// The proxy's config file sections (everything but `[server]` / `[admin]`).
     pub fn sections(&self) -> String {
+        // These tests run dozens of logins a minute from one loopback client; the login rate
+        // limit has its own tests (tests/abuse_limits.rs) and must not interfere here.
         format!(
-            "{}\n{}",
+            "{}\n[limits]\nlogin_rate_per_minute = 10000\n\n{}",
             upstream_section("least_conn", &[(self.upstream_addr(), 1)]),
             self.config.auth_toml(&self.issuer(), &self.public_url)
         )
