@@ -480,3 +480,55 @@ fn a_slow_worker_is_not_mistaken_for_a_slow_client() {
         "{post:?}"
     );
 }
+
+#[test]
+fn an_upgraded_connection_is_not_held_to_the_client_timeout() {
+    // A WebSocket-style upstream: 101, then it answers the client's first bytes only after
+    // 3 s, longer than the proxy's client timeout (1 s). The tunnel must survive the wait.
+    use std::io::{BufRead, BufReader, Read};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut writer = stream;
+                let mut line = String::new();
+                let mut request_line = String::new();
+                let _ = reader.read_line(&mut request_line);
+                while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                if request_line.starts_with("GET /healthz") {
+                    let _ = writer.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                    return;
+                }
+                let _ = writer.write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+                );
+                let mut ping = [0u8; 4];
+                if reader.read_exact(&mut ping).is_ok() {
+                    std::thread::sleep(Duration::from_secs(3));
+                    let _ = writer.write_all(b"pong");
+                }
+            });
+        }
+    });
+    let proxy = Proxy::start(&format!(
+        "{}\n[limits]\nclient_timeout = \"1s\"\n",
+        upstream_section("least_conn", &[(upstream, 1)])
+    ));
+    let mut client = raw_tcp::connect(proxy.addr, None);
+    let switched = raw_tcp::exchange(
+        &mut client,
+        b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    );
+    assert_eq!(switched.status(), Some(101), "{switched:?}");
+    client.write_all(b"ping").unwrap();
+    let mut pong = [0u8; 4];
+    client
+        .read_exact(&mut pong)
+        .expect("the tunnel is still open after 3 s");
+    assert_eq!(&pong, b"pong");
+}

@@ -374,11 +374,17 @@ impl ProxyHttp for Edge {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
+        if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            // A tunnel from now on: the client deadline no longer applies.
+            if let Some(stream) = ClientStream::of(session) {
+                stream.tunnel();
+            }
+        }
         upstream_response.insert_header(headers::X_REQUEST_ID, ctx.request_id.clone())
     }
 

@@ -11,13 +11,14 @@
 //! byte of a new request arrives, and cleared when the request has been read (the edge calls
 //! [`ClientStream::request_read`]) or when the proxy starts answering (any write). A read that
 //! is still waiting, or that brings data, after the deadline fails with `TimedOut` and Pingora
-//! closes the connection. A request read in one go costs one clock read and two relaxed
+//! closes the connection. An upgraded connection (`101`, e.g. WebSocket) is a tunnel and is
+//! not guarded any more ([`ClientStream::tunnel`]). A request read in one go costs one clock read and two relaxed
 //! atomic stores; the timer exists only while a partial request waits for more bytes.
 
 use std::fmt;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -149,6 +150,8 @@ pub struct ClientStream {
     deadline_ms: AtomicU64,
     /// Wakes a read waiting for the rest of a request when its deadline passes.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Upgraded (e.g. WebSocket): the bytes are no longer requests; no deadlines.
+    tunnel: AtomicBool,
     _slot: ConnectionSlot,
 }
 
@@ -162,6 +165,7 @@ impl ClientStream {
             // A new connection must bring its first request within the timeout too.
             deadline_ms: AtomicU64::new(timeout_ms),
             timer: None,
+            tunnel: AtomicBool::new(false),
             _slot: slot,
         }
     }
@@ -176,6 +180,12 @@ impl ClientStream {
 
     /// The request has been read completely: no deadline until the next one starts.
     pub fn request_read(&self) {
+        self.deadline_ms.store(DISARMED, Ordering::Relaxed);
+    }
+
+    /// The connection was upgraded (`101 Switching Protocols`): stop guarding it.
+    pub fn tunnel(&self) {
+        self.tunnel.store(true, Ordering::Relaxed);
         self.deadline_ms.store(DISARMED, Ordering::Relaxed);
     }
 
@@ -212,6 +222,9 @@ impl AsyncRead for ClientStream {
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                if this.tunnel.load(Ordering::Relaxed) {
+                    return Poll::Ready(Ok(()));
+                }
                 let deadline = this.deadline_ms.load(Ordering::Relaxed);
                 let now = this.now_ms();
                 if deadline == DISARMED {
