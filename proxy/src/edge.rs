@@ -13,6 +13,11 @@
 //!                        └──────┘ fail_to_connect / error_while_proxy: retry on another backend
 //! ```
 //!
+//! Before all of it, `early_request_filter` refuses ambiguous or oversized request heads
+//! ([`crate::request_guard`]: 400/413/414/431) and `request_body_filter` counts streamed bodies
+//! against `max_body_size`; `/login` and `/callback` are rate limited per client
+//! ([`crate::limits`]).
+//!
 //! `logging` runs last for every request, also those the proxy answered itself: it counts the
 //! request metrics and writes the access-log line ([`crate::access_log`]).
 
@@ -33,18 +38,25 @@ use crate::auth::identity_headers;
 use crate::auth::session::Session as UserSession;
 use crate::balancer::Lease;
 use crate::headers;
+use crate::limits::{login_rate, ClientStream, LoginRate};
 use crate::metrics::{self, InFlight, PolicyClass};
 use crate::pages;
+use crate::request_guard;
 use crate::runtime::{Runtime, SharedRuntime};
 
 /// The proxy service.
 pub struct Edge {
     runtime: SharedRuntime,
+    /// `/login` + `/callback` requests per client; kept across reloads.
+    login_rate: LoginRate,
 }
 
 impl Edge {
     pub fn new(runtime: SharedRuntime) -> Edge {
-        Edge { runtime }
+        Edge {
+            runtime,
+            login_rate: LoginRate::new(),
+        }
     }
 }
 
@@ -71,6 +83,9 @@ pub struct RequestCtx {
     /// When the current attempt chose its backend, and how long until its response headers.
     upstream_started: Option<Instant>,
     upstream_elapsed: Option<Duration>,
+    /// Largest request body allowed on this route, and the body bytes read so far.
+    body_limit: u64,
+    body_read: u64,
 }
 
 impl RequestCtx {
@@ -97,7 +112,51 @@ impl ProxyHttp for Edge {
             client: None,
             upstream_started: None,
             upstream_elapsed: None,
+            body_limit: u64::MAX,
+            body_read: 0,
         }
+    }
+
+    /// Refuse ambiguous, malformed or oversized request heads before anything acts on them.
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let raw_head = session
+            .as_downstream()
+            .as_http1()
+            .map(|h1| h1.get_headers_raw_bytes());
+        let plan = request_guard::check(
+            session.req_header(),
+            raw_head.as_deref(),
+            &ctx.runtime.config.limits,
+        )?;
+        ctx.body_limit = plan.limit;
+        if let (false, Some(stream)) = (plan.has_body, ClientStream::of(session)) {
+            stream.request_read();
+        }
+        Ok(())
+    }
+
+    /// Count streamed body bytes against the route's limit.
+    async fn request_body_filter(
+        &self,
+        session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(chunk) = body {
+            ctx.body_read += chunk.len() as u64;
+            if ctx.body_read > ctx.body_limit {
+                return Err(request_guard::body_too_large());
+            }
+        }
+        if let (true, Some(stream)) = (end_of_stream, ClientStream::of(session)) {
+            stream.request_read();
+        }
+        Ok(())
     }
 
     /// Returns `Ok(true)` when the proxy answered the request itself.
@@ -132,6 +191,15 @@ impl ProxyHttp for Edge {
             return self.answer(session, ctx, response).await;
         };
         ctx.policy = policy.into();
+        let endpoint = Endpoint::from_path(&path);
+        if matches!(endpoint, Some(Endpoint::Login | Endpoint::Callback)) {
+            let per_minute = runtime.config.limits.login_rate_per_minute;
+            if let Some(refused) =
+                login_rate::over_limit(&self.login_rate, session, &auth.trusted, per_minute)
+            {
+                return self.answer(session, ctx, refused).await;
+            }
+        }
         let now = flow::now_unix();
         let cookies = || {
             req.headers
@@ -139,7 +207,7 @@ impl ProxyHttp for Edge {
                 .iter()
                 .map(|v| v.as_bytes())
         };
-        let response = match Endpoint::from_path(&path) {
+        let response = match endpoint {
             Some(Endpoint::Login) => flow::login(auth, req.uri.query(), now),
             Some(Endpoint::Callback) => {
                 let query = req.uri.query().map(str::to_owned);
@@ -311,11 +379,17 @@ impl ProxyHttp for Edge {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
+        if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            // A tunnel from now on: the client deadline no longer applies.
+            if let Some(stream) = ClientStream::of(session) {
+                stream.tunnel();
+            }
+        }
         upstream_response.insert_header(headers::X_REQUEST_ID, ctx.request_id.clone())
     }
 
@@ -397,6 +471,14 @@ impl ProxyHttp for Edge {
             });
         }
         ctx.lease = None;
+    }
+
+    /// Requests refused for the client's fault (4xx, malformed framing, a client that left or
+    /// timed out) get no error line each: a flood of bad requests must not flood the log. They
+    /// are counted and in the access log.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
+        let status = status_for(e);
+        (400..500).contains(&status) || (status == 0 && *e.esource() == ErrorSource::Downstream)
     }
 
     /// What Pingora's own log lines say about a request: no query string (it may hold

@@ -14,11 +14,13 @@ pub mod discovery;
 pub mod edge;
 pub mod error;
 pub mod headers;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod pages;
 pub use custodia_probe as probe;
 pub mod reload;
+pub mod request_guard;
 pub mod runtime;
 pub mod server;
 

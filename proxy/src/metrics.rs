@@ -322,12 +322,60 @@ impl Drop for InFlight {
     }
 }
 
+/// Requests and connections refused by the abuse limits and the request guard, by reason.
+pub struct RejectionMetrics {
+    rejections: IntCounterVec,
+    /// Above `[limits] max_connections` (503, closed).
+    pub connection_limit: IntCounter,
+    /// Did not send a whole request within `[limits] client_timeout` (closed).
+    pub client_timeout: IntCounter,
+    /// Over `[limits] login_rate_per_minute` (429).
+    pub login_rate: IntCounter,
+    /// Body over `max_body_size` (413).
+    pub body_too_large: IntCounter,
+    /// Target, header line or header section too large (414, 431).
+    pub head_too_large: IntCounter,
+    /// Ambiguous framing, bad Host or target, HTTP/0.9 (400).
+    pub malformed: IntCounter,
+}
+
+impl RejectionMetrics {
+    fn new() -> RejectionMetrics {
+        let rejections = IntCounterVec::new(
+            Opts::new(
+                "custodia_rejections_total",
+                "Requests and connections refused by the abuse limits and request checks, by reason \
+                 (connection_limit, client_timeout, login_rate, body_too_large, head_too_large, malformed).",
+            ),
+            &["reason"],
+        )
+        .unwrap_or_else(|e| unreachable!("constant metric descriptor: {e}"));
+        let child = |v: &str| rejections.with_label_values(&[v]);
+        RejectionMetrics {
+            connection_limit: child("connection_limit"),
+            client_timeout: child("client_timeout"),
+            login_rate: child("login_rate"),
+            body_too_large: child("body_too_large"),
+            head_too_large: child("head_too_large"),
+            malformed: child("malformed"),
+            rejections,
+        }
+    }
+}
+
+/// The process-wide rejection counters.
+pub fn rejections() -> &'static RejectionMetrics {
+    static REJECTIONS: std::sync::OnceLock<RejectionMetrics> = std::sync::OnceLock::new();
+    REJECTIONS.get_or_init(RejectionMetrics::new)
+}
+
 /// Builds the registry served on `/metrics`.
 pub fn registry(runtime: SharedRuntime) -> Registry {
     let registry = Registry::new();
     auth().register(&registry);
     config().register(&registry);
     requests().register(&registry);
+    let _ = registry.register(Box::new(rejections().rejections.clone()));
     // Registration only fails on duplicate or inconsistent descriptors, which these are not.
     let _ = registry.register(Box::new(PoolCollector::new(runtime)));
     #[cfg(target_os = "linux")]

@@ -7,7 +7,7 @@ use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{RunArgs, Server};
 use pingora_core::services::background::background_service;
 use pingora_core::services::listening::Service;
-use pingora_proxy::http_proxy_service_with_name;
+use pingora_proxy::http_proxy;
 
 use crate::admin::AdminApp;
 use crate::auth::oidc::DiscoveryService;
@@ -17,6 +17,7 @@ use crate::config::ProxyConfig;
 use crate::discovery::Discovery;
 use crate::edge::Edge;
 use crate::error::ProxyError;
+use crate::limits::ConnectionGate;
 use crate::reload::{Reloader, SignalReload};
 use crate::runtime::{Runtime, SharedRuntime};
 
@@ -75,10 +76,11 @@ pub fn run(config: ProxyConfig, options: StartOptions) -> Result<(), ProxyError>
     let mut server = Server::new_with_opt_and_conf(opt, server_conf(&config));
     server.bootstrap();
 
-    let mut proxy = http_proxy_service_with_name(
-        &server.configuration,
-        Edge::new(shared.clone()),
-        "custodia-proxy",
+    // The connection cap and client deadlines wrap the HTTP proxy (see `limits::connection`).
+    let edge = http_proxy(&server.configuration, Edge::new(shared.clone()));
+    let mut proxy = Service::new(
+        "custodia-proxy".to_string(),
+        ConnectionGate::new(edge, shared.clone()),
     );
     for addr in &config.server.listen {
         proxy.add_tcp(&addr.to_string());

@@ -142,3 +142,116 @@ fn hang_up_connection(stream: TcpStream) {
         }
     }
 }
+
+/// Records the raw bytes of every request that reaches it (except health checks) and answers
+/// each with `200 ok`: tests see exactly what the proxy forwarded. Request bodies are read by
+/// `Content-Length` or chunked framing, as a worker would.
+pub struct RecordingServer {
+    pub addr: SocketAddr,
+    received: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl RecordingServer {
+    pub fn start() -> RecordingServer {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (flag, log) = (stop.clone(), received.clone());
+        std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let _ = stream.set_nonblocking(false);
+                        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+                        let log = log.clone();
+                        std::thread::spawn(move || record_connection(stream, &log));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        RecordingServer {
+            addr,
+            received,
+            stop,
+        }
+    }
+
+    /// Every request received so far (head and body, as bytes on the wire).
+    pub fn requests(&self) -> Vec<Vec<u8>> {
+        self.received.lock().expect("lock").clone()
+    }
+}
+
+impl Drop for RecordingServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn record_connection(stream: TcpStream, log: &std::sync::Mutex<Vec<Vec<u8>>>) {
+    use std::io::Read;
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut writer = stream;
+    loop {
+        let mut raw = Vec::new();
+        let mut length = 0usize;
+        let mut chunked = false;
+        loop {
+            let mut line = Vec::new();
+            if reader.read_until(b'\n', &mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            raw.extend_from_slice(&line);
+            let text = String::from_utf8_lossy(&line).to_ascii_lowercase();
+            if let Some(v) = text.strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap_or(0);
+            }
+            if text.starts_with("transfer-encoding:") && text.contains("chunked") {
+                chunked = true;
+            }
+            if line == b"\r\n" || line == b"\n" {
+                break;
+            }
+        }
+        if chunked {
+            loop {
+                // A body cut short is not a request the worker would act on: not recorded.
+                let mut size_line = Vec::new();
+                if reader.read_until(b'\n', &mut size_line).unwrap_or(0) == 0 {
+                    return;
+                }
+                raw.extend_from_slice(&size_line);
+                let text = String::from_utf8_lossy(&size_line);
+                let hex = text.trim().split(';').next().unwrap_or("");
+                let Ok(size) = usize::from_str_radix(hex, 16) else {
+                    return;
+                };
+                let mut data = vec![0; size + 2];
+                if reader.read_exact(&mut data).is_err() {
+                    return;
+                }
+                raw.extend_from_slice(&data);
+                if size == 0 {
+                    break;
+                }
+            }
+        } else if length > 0 {
+            let mut body = vec![0; length];
+            if reader.read_exact(&mut body).is_err() {
+                return;
+            }
+            raw.extend_from_slice(&body);
+        }
+        if !raw.starts_with(b"GET /healthz ") {
+            log.lock().expect("lock").push(raw);
+        }
+        let ok = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        if writer.write_all(ok.as_bytes()).is_err() {
+            return;
+        }
+    }
+}

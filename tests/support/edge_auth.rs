@@ -358,8 +358,10 @@ impl AuthStack {
 
     /// The config file sections with another backend list (for reloads).
     pub fn sections_for(&self, backends: &[(SocketAddr, u32)]) -> String {
+        // These tests run dozens of logins a minute from one loopback client; the login rate
+        // limit has its own tests (tests/abuse_limits.rs) and must not interfere here.
         format!(
-            "{}\n{}",
+            "{}\n[limits]\nlogin_rate_per_minute = 10000\n\n{}",
             upstream_section("least_conn", backends),
             self.config.auth_toml(&self.issuer(), &self.public_url)
         )

@@ -9,4 +9,5 @@ pub mod http;
 pub mod oidc_provider;
 pub mod process;
 pub mod prometheus;
+pub mod raw_tcp;
 pub mod stack;

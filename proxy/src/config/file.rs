@@ -28,6 +28,122 @@ pub struct FileConfig {
     /// `[[route]]` entries: policies by path prefix (need `[auth]`).
     #[serde(default = "defaults::routes")]
     pub route: Spanned<Vec<RouteEntry>>,
+    /// `[limits]`: abuse limits; every key has a default.
+    #[serde(default)]
+    pub limits: LimitsSection,
+}
+
+/// `[limits]`: what one client, or all of them together, may ask of the proxy.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Open client connections at once; above it a new connection gets 503 and is closed.
+    /// Default 4096.
+    pub max_connections: Bounded<1, 1_000_000>,
+    /// Largest request body (`[[route]] max_body_size` overrides it per prefix); larger ones
+    /// get 413. Bytes or `"512k"`, `"1m"`, `"1g"` (binary units). Default `"1m"` (nginx's
+    /// `client_max_body_size`).
+    pub max_body_size: ByteSize,
+    /// Requests to `/login` and `/callback` (together) per client address per minute; more get
+    /// 429 with `Retry-After`. Default 30.
+    pub login_rate_per_minute: Bounded<1, 100_000>,
+    /// How long a client may take to send a whole request (head and body) once it started,
+    /// and how long a new connection may stay silent; then it is closed. Default 30 s.
+    pub client_timeout: HumanDuration,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            max_connections: Bounded(4096),
+            max_body_size: ByteSize(1 << 20),
+            login_rate_per_minute: Bounded(30),
+            client_timeout: HumanDuration(Duration::from_secs(30)),
+        }
+    }
+}
+
+/// A whole number in `MIN..=MAX`: 0 and absurd values are refused while parsing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounded<const MIN: u64, const MAX: u64>(pub u64);
+
+impl<'de, const MIN: u64, const MAX: u64> Deserialize<'de> for Bounded<MIN, MAX> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let n = i64::deserialize(deserializer)?;
+        match u64::try_from(n) {
+            Ok(n) if (MIN..=MAX).contains(&n) => Ok(Bounded(n)),
+            _ => Err(de::Error::custom(format!(
+                "{n} is out of range: expected a whole number from {MIN} to {MAX}"
+            ))),
+        }
+    }
+}
+
+/// A size in bytes: a number, or a string with a binary unit (`"512k"`, `"1m"`, `"1g"`).
+/// At least 1 byte and at most [`ByteSize::MAX`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// 1 GiB: a body larger than this is not something this proxy should buffer or pass.
+    pub const MAX: u64 = 1 << 30;
+
+    pub fn parse(text: &str) -> Result<ByteSize, String> {
+        let bad = || {
+            format!("invalid size `{text}`: expected bytes or a number with k, m or g, e.g. \"1m\"")
+        };
+        let t = text.trim().to_ascii_lowercase();
+        let digits = t.bytes().take_while(u8::is_ascii_digit).count();
+        let (number, unit) = t.split_at(digits);
+        let number: u64 = number.parse().map_err(|_| bad())?;
+        let shift = match unit.trim() {
+            "" | "b" => 0,
+            "k" | "kb" | "kib" => 10,
+            "m" | "mb" | "mib" => 20,
+            "g" | "gb" | "gib" => 30,
+            _ => return Err(bad()),
+        };
+        let bytes = number.checked_shl(shift).filter(|b| b >> shift == number);
+        ByteSize::checked(bytes.unwrap_or(u64::MAX))
+    }
+
+    fn checked(bytes: u64) -> Result<ByteSize, String> {
+        match bytes {
+            0 => Err("a size of 0 would refuse every request body: at least 1 byte".into()),
+            b if b > ByteSize::MAX => {
+                Err(format!("{b} bytes is larger than the 1g this proxy allows"))
+            }
+            b => Ok(ByteSize(b)),
+        }
+    }
+}
+
+impl Default for ByteSize {
+    fn default() -> Self {
+        ByteSize(1 << 20)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SizeVisitor;
+        impl Visitor<'_> for SizeVisitor {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(r#"a size in bytes or a string such as "1m""#)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                ByteSize::checked(u64::try_from(v).unwrap_or(0)).map_err(E::custom)
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                ByteSize::checked(v).map_err(E::custom)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                ByteSize::parse(v).map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_any(SizeVisitor)
+    }
 }
 
 /// `[auth]`: the OIDC login at the edge. Secrets come from the environment only.
@@ -65,6 +181,8 @@ pub struct AuthSection {
 pub struct RouteEntry {
     pub prefix: String,
     pub policy: PolicyName,
+    /// Overrides `[limits] max_body_size` for paths under this prefix.
+    pub max_body_size: Option<ByteSize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -15,6 +15,36 @@ pub struct ProxyConfig {
     /// None: a plain load balancer.
     pub auth: Option<AuthSettings>,
     pub log: LogSettings,
+    pub limits: LimitSettings,
+}
+
+/// `[limits]`, validated: abuse limits (all of them change on reload).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitSettings {
+    /// Client connections open at once.
+    pub max_connections: usize,
+    /// Largest request body in bytes where no route overrides it.
+    pub max_body_size: u64,
+    /// (prefix, bytes) of the `[[route]]`s that set `max_body_size`, longest prefix first.
+    pub route_body_sizes: Vec<(String, u64)>,
+    /// `/login` + `/callback` requests per client address per minute.
+    pub login_rate_per_minute: u32,
+    /// Time to send a whole request once started; silence allowed on a new connection.
+    pub client_timeout: Duration,
+}
+
+impl LimitSettings {
+    /// The body limit for a path (the normalised path, ASCII case-insensitive like routes).
+    pub fn max_body_size_for(&self, path: &str) -> u64 {
+        let path = path.as_bytes();
+        self.route_body_sizes
+            .iter()
+            .find(|(prefix, _)| {
+                path.len() >= prefix.len()
+                    && path[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+            })
+            .map_or(self.max_body_size, |(_, size)| *size)
+    }
 }
 
 /// `[log]`, validated.

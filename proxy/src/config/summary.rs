@@ -77,6 +77,18 @@ pub fn summary(config: &ProxyConfig) -> String {
         d(s.grace_period),
         s.pid_file.display()
     );
+    let l = &config.limits;
+    let _ = writeln!(
+        out,
+        "  limits          {} connections, bodies up to {}, {} logins/min per client, client timeout {}",
+        l.max_connections,
+        size(l.max_body_size),
+        l.login_rate_per_minute,
+        d(l.client_timeout)
+    );
+    for (prefix, bytes) in &l.route_body_sizes {
+        let _ = writeln!(out, "    body limit    {prefix:<20} {}", size(*bytes));
+    }
     match &config.admin {
         Some(admin) => {
             let _ = writeln!(
@@ -99,6 +111,16 @@ pub fn summary(config: &ProxyConfig) -> String {
         Some(a) => auth_summary(&mut out, a),
     }
     out
+}
+
+/// Bytes the way operators write them (`1m`, `512k`, `1000`).
+fn size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{}g", b >> 30),
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}m", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{}k", b >> 10),
+        b => format!("{b} bytes"),
+    }
 }
 
 fn auth_summary(out: &mut String, a: &super::model::AuthSettings) {

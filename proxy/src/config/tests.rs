@@ -48,6 +48,12 @@ listen = "127.0.0.1:9191"
 level = "warn,custodia_proxy=debug"
 format = "json"
 access_log = false
+
+[limits]
+max_connections = 100
+max_body_size = "64k"
+login_rate_per_minute = 5
+client_timeout = "10s"
 "#;
     let expected = ProxyConfig {
         source: "test.toml".into(),
@@ -59,6 +65,13 @@ access_log = false
             level: "warn,custodia_proxy=debug".into(),
             format: LogFormat::Json,
             access_log: false,
+        },
+        limits: LimitSettings {
+            max_connections: 100,
+            max_body_size: 64 * 1024,
+            route_body_sizes: Vec::new(),
+            login_rate_per_minute: 5,
+            client_timeout: Duration::from_secs(10),
         },
         server: ServerSettings {
             listen: vec![
@@ -119,6 +132,130 @@ fn defaults_follow_the_seed_nginx() {
     assert_eq!(c.log.level, "info");
     assert_eq!(c.log.format, LogFormat::Text);
     assert!(c.log.access_log);
+    assert_eq!(c.limits.max_connections, 4096);
+    assert_eq!(
+        c.limits.max_body_size,
+        1 << 20,
+        "nginx's client_max_body_size 1m"
+    );
+    assert_eq!(c.limits.login_rate_per_minute, 30);
+    assert_eq!(c.limits.client_timeout, Duration::from_secs(30));
+}
+
+#[test]
+fn limits_refuse_zero_and_absurd_values() {
+    let base = "[upstream]\nbackends = [\"127.0.0.1:1\"]\n[limits]\n";
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "max_connections = 0",
+            "limits.max_connections",
+            "out of range",
+        ),
+        (
+            "max_connections = 2000000",
+            "limits.max_connections",
+            "out of range",
+        ),
+        (
+            "max_connections = -1",
+            "limits.max_connections",
+            "out of range",
+        ),
+        (
+            "login_rate_per_minute = 0",
+            "limits.login_rate_per_minute",
+            "out of range",
+        ),
+        (
+            "max_body_size = 0",
+            "limits.max_body_size",
+            "at least 1 byte",
+        ),
+        (
+            "max_body_size = \"0k\"",
+            "limits.max_body_size",
+            "at least 1 byte",
+        ),
+        (
+            "max_body_size = \"2g\"",
+            "limits.max_body_size",
+            "larger than the 1g",
+        ),
+        (
+            "max_body_size = \"99999999999999999999g\"",
+            "limits.max_body_size",
+            "invalid size",
+        ),
+        (
+            "max_body_size = \"1 potato\"",
+            "limits.max_body_size",
+            "invalid size",
+        ),
+        (
+            "client_timeout = \"0s\"",
+            "limits.client_timeout",
+            "between 1s and 10m",
+        ),
+        (
+            "client_timeout = \"1h\"",
+            "limits.client_timeout",
+            "between 1s and 10m",
+        ),
+        (
+            "max_body = 1",
+            "limits.max_body",
+            "unknown field `max_body`",
+        ),
+    ];
+    for (line, key, words) in cases {
+        let err = error_of(&format!("{base}{line}\n"));
+        assert!(err.contains(&format!("key `{key}`")), "{line}: {err}");
+        assert!(err.contains(words), "{line}: {err}");
+        assert!(
+            err.contains("test.toml:"),
+            "{line}: the line is named: {err}"
+        );
+    }
+}
+
+#[test]
+fn body_sizes_take_units_and_routes_override_them() {
+    let env: std::collections::HashMap<String, String> = [
+        ("AUTH0_CLIENT_SECRET", "secret"),
+        ("APP_SECRET_KEY", "0123456789abcdef0123456789abcdef"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let text = r#"
+[upstream]
+backends = ["127.0.0.1:1"]
+[limits]
+max_body_size = "512k"
+[auth]
+issuer = "http://127.0.0.1:1/"
+client_id = "c"
+public_url = "http://127.0.0.1:8080"
+[[route]]
+prefix = "/upload/"
+policy = "required"
+max_body_size = "10m"
+[[route]]
+prefix = "/upload/small/"
+policy = "required"
+max_body_size = 100
+[[route]]
+prefix = "/"
+policy = "public"
+"#;
+    let c = parse_with_env(text, Path::new("test.toml"), &env).unwrap();
+    assert_eq!(c.limits.max_body_size, 512 * 1024);
+    assert_eq!(c.limits.max_body_size_for("/upload/a"), 10 << 20);
+    assert_eq!(c.limits.max_body_size_for("/UPLOAD/small/x"), 100);
+    assert_eq!(c.limits.max_body_size_for("/other"), 512 * 1024);
+    let summary = summary(&c);
+    assert!(summary.contains("bodies up to 512k"), "{summary}");
+    assert!(summary.contains("/upload/small/"), "{summary}");
 }
 
 #[test]

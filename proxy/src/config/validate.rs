@@ -9,6 +9,8 @@
 //! 6. `log.level` is a valid level or `RUST_LOG`-style directive list.
 //! 7. `upstream.discovery_interval` is at least 100 ms.
 //! 8. `[auth]` and `[[route]]`: see [`super::auth`] (secrets come from the environment).
+//! 9. `[limits]`: counts and sizes are in range while parsing (0 is refused);
+//!    `client_timeout` is between 1 s and 10 min.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -158,6 +160,22 @@ fn into_model(
 
     let routes_span = file.route.span();
     let routes = file.route.into_inner();
+    let limits = file.limits;
+    let client_timeout = limits.client_timeout.0;
+    if client_timeout < std::time::Duration::from_secs(1)
+        || client_timeout > std::time::Duration::from_secs(600)
+    {
+        return Err(invalid(
+            find_key_in_section(text, "limits", "client_timeout"),
+            "limits.client_timeout",
+            "must be between 1s and 10m".into(),
+        ));
+    }
+    let mut route_body_sizes: Vec<(String, u64)> = routes
+        .iter()
+        .filter_map(|r| r.max_body_size.map(|size| (r.prefix.clone(), size.0)))
+        .collect();
+    route_body_sizes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
     let auth = match file.auth {
         Some(section) => {
             let auth_span = section.public_url.span();
@@ -197,6 +215,13 @@ fn into_model(
                 LogFormatName::Json => LogFormat::Json,
             },
             access_log: log.access_log,
+        },
+        limits: LimitSettings {
+            max_connections: limits.max_connections.0 as usize,
+            max_body_size: limits.max_body_size.0,
+            route_body_sizes,
+            login_rate_per_minute: limits.login_rate_per_minute.0 as u32,
+            client_timeout,
         },
         server: ServerSettings {
             listen: server.listen.0.into_iter().map(|a| a.0).collect(),

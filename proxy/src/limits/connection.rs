@@ -1,0 +1,359 @@
+//! Per-connection limits, below HTTP: the global cap on open client connections and the
+//! deadline by which a client must have sent its whole request (slowloris, slow bodies).
+//!
+//! Pingora 0.9 has no connection cap, and its downstream read timeouts restart on every read,
+//! so a client trickling one byte at a time holds a connection for as long as it likes. The
+//! service is therefore wrapped: [`ConnectionGate`] counts connections as they are handed to
+//! the HTTP app and answers `503` + close above `[limits] max_connections`; every accepted
+//! stream is wrapped in a [`ClientStream`] that enforces `[limits] client_timeout`.
+//!
+//! The deadline of a [`ClientStream`] is armed when a connection opens and when the first
+//! byte of a new request arrives, and cleared when the request has been read (the edge calls
+//! [`ClientStream::request_read`]) or when the proxy starts answering (any write). A read that
+//! is still waiting, or that brings data, after the deadline fails with `TimedOut` and Pingora
+//! closes the connection. An upgraded connection (`101`, e.g. WebSocket) is a tunnel and is
+//! not guarded any more ([`ClientStream::tunnel`]). A request read in one go costs one clock read and two relaxed
+//! atomic stores; the timer exists only while a partial request waits for more bytes.
+
+use std::fmt;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora_core::apps::ServerApp;
+use pingora_core::protocols::raw_connect::ProxyDigest;
+use pingora_core::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
+    TimingDigest, UniqueID, UniqueIDType, ALPN,
+};
+use pingora_core::server::ShutdownWatch;
+use pingora_proxy::Session;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use crate::metrics;
+use crate::runtime::SharedRuntime;
+
+/// No deadline armed.
+const DISARMED: u64 = u64::MAX;
+
+/// The answer to a connection above the cap: nothing of the request is read or forwarded.
+const OVER_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+content-type: text/plain; charset=utf-8\r\nretry-after: 1\r\ncache-control: no-store\r\n\
+connection: close\r\ncontent-length: 38\r\n\r\nToo many connections; try again soon.\n";
+
+/// Wraps the HTTP app: counts open connections and guards their streams.
+pub struct ConnectionGate<A> {
+    app: Arc<A>,
+    runtime: SharedRuntime,
+    open: Arc<AtomicUsize>,
+}
+
+impl<A> ConnectionGate<A> {
+    pub fn new(app: A, runtime: SharedRuntime) -> ConnectionGate<A> {
+        ConnectionGate {
+            app: Arc::new(app),
+            runtime,
+            open: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionGate<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        // A stream handed back for reuse is already counted and guarded.
+        if stream.as_any().is::<ClientStream>() {
+            return self.app.process_new(stream, shutdown).await;
+        }
+        let (max, timeout) = {
+            let runtime = self.runtime.load();
+            let limits = &runtime.config.limits;
+            (limits.max_connections, limits.client_timeout)
+        };
+        let Some(slot) = ConnectionSlot::take(&self.open, max) else {
+            metrics::rejections().connection_limit.inc();
+            refuse(stream).await;
+            return None;
+        };
+        let guarded: Stream = Box::new(ClientStream::new(stream, timeout, slot));
+        self.app.process_new(guarded, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.app.cleanup().await;
+    }
+}
+
+/// Answer 503 without forwarding anything. The request is read briefly first so closing does
+/// not reset the connection before the client has our answer.
+async fn refuse(mut stream: Stream) {
+    let mut scratch = [0u8; 4096];
+    let short = Duration::from_millis(200);
+    let _ = tokio::time::timeout(short, stream.read(&mut scratch)).await;
+    let write = async {
+        stream.write_all(OVER_CAPACITY).await?;
+        stream.flush().await
+    };
+    if tokio::time::timeout(Duration::from_secs(1), write)
+        .await
+        .is_ok()
+    {
+        let _ = stream.shutdown().await;
+        let _ = tokio::time::timeout(short, stream.read(&mut scratch)).await;
+    }
+}
+
+/// One open connection in the count; released on drop.
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl ConnectionSlot {
+    fn take(open: &Arc<AtomicUsize>, max: usize) -> Option<ConnectionSlot> {
+        let mut current = open.load(Ordering::Relaxed);
+        loop {
+            if current >= max {
+                return None;
+            }
+            match open.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(ConnectionSlot(open.clone())),
+                Err(now) => current = now,
+            }
+        }
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A client connection with a deadline for receiving each request.
+pub struct ClientStream {
+    inner: Stream,
+    /// Deadlines are milliseconds since this instant.
+    opened: Instant,
+    timeout_ms: u64,
+    /// The current request must be in by then; [`DISARMED`] when no request is being read.
+    deadline_ms: AtomicU64,
+    /// Wakes a read waiting for the rest of a request when its deadline passes.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Upgraded (e.g. WebSocket): the bytes are no longer requests; no deadlines.
+    tunnel: AtomicBool,
+    _slot: ConnectionSlot,
+}
+
+impl ClientStream {
+    fn new(inner: Stream, timeout: Duration, slot: ConnectionSlot) -> ClientStream {
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX / 2);
+        ClientStream {
+            inner,
+            opened: Instant::now(),
+            timeout_ms,
+            // A new connection must bring its first request within the timeout too.
+            deadline_ms: AtomicU64::new(timeout_ms),
+            timer: None,
+            tunnel: AtomicBool::new(false),
+            _slot: slot,
+        }
+    }
+
+    /// The guarded stream under a request, if it is one (HTTP/1 connections from the gate).
+    pub fn of(session: &Session) -> Option<&ClientStream> {
+        session
+            .as_downstream()
+            .stream()
+            .and_then(|s| s.as_any().downcast_ref::<ClientStream>())
+    }
+
+    /// The request has been read completely: no deadline until the next one starts.
+    pub fn request_read(&self) {
+        self.deadline_ms.store(DISARMED, Ordering::Relaxed);
+    }
+
+    /// The connection was upgraded (`101 Switching Protocols`): stop guarding it.
+    pub fn tunnel(&self) {
+        self.tunnel.store(true, Ordering::Relaxed);
+        self.deadline_ms.store(DISARMED, Ordering::Relaxed);
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
+    }
+
+    fn timed_out(&self) -> io::Error {
+        metrics::rejections().client_timeout.inc();
+        self.deadline_ms.store(DISARMED, Ordering::Relaxed);
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client did not send its request within limits.client_timeout",
+        )
+    }
+}
+
+impl fmt::Debug for ClientStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientStream")
+            .field("inner", &self.inner)
+            .field("deadline_ms", &self.deadline_ms)
+            .finish()
+    }
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                if this.tunnel.load(Ordering::Relaxed) {
+                    return Poll::Ready(Ok(()));
+                }
+                let deadline = this.deadline_ms.load(Ordering::Relaxed);
+                let now = this.now_ms();
+                if deadline == DISARMED {
+                    // The first bytes of a new request.
+                    let armed = now.saturating_add(this.timeout_ms);
+                    this.deadline_ms.store(armed, Ordering::Relaxed);
+                } else if now > deadline {
+                    return Poll::Ready(Err(this.timed_out()));
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                let deadline = this.deadline_ms.load(Ordering::Relaxed);
+                if deadline == DISARMED {
+                    return Poll::Pending;
+                }
+                let at =
+                    tokio::time::Instant::from_std(this.opened) + Duration::from_millis(deadline);
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+                if timer.deadline() != at {
+                    timer.as_mut().reset(at);
+                }
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(this.timed_out())),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+use std::future::Future as _;
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        // The proxy answers: whatever the client still sends belongs to no deadline of ours.
+        self.deadline_ms.store(DISARMED, Ordering::Relaxed);
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.deadline_ms.store(DISARMED, Ordering::Relaxed);
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[async_trait]
+impl Shutdown for ClientStream {
+    async fn shutdown(&mut self) {
+        Shutdown::shutdown(&mut *self.inner).await;
+    }
+}
+
+impl UniqueID for ClientStream {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for ClientStream {
+    fn get_ssl_digest(&self) -> Option<Arc<pingora_core::protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for ClientStream {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for ClientStream {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest);
+    }
+}
+
+impl GetSocketDigest for ClientStream {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest);
+    }
+}
+
+#[async_trait]
+impl Peek for ClientStream {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}

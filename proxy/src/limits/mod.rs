@@ -1,0 +1,8 @@
+//! Abuse limits (`[limits]`): open connections and slow clients ([`connection`]), login
+//! requests per client ([`login_rate`]). Request heads and body sizes: [`crate::request_guard`].
+
+pub mod connection;
+pub mod login_rate;
+
+pub use connection::{ClientStream, ConnectionGate};
+pub use login_rate::LoginRate;

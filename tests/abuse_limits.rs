@@ -1,0 +1,213 @@
+//! `[limits]` end to end: login rate per client (429 + Retry-After), body sizes (413, declared
+//! and chunked, per route), the cap on open connections (503), and the rejection metrics.
+//! The identity provider is never reached: the limits act before the login does.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use support::custodia::{upstream_section, Proxy};
+use support::echo::RecordingServer;
+use support::process::free_addr;
+use support::raw_tcp::{self, Outcome};
+
+const LOGINS_PER_MINUTE: usize = 3;
+
+/// A proxy with `[auth]` (an issuer on a closed loopback port: logins never get far, which is
+/// fine, the limits come first) in front of a recording upstream. `trusted` are the peers
+/// whose `X-Forwarded-For` is believed.
+fn auth_stack(trusted: &str) -> (RecordingServer, Proxy) {
+    let upstream = RecordingServer::start();
+    let addr = free_addr();
+    let dead_idp = free_addr();
+    let sections = format!(
+        "{upstream}\n[limits]\nlogin_rate_per_minute = {LOGINS_PER_MINUTE}\nmax_body_size = \"1k\"\n\n\
+         [auth]\nissuer = \"http://{dead_idp}/\"\nclient_id = \"custodia\"\n\
+         public_url = \"http://{addr}\"\ntrusted_proxies = [{trusted}]\ndefault_policy = \"public\"\n\n\
+         [[route]]\nprefix = \"/upload/\"\npolicy = \"public\"\nmax_body_size = \"4k\"\n",
+        upstream = upstream_section("least_conn", &[(upstream.addr, 1)]),
+    );
+    let env = [
+        ("AUTH0_CLIENT_SECRET", "custodia-secret"),
+        (
+            "APP_SECRET_KEY",
+            "0123456789abcdef0123456789abcdef0123456789abcdef",
+        ),
+    ];
+    let proxy = Proxy::start_at(addr, &sections, &env);
+    (upstream, proxy)
+}
+
+/// `GET path` from `source` (a loopback address) with an optional `X-Forwarded-For`.
+fn get_from(proxy: &Proxy, source: Option<IpAddr>, path: &str, xff: Option<&str>) -> Outcome {
+    let mut stream = raw_tcp::connect(proxy.addr, source);
+    let xff = xff.map_or(String::new(), |v| format!("X-Forwarded-For: {v}\r\n"));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: h\r\n{xff}Connection: close\r\n\r\n");
+    raw_tcp::exchange(&mut stream, request.as_bytes())
+}
+
+fn ip(text: &str) -> Option<IpAddr> {
+    Some(text.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_are_rate_limited_per_real_client() {
+    let (_upstream, proxy) = auth_stack("\"127.0.0.1/32\"");
+
+    // Behind the trusted proxy (127.0.0.1), each X-Forwarded-For client has its own budget.
+    for i in 0..LOGINS_PER_MINUTE {
+        let path = if i % 2 == 0 {
+            "/login"
+        } else {
+            "/callback?code=x&state=y"
+        };
+        let outcome = get_from(&proxy, None, path, Some("203.0.113.1"));
+        assert_ne!(
+            outcome.status(),
+            Some(429),
+            "request {i} is within the limit: {outcome:?}"
+        );
+    }
+    let limited = get_from(&proxy, None, "/login", Some("203.0.113.1"));
+    assert_eq!(limited.status(), Some(429), "{limited:?}");
+    let retry: u64 = limited
+        .header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .expect("Retry-After in seconds");
+    assert!((1..=120).contains(&retry), "retry after {retry}");
+    assert_eq!(
+        get_from(&proxy, None, "/callback", Some("203.0.113.1")).status(),
+        Some(429),
+        "/callback shares the budget"
+    );
+    let other = get_from(&proxy, None, "/login", Some("203.0.113.2"));
+    assert_ne!(
+        other.status(),
+        Some(429),
+        "another client is unaffected: {other:?}"
+    );
+    let page = get_from(&proxy, None, "/", Some("203.0.113.1"));
+    assert_eq!(
+        page.status(),
+        Some(200),
+        "other paths are not limited: {page:?}"
+    );
+
+    // An untrusted peer (127.0.0.3) cannot dodge the limit with made-up X-Forwarded-For.
+    let untrusted = ip("127.0.0.3");
+    for i in 0..LOGINS_PER_MINUTE {
+        let fake = format!("198.51.100.{i}");
+        let outcome = get_from(&proxy, untrusted, "/login", Some(&fake));
+        assert_ne!(outcome.status(), Some(429), "{outcome:?}");
+    }
+    let dodged = get_from(&proxy, untrusted, "/login", Some("198.51.100.99"));
+    assert_eq!(dodged.status(), Some(429), "{dodged:?}");
+
+    let rejected = proxy.metric("custodia_rejections_total").await;
+    let login_rate = rejected
+        .iter()
+        .find(|(labels, _)| labels.contains("reason=\"login_rate\""))
+        .map(|(_, v)| *v);
+    assert!(login_rate.is_some_and(|v| v >= 3.0), "{rejected:?}");
+}
+
+#[test]
+fn bodies_over_the_limit_get_413_and_are_not_forwarded() {
+    let (upstream, proxy) = auth_stack("\"127.0.0.1/32\"");
+    let post = |path: &str, extra: &str, body: &[u8]| {
+        let mut request =
+            format!("POST {path} HTTP/1.1\r\nHost: h\r\n{extra}Connection: close\r\n\r\n")
+                .into_bytes();
+        request.extend_from_slice(body);
+        raw_tcp::send(proxy.addr, &request)
+    };
+    let chunked = |size: usize| {
+        let mut body = Vec::new();
+        for _ in 0..size / 500 {
+            body.extend_from_slice(format!("1f4\r\n{}\r\n", "c".repeat(500)).as_bytes());
+        }
+        body.extend_from_slice(b"0\r\n\r\n");
+        body
+    };
+
+    let small = post("/api/x", "Content-Length: 1000\r\n", &[b's'; 1000]);
+    assert_eq!(small.status(), Some(200), "at the limit: {small:?}");
+    let declared = post("/api/x", "Content-Length: 1025\r\n", &[b'd'; 1025]);
+    assert_eq!(declared.status(), Some(413), "{declared:?}");
+    let streamed = post("/api/x", "Transfer-Encoding: chunked\r\n", &chunked(3000));
+    assert_eq!(streamed.status(), Some(413), "{streamed:?}");
+    let route = post("/upload/file", "Content-Length: 3000\r\n", &[b'u'; 3000]);
+    assert_eq!(route.status(), Some(200), "the route allows 4k: {route:?}");
+    let route_over = post("/upload/file", "Content-Length: 5000\r\n", &[b'u'; 5000]);
+    assert_eq!(route_over.status(), Some(413), "{route_over:?}");
+    let route_chunked = post(
+        "/upload/file",
+        "Transfer-Encoding: chunked\r\n",
+        &chunked(3000),
+    );
+    assert_eq!(route_chunked.status(), Some(200), "{route_chunked:?}");
+
+    std::thread::sleep(Duration::from_millis(200));
+    let complete: Vec<usize> = upstream.requests().iter().map(Vec::len).collect();
+    assert_eq!(
+        complete.len(),
+        3,
+        "only the three allowed bodies arrived whole: {complete:?}"
+    );
+}
+
+#[test]
+fn connections_above_the_cap_get_503() {
+    let upstream = RecordingServer::start();
+    let proxy = Proxy::start(&format!(
+        "{}\n[limits]\nmax_connections = 2\n",
+        upstream_section("least_conn", &[(upstream.addr, 1)])
+    ));
+    let addr: SocketAddr = proxy.addr;
+    // Two open keep-alive connections take the two places.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = raw_tcp::connect(addr, None);
+        let outcome = raw_tcp::exchange(&mut stream, b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n");
+        assert_eq!(outcome.status(), Some(200), "{outcome:?}");
+        held.push(stream);
+    }
+    let refused = raw_tcp::send(addr, b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n");
+    assert_eq!(refused.status(), Some(503), "{refused:?}");
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    assert_eq!(
+        upstream.requests().len(),
+        2,
+        "the refused request was not forwarded"
+    );
+
+    // A place frees up when a connection closes (give the proxy a moment to notice).
+    drop(held.pop());
+    let mut answered = None;
+    for _ in 0..50 {
+        let outcome = raw_tcp::send(
+            addr,
+            b"GET /c HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        );
+        if outcome.status() == Some(200) {
+            answered = Some(outcome);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(answered.is_some(), "a freed place is usable again");
+    held[0]
+        .write_all(b"GET /d HTTP/1.1\r\nHost: h\r\n\r\n")
+        .unwrap();
+    let kept = raw_tcp::read_outcome(&mut held[0]);
+    assert_eq!(
+        kept.status(),
+        Some(200),
+        "held connections keep working: {kept:?}"
+    );
+}

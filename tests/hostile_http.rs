@@ -1,0 +1,534 @@
+//! Hostile HTTP/1 over raw TCP against a real custodia-proxy in front of a recording upstream:
+//! every case asserts what the client gets back AND that nothing ambiguous reached the worker.
+//! Each case prints `case → outcome` (run with `--nocapture` to see the table).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::io::Write;
+use std::time::Duration;
+
+use support::custodia::{upstream_section, Proxy};
+use support::echo::RecordingServer;
+use support::raw_tcp::{self, Outcome};
+
+/// A proxy (auth off: a plain load balancer still strips identity headers) in front of a
+/// recording upstream, with a short client timeout for the slow-client cases.
+fn stack() -> (RecordingServer, Proxy) {
+    let upstream = RecordingServer::start();
+    let proxy = Proxy::start(&format!(
+        "{}\n[limits]\nclient_timeout = \"2s\"\n",
+        upstream_section("least_conn", &[(upstream.addr, 1)])
+    ));
+    (upstream, proxy)
+}
+
+/// What a case expects back.
+#[derive(Debug, Clone, Copy)]
+enum Expect {
+    Status(u16),
+    /// A 4xx answer, or a close without one (both refuse; the table shows which).
+    Refused,
+}
+
+struct Case {
+    name: &'static str,
+    bytes: Vec<u8>,
+    expect: Expect,
+}
+
+fn case(name: &'static str, bytes: impl Into<Vec<u8>>, expect: Expect) -> Case {
+    Case {
+        name,
+        bytes: bytes.into(),
+        expect,
+    }
+}
+
+/// Every forwarded request as text, for asserting on.
+fn forwarded(upstream: &RecordingServer) -> Vec<String> {
+    upstream
+        .requests()
+        .iter()
+        .map(|r| String::from_utf8_lossy(r).to_string())
+        .collect()
+}
+
+fn run_table(cases: Vec<Case>) {
+    let (upstream, proxy) = stack();
+    let mut failures = Vec::new();
+    for c in cases {
+        let before = upstream.requests().len();
+        let outcome = raw_tcp::send(proxy.addr, &c.bytes);
+        let ok = match (c.expect, &outcome) {
+            (Expect::Status(want), o) => o.status() == Some(want),
+            (Expect::Refused, Outcome::Closed) => true,
+            (Expect::Refused, o) => o.status().is_some_and(|s| (400..500).contains(&s)),
+        };
+        // Give a (wrongly) forwarded request time to arrive before looking.
+        std::thread::sleep(Duration::from_millis(100));
+        let leaked = forwarded(&upstream)[before..].to_vec();
+        eprintln!("{:<40} → {}", c.name, outcome.describe());
+        if !ok {
+            failures.push(format!(
+                "{}: expected {:?}, got {outcome:?}",
+                c.name, c.expect
+            ));
+        }
+        if !leaked.is_empty() {
+            failures.push(format!("{}: forwarded {leaked:?}", c.name));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn a_plain_request_is_forwarded_as_sent() {
+    let (upstream, proxy) = stack();
+    let outcome = raw_tcp::send(
+        proxy.addr,
+        b"POST /api/x HTTP/1.1\r\nHost: example.com\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+    );
+    assert_eq!(outcome.status(), Some(200), "{outcome:?}");
+    let seen = forwarded(&upstream);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(
+        seen[0].starts_with("POST /api/x HTTP/1.1\r\n"),
+        "{}",
+        seen[0]
+    );
+    assert!(seen[0].ends_with("\r\n\r\nhello"), "{}", seen[0]);
+}
+
+#[test]
+fn request_smuggling_is_refused_and_nothing_is_forwarded() {
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: h\r\n\r\n";
+    run_table(vec![
+        case(
+            "content-length + transfer-encoding",
+            format!("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"),
+            Expect::Status(400),
+        ),
+        case(
+            "transfer-encoding + content-length",
+            format!("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nContent-Length: 40\r\n\r\n0\r\n\r\n{smuggled}"),
+            Expect::Status(400),
+        ),
+        case(
+            "two different content-lengths",
+            "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+            Expect::Status(400),
+        ),
+        case(
+            "content-length list 5, 6",
+            "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5, 6\r\n\r\nhello!",
+            Expect::Status(400),
+        ),
+        case(
+            "content-length not a number",
+            "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: +5\r\n\r\nhello",
+            Expect::Status(400),
+        ),
+        case(
+            "transfer-encoding: xchunked",
+            "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
+            Expect::Status(400),
+        ),
+        case(
+            "transfer-encoding: chunked, identity",
+            "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+            Expect::Status(400),
+        ),
+        case(
+            "transfer-encoding: gzip, chunked",
+            "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            Expect::Status(400),
+        ),
+        case(
+            "two transfer-encoding headers",
+            "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            Expect::Status(400),
+        ),
+        case(
+            "space before the colon",
+            "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+            Expect::Status(400),
+        ),
+        case(
+            "vertical tab before chunked",
+            "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding:\x0bchunked\r\n\r\n0\r\n\r\n",
+            Expect::Status(400),
+        ),
+        case(
+            "transfer-encoding in HTTP/1.0",
+            "POST / HTTP/1.0\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            Expect::Status(400),
+        ),
+        case(
+            "bare LF line ends",
+            "GET / HTTP/1.1\nHost: h\n\n",
+            Expect::Status(400),
+        ),
+        case(
+            "bare LF in one header line",
+            "GET / HTTP/1.1\r\nHost: h\nX-A: b\r\n\r\n",
+            Expect::Status(400),
+        ),
+        case(
+            "obs-fold continuation line",
+            "GET / HTTP/1.1\r\nHost: h\r\nX-A: b\r\n c\r\n\r\n",
+            Expect::Status(400),
+        ),
+        case(
+            "invalid chunk size",
+            "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+            Expect::Refused,
+        ),
+        case(
+            "overflowing chunk size",
+            "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\nffffffffffffffffffff\r\nhello\r\n0\r\n\r\n",
+            Expect::Refused,
+        ),
+    ]);
+}
+
+#[test]
+fn oversized_heads_are_refused() {
+    let long_target = format!("GET /{} HTTP/1.1\r\nHost: h\r\n\r\n", "a".repeat(9000));
+    let big_header = format!(
+        "GET / HTTP/1.1\r\nHost: h\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(9000)
+    );
+    let big_cookie = format!(
+        "GET / HTTP/1.1\r\nHost: h\r\nCookie: c={}\r\n\r\n",
+        "c".repeat(9000)
+    );
+    let many: String = (0..150).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let many_headers = format!("GET / HTTP/1.1\r\nHost: h\r\n{many}\r\n");
+    let too_many_for_pingora: String = (0..300).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let wide: String = (0..8)
+        .map(|i| format!("X-W{i}: {}\r\n", "w".repeat(6000)))
+        .collect();
+    let wide_head = format!("GET / HTTP/1.1\r\nHost: h\r\n{wide}\r\n");
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: h\r\nX-Huge: {}\r\n\r\n",
+        "h".repeat(1_100_000)
+    );
+    run_table(vec![
+        case(
+            "request target over 8 KiB",
+            long_target,
+            Expect::Status(414),
+        ),
+        case("one header over 8 KiB", big_header, Expect::Status(431)),
+        case("cookie over 8 KiB", big_cookie, Expect::Status(431)),
+        case("150 headers", many_headers, Expect::Status(431)),
+        case(
+            "300 headers (Pingora's own limit)",
+            format!("GET / HTTP/1.1\r\nHost: h\r\n{too_many_for_pingora}\r\n"),
+            Expect::Refused,
+        ),
+        case("48 KiB of headers", wide_head, Expect::Status(431)),
+        case("head over 1 MiB", huge, Expect::Refused),
+    ]);
+}
+
+#[test]
+fn odd_targets_hosts_and_versions_get_a_clear_4xx() {
+    run_table(vec![
+        case("no Host", "GET / HTTP/1.1\r\n\r\n", Expect::Status(400)),
+        case(
+            "two Hosts",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            Expect::Status(400),
+        ),
+        case(
+            "Host with a space",
+            "GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+            Expect::Status(400),
+        ),
+        case(
+            "Host with userinfo",
+            "GET / HTTP/1.1\r\nHost: user@evil\r\n\r\n",
+            Expect::Status(400),
+        ),
+        case(
+            "Host with a slash",
+            "GET / HTTP/1.1\r\nHost: evil/x\r\n\r\n",
+            Expect::Status(400),
+        ),
+        case(
+            "empty Host",
+            "GET / HTTP/1.1\r\nHost:\r\n\r\n",
+            Expect::Status(400),
+        ),
+        case(
+            "absolute-form target",
+            "GET http://evil.example/admin HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+            Expect::Status(400),
+        ),
+        case(
+            "absolute-form, other Host",
+            "GET http://evil.example/admin HTTP/1.1\r\nHost: h\r\n\r\n",
+            Expect::Status(400),
+        ),
+        case(
+            "CONNECT",
+            "CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n",
+            Expect::Status(405),
+        ),
+        case(
+            "asterisk target with GET",
+            "GET * HTTP/1.1\r\nHost: h\r\n\r\n",
+            Expect::Status(400),
+        ),
+        case("HTTP/0.9", "GET /\r\n\r\n", Expect::Refused),
+        case(
+            "HTTP/2.0 on HTTP/1",
+            "GET / HTTP/2.0\r\nHost: h\r\n\r\n",
+            Expect::Refused,
+        ),
+        case(
+            "HTTP/1.2",
+            "GET / HTTP/1.2\r\nHost: h\r\n\r\n",
+            Expect::Refused,
+        ),
+        case(
+            "UTF-8 path",
+            b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: h\r\n\r\n".to_vec(),
+            Expect::Status(400),
+        ),
+        case(
+            "Latin-1 path",
+            b"GET /caf\xe9 HTTP/1.1\r\nHost: h\r\n\r\n".to_vec(),
+            Expect::Status(400),
+        ),
+        case(
+            "control byte in path",
+            b"GET /a\x01b HTTP/1.1\r\nHost: h\r\n\r\n".to_vec(),
+            Expect::Status(400),
+        ),
+        case(
+            "percent-encoded NUL in path",
+            "GET /a%00b HTTP/1.1\r\nHost: h\r\n\r\n",
+            Expect::Status(400),
+        ),
+        case(
+            "NUL in a header",
+            b"GET / HTTP/1.1\r\nHost: h\r\nX-A: a\x00b\r\n\r\n".to_vec(),
+            Expect::Status(400),
+        ),
+        case(
+            "garbage",
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n".to_vec(),
+            Expect::Refused,
+        ),
+    ]);
+}
+
+#[test]
+fn connection_listed_headers_cannot_smuggle_identity() {
+    let (upstream, proxy) = stack();
+    // Naming identity headers in Connection: they are dropped as hop-by-hop, and the forged
+    // copies never arrive; the proxy's own forwarding headers are set after that.
+    let outcome = raw_tcp::send(
+        proxy.addr,
+        b"GET /api/me HTTP/1.1\r\nHost: h\r\n\
+          Connection: close, X-Real-IP, X-Custodia-Identity, X-Forwarded-User\r\n\
+          X-Forwarded-User: admin\r\nX-Forwarded-Email: admin@example.com\r\n\
+          X-Custodia-Identity: forged\r\nX-Real-IP: 10.0.0.1\r\n\r\n",
+    );
+    eprintln!(
+        "{:<40} → {}",
+        "Connection naming identity headers",
+        outcome.describe()
+    );
+    assert_eq!(outcome.status(), Some(200), "{outcome:?}");
+    let seen = forwarded(&upstream);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let head = seen[0].to_ascii_lowercase();
+    for forged in [
+        "x-forwarded-user:",
+        "x-forwarded-email:",
+        "x-custodia-identity:",
+        "10.0.0.1",
+    ] {
+        assert!(
+            !head.contains(forged),
+            "{forged} reached the worker:\n{head}"
+        );
+    }
+    assert!(head.contains("x-forwarded-for: 127.0.0.1"), "{head}");
+    assert!(
+        head.contains("x-real-ip: 127.0.0.1"),
+        "the proxy's own header survives:\n{head}"
+    );
+    assert!(!head.contains("connection: close, x-"), "{head}");
+
+    // Naming the forwarding headers the proxy sets: refused outright, nothing forwarded.
+    run_table(vec![
+        case(
+            "Connection naming X-Forwarded-For",
+            "GET / HTTP/1.1\r\nHost: h\r\nConnection: close, X-Forwarded-For\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n",
+            Expect::Status(400),
+        ),
+        case(
+            "Connection naming Host",
+            "GET / HTTP/1.1\r\nHost: h\r\nConnection: Host\r\n\r\n",
+            Expect::Status(400),
+        ),
+    ]);
+}
+
+#[test]
+fn slow_clients_are_cut_off() {
+    let (upstream, proxy) = stack();
+
+    // A head that never ends.
+    let mut silent = raw_tcp::connect(proxy.addr, None);
+    silent.write_all(b"GET / HTTP/1.1\r\nHost: h\r\n").unwrap();
+    let outcome = raw_tcp::read_outcome(&mut silent);
+    eprintln!(
+        "{:<40} → {}",
+        "partial head, then silence",
+        outcome.describe()
+    );
+    assert_eq!(outcome, Outcome::Closed);
+
+    // A connection that never sends anything.
+    let mut idle = raw_tcp::connect(proxy.addr, None);
+    let outcome = raw_tcp::read_outcome(&mut idle);
+    eprintln!("{:<40} → {}", "connect, send nothing", outcome.describe());
+    assert_eq!(outcome, Outcome::Closed);
+
+    // Slowloris: a header byte every 200 ms keeps each read short but the head unfinished.
+    assert!(
+        trickle_until_closed(proxy.addr, b"GET / HTTP/1.1\r\nHost: h\r\n", 100),
+        "a slowloris head was still accepted after 20 s (client_timeout is 2 s)"
+    );
+    eprintln!("{:<40} → closed", "slowloris head (1 byte / 200 ms)");
+
+    // A slow body: the head is complete, the body trickles.
+    assert!(
+        trickle_until_closed(
+            proxy.addr,
+            b"POST /upload HTTP/1.1\r\nHost: h\r\nContent-Length: 1000\r\n\r\nx",
+            100
+        ),
+        "a slow body was still accepted after 20 s (client_timeout is 2 s)"
+    );
+    eprintln!("{:<40} → closed", "slow body (1 byte / 200 ms)");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        forwarded(&upstream).is_empty(),
+        "no complete request was forwarded: {:?}",
+        forwarded(&upstream)
+    );
+
+    // A keep-alive client that is simply idle between quick requests is not cut off early.
+    let mut polite = raw_tcp::connect(proxy.addr, None);
+    for _ in 0..2 {
+        let outcome = raw_tcp::exchange(&mut polite, b"GET /ok HTTP/1.1\r\nHost: h\r\n\r\n");
+        assert_eq!(outcome.status(), Some(200), "{outcome:?}");
+        std::thread::sleep(Duration::from_millis(2500));
+    }
+}
+
+/// Send `head`, then one byte every 200 ms, at most `steps` times; true when the proxy closed
+/// the connection (a write or a peek fails) before that.
+fn trickle_until_closed(addr: std::net::SocketAddr, head: &[u8], steps: usize) -> bool {
+    let mut stream = raw_tcp::connect(addr, None);
+    stream.write_all(head).unwrap();
+    stream.set_nonblocking(true).unwrap();
+    let mut probe = [0u8; 1024];
+    for _ in 0..steps {
+        std::thread::sleep(Duration::from_millis(200));
+        match std::io::Read::read(&mut stream, &mut probe) {
+            Ok(0) => return true,
+            Ok(_) => return true, // an answer (e.g. 408/400) also ends the request
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return true,
+        }
+        if stream.write_all(b"a").is_err() {
+            return true;
+        }
+    }
+    false
+}
+
+#[test]
+fn a_slow_worker_is_not_mistaken_for_a_slow_client() {
+    // The client timeout covers receiving the request only: a worker slower than it still
+    // answers, with and without a request body.
+    let worker = support::custodia::Worker::start_slow("slow", 3000);
+    let proxy = Proxy::start(&format!(
+        "{}\n[limits]\nclient_timeout = \"1s\"\n",
+        upstream_section("least_conn", &[(worker.addr, 1)])
+    ));
+    let get = raw_tcp::send(
+        proxy.addr,
+        b"GET /api/hello HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(get.status(), Some(200), "{get:?}");
+    let post = raw_tcp::send(
+        proxy.addr,
+        b"POST /api/hello HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+    );
+    assert!(
+        post.status().is_some_and(|s| s != 408 && s < 500),
+        "{post:?}"
+    );
+}
+
+#[test]
+fn an_upgraded_connection_is_not_held_to_the_client_timeout() {
+    // A WebSocket-style upstream: 101, then it answers the client's first bytes only after
+    // 3 s, longer than the proxy's client timeout (1 s). The tunnel must survive the wait.
+    use std::io::{BufRead, BufReader, Read};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut writer = stream;
+                let mut line = String::new();
+                let mut request_line = String::new();
+                let _ = reader.read_line(&mut request_line);
+                while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                if request_line.starts_with("GET /healthz") {
+                    let _ = writer.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                    return;
+                }
+                let _ = writer.write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+                );
+                let mut ping = [0u8; 4];
+                if reader.read_exact(&mut ping).is_ok() {
+                    std::thread::sleep(Duration::from_secs(3));
+                    let _ = writer.write_all(b"pong");
+                }
+            });
+        }
+    });
+    let proxy = Proxy::start(&format!(
+        "{}\n[limits]\nclient_timeout = \"1s\"\n",
+        upstream_section("least_conn", &[(upstream, 1)])
+    ));
+    let mut client = raw_tcp::connect(proxy.addr, None);
+    let switched = raw_tcp::exchange(
+        &mut client,
+        b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    );
+    assert_eq!(switched.status(), Some(101), "{switched:?}");
+    client.write_all(b"ping").unwrap();
+    let mut pong = [0u8; 4];
+    client
+        .read_exact(&mut pong)
+        .expect("the tunnel is still open after 3 s");
+    assert_eq!(&pong, b"pong");
+}
