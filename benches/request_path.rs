@@ -161,8 +161,6 @@ fn session_check(c: &mut Criterion) {
         email: Some("demo@example.test".into()),
         name: Some("Demo User".into()),
         picture: Some("https://s.gravatar.com/avatar/0123456789abcdef.png".into()),
-        // An Auth0-sized RS256 ID token (kept for logout's id_token_hint).
-        id_token: Some("e".repeat(1100)),
         iat: 1_800_000_000,
         exp: 4_000_000_000,
     };

@@ -10,6 +10,10 @@ usage: custodia [run] [--config FILE]     start the local stack (default config/
        custodia proxy ARGS…              the same as custodia-proxy ARGS…
        custodia app ARGS…                the same as custodia-app ARGS…";
 
+/// `custodia proxy` is the same program as `custodia-proxy`, allocator included.
+#[global_allocator]
+static ALLOCATOR: custodia_proxy::Allocator = custodia_proxy::Allocator;
+
 fn main() {
     let mut args: Vec<OsString> = std::env::args_os().collect();
     let sub = args.get(1).map(|a| a.to_string_lossy().into_owned());

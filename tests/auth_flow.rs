@@ -137,6 +137,30 @@ async fn full_login_and_logout(method: AuthMethod) {
             cookie.raw
         );
     }
+    // The ID token for logout's id_token_hint rides in its own sealed cookie that browsers send
+    // only to /logout, so the session checked on every request stays small.
+    let hint = reply
+        .set_cookies()
+        .into_iter()
+        .find(|c| c.name == "custodia_logout")
+        .unwrap_or_else(|| panic!("a logout hint cookie is set: {}", reply.describe()));
+    assert_eq!(
+        hint.attribute("Path"),
+        Some(Some("/logout")),
+        "{}",
+        hint.raw
+    );
+    assert!(hint.has("HttpOnly"), "{}", hint.raw);
+    assert!(
+        !hint.value.contains("eyJ"),
+        "the ID token is sealed: {}",
+        hint.raw
+    );
+    let session_value_len: usize = set.iter().map(|c| c.value.len()).sum();
+    assert!(
+        session_value_len < 1024,
+        "the session cookie carries no ID token ({session_value_len} bytes)"
+    );
 
     stack.assert_signed_in(&browser).await;
     let home = browser.get_html("/").await;
@@ -164,6 +188,14 @@ async fn full_login_and_logout(method: AuthMethod) {
         session_cookies(&browser).is_empty(),
         "no session cookie left in the jar: {:?}",
         browser.cookie_names()
+    );
+    assert!(
+        logout
+            .set_cookies()
+            .iter()
+            .any(|c| c.name == "custodia_logout" && c.is_removal()),
+        "logout deletes the logout hint: {:?}",
+        logout.set_cookies()
     );
     let end_session = logout.redirect_target();
     assert!(

@@ -828,7 +828,9 @@ async fn the_access_log_has_a_json_line_per_request_and_no_secrets() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_auth_on_the_subject_is_logged_and_no_secret_is() {
-    use custodia_proxy::auth::{seal_session, CookieSettings, SecretKeys, Session};
+    use custodia_proxy::auth::{
+        seal_logout_hint, seal_session, CookieSettings, SecretKeys, Session,
+    };
 
     let echo = EchoServer::start();
     let app_secret = "SECRETAPPKEY-0123456789abcdef0123456789abcdef";
@@ -858,15 +860,19 @@ async fn with_auth_on_the_subject_is_logged_and_no_secret_is() {
         email: Some("alice@example.com".into()),
         name: Some("Alice".into()),
         picture: None,
-        id_token: Some("SECRETIDTOKEN-7777".into()),
         iat: now,
         exp: now + 3600,
     };
     let keys = SecretKeys::from_secrets(app_secret, &[]).unwrap();
     let sealed = seal_session(&keys, &session);
+    let settings = CookieSettings { secure: false };
+    // The ID token rides in the logout hint; /logout is not the route here, but the cookie is
+    // on the request all the same (a client may send it anywhere).
+    let hint = seal_logout_hint(&keys, &session, "SECRETIDTOKEN-7777");
     let cookie = format!(
-        "{}={sealed}",
-        CookieSettings { secure: false }.session_cookie_name()
+        "{}={sealed}; {}={hint}",
+        settings.session_cookie_name(),
+        settings.logout_hint_cookie_name()
     );
 
     let c = client();
@@ -930,6 +936,7 @@ async fn with_auth_on_the_subject_is_logged_and_no_secret_is() {
         &output,
         &[
             &sealed,
+            &hint,
             app_secret,
             client_secret,
             "alice@example.com",

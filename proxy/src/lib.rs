@@ -25,3 +25,6 @@ pub mod runtime;
 pub mod server;
 
 pub use error::ProxyError;
+
+/// The allocator the proxy binaries install (`#[global_allocator]` in each `main.rs`).
+pub use mimalloc::MiMalloc as Allocator;

@@ -3,6 +3,8 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
+
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{RunArgs, Server};
 use pingora_core::services::background::background_service;
@@ -41,6 +43,9 @@ fn server_conf(config: &ProxyConfig) -> ServerConf {
         // Pingora counts attempts, ours counts retries; the edge enforces `retries` per request,
         // so a reload may raise it up to this limit.
         max_retries: max_attempts(config),
+        // One single-threaded runtime per thread, each connection living on one of them (as an
+        // nginx worker does): no cross-thread wake-ups per request.
+        work_stealing: false,
         ..ServerConf::default()
     };
     conf.upstream_keepalive_pool_size = conf.upstream_keepalive_pool_size.max(256);
@@ -51,6 +56,14 @@ fn server_conf(config: &ProxyConfig) -> ServerConf {
 fn max_attempts(config: &ProxyConfig) -> usize {
     (config.upstream.retries as usize + 1).max(MIN_ATTEMPTS)
 }
+
+/// Client connections read straight into the HTTP parser's own buffer. Pingora's default
+/// 64 KiB read buffer per connection costs 640 MB for 10,000 idle keep-alive clients and saves no
+/// system call for requests that fit one read.
+const DOWNSTREAM_BUFFERS: L4BufferSettings = L4BufferSettings {
+    read: Some(0),
+    write: None,
+};
 
 /// Attempts Pingora allows per request whatever the starting `retries` (8 = 7 retries).
 const MIN_ATTEMPTS: usize = 8;
@@ -83,7 +96,7 @@ pub fn run(config: ProxyConfig, options: StartOptions) -> Result<(), ProxyError>
         ConnectionGate::new(edge, shared.clone()),
     );
     for addr in &config.server.listen {
-        proxy.add_tcp(&addr.to_string());
+        proxy.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(DOWNSTREAM_BUFFERS));
     }
     server.add_service(proxy);
     server.add_service(background_service(

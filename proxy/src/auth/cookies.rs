@@ -6,7 +6,11 @@
 //!   `custodia_session`. Values over [`CHUNK_LEN`] bytes are split into `NAME.0`, `NAME.1`, …
 //! - Login state: one cookie per login attempt, `custodia_login_<id>` (or with `__Host-`), so two
 //!   tabs logging in at once do not overwrite each other.
-//! - Attributes are always `Path=/; HttpOnly; SameSite=Lax` (+ `Secure`), never `Domain`.
+//! - Logout hint: `custodia_logout` (`__Secure-custodia_logout` when secure; `__Host-` would
+//!   force `Path=/`) with `Path=/logout`, so the ID token it carries travels only to /logout and
+//!   the session cookie checked on every request stays small.
+//! - Attributes are `Path=/; HttpOnly; SameSite=Lax` (+ `Secure`; the logout hint's path is
+//!   `/logout`), never `Domain`.
 //!   `SameSite=Lax` still sends the login cookie on the IdP's top-level GET redirect to /callback.
 
 use std::time::Duration;
@@ -33,6 +37,10 @@ pub const MAX_SESSION_VALUE_LEN: usize = if MAX_SEALED_LEN < CHUNK_LEN * MAX_CHU
 const SESSION_NAME: &str = "custodia_session";
 const SECURE_SESSION_NAME: &str = "__Host-custodia_session";
 const LOGIN_PREFIX: &str = "custodia_login_";
+const LOGOUT_HINT_NAME: &str = "custodia_logout";
+const SECURE_LOGOUT_HINT_NAME: &str = "__Secure-custodia_logout";
+/// The only path browsers send the logout hint to.
+const LOGOUT_HINT_PATH: &str = "/logout";
 const SECURE_LOGIN_PREFIX: &str = "__Host-custodia_login_";
 /// Characters of the login-cookie id (base64url of SHA-256(state)): 96 bits.
 const LOGIN_ID_LEN: usize = 16;
@@ -207,9 +215,58 @@ impl CookieSettings {
         read_cookie(cookie_headers, &self.login_cookie_name(state))
     }
 
+    /// `__Secure-custodia_logout` when secure, else `custodia_logout`.
+    pub fn logout_hint_cookie_name(&self) -> &'static str {
+        if self.secure {
+            SECURE_LOGOUT_HINT_NAME
+        } else {
+            LOGOUT_HINT_NAME
+        }
+    }
+
+    /// `Set-Cookie` value storing a sealed logout hint, sent back only to `/logout`.
+    pub fn set_logout_hint_cookie(
+        &self,
+        value: &str,
+        max_age: Duration,
+    ) -> Result<String, CookieError> {
+        if value.is_empty() || !is_cookie_value(value.as_bytes()) {
+            return Err(CookieError::InvalidValue);
+        }
+        if value.len() > CHUNK_LEN {
+            return Err(CookieError::TooLarge {
+                len: value.len(),
+                max: CHUNK_LEN,
+            });
+        }
+        Ok(self.cookie_at(
+            self.logout_hint_cookie_name(),
+            value,
+            max_age.as_secs(),
+            LOGOUT_HINT_PATH,
+        ))
+    }
+
+    /// `Set-Cookie` value deleting the logout hint.
+    pub fn clear_logout_hint_cookie(&self) -> String {
+        self.cookie_at(self.logout_hint_cookie_name(), "", 0, LOGOUT_HINT_PATH)
+    }
+
+    /// The sealed logout hint from the request's `Cookie` headers.
+    pub fn read_logout_hint<'a>(
+        &self,
+        cookie_headers: impl Iterator<Item = &'a [u8]>,
+    ) -> Option<String> {
+        read_cookie(cookie_headers, self.logout_hint_cookie_name())
+    }
+
     fn set_cookie(&self, name: &str, value: &str, max_age: u64) -> String {
+        self.cookie_at(name, value, max_age, "/")
+    }
+
+    fn cookie_at(&self, name: &str, value: &str, max_age: u64, path: &str) -> String {
         let secure = if self.secure { "; Secure" } else { "" };
-        format!("{name}={value}; Max-Age={max_age}; Path=/; HttpOnly; SameSite=Lax{secure}")
+        format!("{name}={value}; Max-Age={max_age}; Path={path}; HttpOnly; SameSite=Lax{secure}")
     }
 }
 
@@ -280,7 +337,7 @@ pub fn strip_custodia_cookie_bytes(cookie_header: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// Whether `name` is (a look-alike of) one of our cookies: `custodia_session`, `custodia_session.N`,
-/// `custodia_login_*`, with or without `__Host-`/`__Secure-`, in any ASCII case.
+/// `custodia_login_*`, `custodia_logout`, with or without `__Host-`/`__Secure-`, in any ASCII case.
 pub fn is_custodia_cookie_name(name: &[u8]) -> bool {
     let rest = strip_prefix_ignore_case(name, b"__host-")
         .or_else(|| strip_prefix_ignore_case(name, b"__secure-"))
@@ -288,7 +345,8 @@ pub fn is_custodia_cookie_name(name: &[u8]) -> bool {
     if let Some(after) = strip_prefix_ignore_case(rest, SESSION_NAME.as_bytes()) {
         return after.is_empty() || after[0] == b'.';
     }
-    strip_prefix_ignore_case(rest, LOGIN_PREFIX.as_bytes()).is_some()
+    rest.eq_ignore_ascii_case(LOGOUT_HINT_NAME.as_bytes())
+        || strip_prefix_ignore_case(rest, LOGIN_PREFIX.as_bytes()).is_some()
 }
 
 fn strip_prefix_ignore_case<'a>(s: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
@@ -682,6 +740,9 @@ mod tests {
             ),
             ("my_custodia_session=1", Some("my_custodia_session=1")),
             ("custodia_login=1", Some("custodia_login=1")),
+            ("custodia_logout=v1.h; x=1", Some("x=1")),
+            ("__Secure-custodia_logout=v1.h", None),
+            ("custodia_logouts=1", Some("custodia_logouts=1")),
             // A nameless value is not a cookie named like ours.
             ("custodia_session", Some("custodia_session")),
             ("", None),
@@ -698,6 +759,42 @@ mod tests {
         assert_eq!(
             strip_custodia_cookie_bytes(b"\xff=1; custodia_session=v1.x; b=\x80"),
             Some(b"\xff=1; b=\x80".to_vec())
+        );
+    }
+
+    #[test]
+    fn the_logout_hint_goes_only_to_logout() {
+        assert_eq!(
+            SECURE
+                .set_logout_hint_cookie("v1.hint", Duration::from_secs(600))
+                .unwrap(),
+            "__Secure-custodia_logout=v1.hint; Max-Age=600; Path=/logout; HttpOnly; SameSite=Lax; Secure"
+        );
+        assert_eq!(
+            PLAIN.clear_logout_hint_cookie(),
+            "custodia_logout=; Max-Age=0; Path=/logout; HttpOnly; SameSite=Lax"
+        );
+        assert_eq!(
+            SECURE.read_logout_hint(
+                [&b"__Secure-custodia_logout=v1.hint; custodia_logout=v1.plain"[..]].into_iter()
+            ),
+            Some("v1.hint".to_string())
+        );
+        assert_eq!(
+            SECURE.read_logout_hint([&b"custodia_logout=v1.planted"[..]].into_iter()),
+            None,
+            "in secure mode a plain-named cookie is not ours"
+        );
+        assert_eq!(
+            PLAIN.set_logout_hint_cookie(&value(CHUNK_LEN + 1), Duration::from_secs(1)),
+            Err(CookieError::TooLarge {
+                len: CHUNK_LEN + 1,
+                max: CHUNK_LEN
+            })
+        );
+        assert_eq!(
+            PLAIN.set_logout_hint_cookie("a;b", Duration::from_secs(1)),
+            Err(CookieError::InvalidValue)
         );
     }
 

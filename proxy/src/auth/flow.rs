@@ -11,6 +11,7 @@ use openidconnect::url::form_urlencoded;
 use super::cookies::CookieSettings;
 use super::keys::SecretKeys;
 use super::login_state::{open_login_state, seal_login_state, LoginState, LOGIN_STATE_TTL};
+use super::logout_hint::{open_logout_hint, seal_logout_hint};
 use super::oidc::{OidcError, OidcProvider, VerifiedUser};
 use super::policy::{normalise_path, Policy, RouteTable};
 use super::redirect::safe_return_target;
@@ -393,7 +394,6 @@ pub async fn callback<'a>(
         email: user.email,
         name: user.name,
         picture: user.picture,
-        id_token: Some(user.id_token),
         iat: now,
         exp: now + ttl.as_secs(),
     };
@@ -419,7 +419,15 @@ pub async fn callback<'a>(
     for c in cookies {
         response = response.with_cookie(c);
     }
-    response
+    // Without the hint, logout still works (the IdP is told our client_id instead).
+    let hint = seal_logout_hint(&auth.keys, &session, &user.id_token);
+    match auth.cookies.set_logout_hint_cookie(&hint, ttl) {
+        Ok(c) => response.with_cookie(c),
+        Err(e) => {
+            tracing::debug!(error = %e, "ID token not kept for logout");
+            response.with_cookie(auth.cookies.clear_logout_hint_cookie())
+        }
+    }
 }
 
 /// allowed_emails / allowed_domains; an email must not be marked unverified.
@@ -443,17 +451,24 @@ pub fn logout<'a>(
     cookie_headers: impl Iterator<Item = &'a [u8]>,
     now: u64,
 ) -> AuthResponse {
+    let cookie_headers: Vec<&[u8]> = cookie_headers.collect();
     let session = auth
         .cookies
-        .read_session(cookie_headers)
+        .read_session(cookie_headers.iter().copied())
         .and_then(|sealed| open_session(&auth.keys, &sealed, now).ok());
     let home = format!("{}/", auth.settings.public_url);
-    let hint = session.as_ref().and_then(|s| s.id_token.as_deref());
-    let target = auth.oidc.logout_url(hint, &home).unwrap_or(home);
+    let hint = session.as_ref().and_then(|session| {
+        let sealed = auth
+            .cookies
+            .read_logout_hint(cookie_headers.iter().copied())?;
+        open_logout_hint(&auth.keys, &sealed, session)
+    });
+    let target = auth.oidc.logout_url(hint.as_deref(), &home).unwrap_or(home);
     let mut response = AuthResponse::redirect(target);
     for c in auth.cookies.clear_session_cookies() {
         response = response.with_cookie(c);
     }
+    response = response.with_cookie(auth.cookies.clear_logout_hint_cookie());
     if let Some(s) = session {
         tracing::info!(sub = %s.sub, "signed out");
     }
@@ -592,7 +607,6 @@ mod tests {
             email: None,
             name: None,
             picture: None,
-            id_token: None,
             iat: 1,
             exp: 100,
         };

@@ -49,6 +49,7 @@ pub struct SecretKeys {
 struct KeySet {
     session: Aes256Gcm,
     login_state: Aes256Gcm,
+    logout_hint: Aes256Gcm,
 }
 
 impl SecretKeys {
@@ -115,6 +116,7 @@ impl KeySet {
         Ok(KeySet {
             session: cipher(Purpose::Session)?,
             login_state: cipher(Purpose::LoginState)?,
+            logout_hint: cipher(Purpose::LogoutHint)?,
         })
     }
 
@@ -122,6 +124,7 @@ impl KeySet {
         match purpose {
             Purpose::Session => &self.session,
             Purpose::LoginState => &self.login_state,
+            Purpose::LogoutHint => &self.logout_hint,
         }
     }
 }

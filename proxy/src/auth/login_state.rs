@@ -216,7 +216,6 @@ mod tests {
             email: None,
             name: None,
             picture: None,
-            id_token: None,
             iat: NOW,
             exp: NOW + 60,
         };

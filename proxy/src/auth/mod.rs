@@ -2,7 +2,8 @@
 //!
 //! ```text
 //!  APP_SECRET_KEY (+ previous) ──▶ keys ──▶ seal ──┬──▶ session      (the signed-in user, every request)
-//!                                                   └──▶ login_state  (state/nonce/PKCE, /login → /callback)
+//!                                                   ├──▶ login_state  (state/nonce/PKCE, /login → /callback)
+//!                                                   └──▶ logout_hint  (the ID token, sent only to /logout)
 //!  cookies           names, attributes, chunking, Cookie parsing, stripping ours before upstream
 //!  redirect          `rd` → a safe same-origin path, or nothing
 //!  policy            normalised path → public | optional | required
@@ -18,6 +19,7 @@ pub mod flow;
 pub mod identity_headers;
 pub mod keys;
 pub mod login_state;
+pub mod logout_hint;
 pub mod oidc;
 pub mod policy;
 pub mod redirect;
@@ -31,6 +33,7 @@ pub use keys::{KeyError, SecretKeys};
 pub use login_state::{
     open_login_state, seal_login_state, LoginState, LoginStateError, LOGIN_STATE_TTL,
 };
+pub use logout_hint::{open_logout_hint, seal_logout_hint};
 pub use policy::{normalise_path, PathError, Policy, RouteError, RouteTable};
 pub use redirect::safe_return_target;
 pub use seal::{seal, unseal, Purpose, SealError};

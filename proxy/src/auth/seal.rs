@@ -27,6 +27,7 @@ const TAG_LEN: usize = 16;
 pub enum Purpose {
     Session,
     LoginState,
+    LogoutHint,
 }
 
 impl Purpose {
@@ -35,6 +36,7 @@ impl Purpose {
         match self {
             Purpose::Session => "custodia/v1/session",
             Purpose::LoginState => "custodia/v1/login-state",
+            Purpose::LogoutHint => "custodia/v1/logout-hint",
         }
     }
 }
