@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use super::process::{free_addr, wait_for_port, ChildGuard, TempDir};
+use super::process::{free_addr, wait_for_port, CapturedOutput, ChildGuard, TempDir};
 
 pub const STARTUP: Duration = Duration::from_secs(30);
 
@@ -20,6 +20,8 @@ pub struct Worker {
     pub addr: SocketAddr,
     pub id: String,
     pub process: ChildGuard,
+    /// Where its stdout and stderr went, when started with [`Worker::start_capturing`].
+    pub output: Option<CapturedOutput>,
 }
 
 impl Worker {
@@ -33,16 +35,35 @@ impl Worker {
     }
 
     pub fn start_on(addr: SocketAddr, id: &str, delay_ms: u64) -> Worker {
-        Worker::launch(addr, id, delay_ms, &[])
+        Worker::launch(addr, id, delay_ms, &[], false)
     }
 
     /// A worker with extra environment, e.g. `CUSTODIA_ASSERTION_KEY` so it verifies the
     /// proxy's identity assertions.
     pub fn start_with_env(id: &str, env: &[(&str, &str)]) -> Worker {
-        Worker::launch(free_addr(), id, 0, env)
+        Worker::launch(free_addr(), id, 0, env, false)
     }
 
-    fn launch(addr: SocketAddr, id: &str, delay_ms: u64, env: &[(&str, &str)]) -> Worker {
+    /// [`Worker::start_with_env`] with its output kept for [`Worker::output`].
+    pub fn start_capturing(id: &str, env: &[(&str, &str)]) -> Worker {
+        Worker::launch(free_addr(), id, 0, env, true)
+    }
+
+    /// What a worker started with [`Worker::start_capturing`] printed so far.
+    pub fn output(&self) -> String {
+        self.output
+            .as_ref()
+            .expect("the worker was started with start_capturing")
+            .read()
+    }
+
+    fn launch(
+        addr: SocketAddr,
+        id: &str,
+        delay_ms: u64,
+        env: &[(&str, &str)],
+        capture: bool,
+    ) -> Worker {
         let mut command = Command::new(custodia_bin());
         command.args(["app", "--listen", &addr.to_string(), "--worker-id", id]);
         if delay_ms > 0 {
@@ -53,12 +74,18 @@ impl Worker {
         for (k, v) in env {
             command.env(k, v);
         }
-        let mut process = ChildGuard::spawn(&format!("worker {id}"), &mut command);
+        let name = format!("worker {id}");
+        let output = capture.then(|| CapturedOutput::new("worker"));
+        let mut process = match &output {
+            Some(output) => ChildGuard::spawn_captured(&name, &mut command, output),
+            None => ChildGuard::spawn(&name, &mut command),
+        };
         wait_for_port(addr, STARTUP, &mut process);
         Worker {
             addr,
             id: id.to_string(),
             process,
+            output,
         }
     }
 }
@@ -69,6 +96,8 @@ pub struct Proxy {
     pub admin: SocketAddr,
     pub config_path: PathBuf,
     pub process: ChildGuard,
+    /// Where its stdout and stderr went, when started with [`Proxy::start_at_capturing`].
+    pub output: Option<CapturedOutput>,
     _dir: TempDir,
 }
 
@@ -88,6 +117,24 @@ impl Proxy {
     /// directory (so no `.env` of the checkout is read) with the secret variables of
     /// [`SECRET_ENV`] removed from the inherited environment; `env` sets what the test wants.
     pub fn start_at(addr: SocketAddr, sections: &str, env: &[(&str, &str)]) -> Proxy {
+        Proxy::launch(addr, sections, env, false)
+    }
+
+    /// [`Proxy::start_at`] with its output (access log, diagnostics) kept for
+    /// [`Proxy::output`].
+    pub fn start_at_capturing(addr: SocketAddr, sections: &str, env: &[(&str, &str)]) -> Proxy {
+        Proxy::launch(addr, sections, env, true)
+    }
+
+    /// What a proxy started with [`Proxy::start_at_capturing`] printed so far.
+    pub fn output(&self) -> String {
+        self.output
+            .as_ref()
+            .expect("the proxy was started with start_at_capturing")
+            .read()
+    }
+
+    fn launch(addr: SocketAddr, sections: &str, env: &[(&str, &str)], capture: bool) -> Proxy {
         let dir = TempDir::new("proxy");
         let admin = free_addr();
         let config = format!(
@@ -105,7 +152,11 @@ impl Proxy {
         for (k, v) in env {
             command.env(k, v);
         }
-        let mut process = ChildGuard::spawn("custodia-proxy", &mut command);
+        let output = capture.then(|| CapturedOutput::new("proxy"));
+        let mut process = match &output {
+            Some(output) => ChildGuard::spawn_captured("custodia-proxy", &mut command, output),
+            None => ChildGuard::spawn("custodia-proxy", &mut command),
+        };
         wait_for_port(addr, STARTUP, &mut process);
         wait_for_port(admin, STARTUP, &mut process);
         Proxy {
@@ -113,6 +164,7 @@ impl Proxy {
             admin,
             config_path,
             process,
+            output,
             _dir: dir,
         }
     }

@@ -99,6 +99,11 @@ pub struct AuthConfig {
     /// `public_url` is `https://127.0.0.1:PORT` (as behind a TLS-terminating tunnel) while the
     /// tests still talk plain http to the proxy.
     pub public_https: bool,
+    /// Keep the proxy's and the worker's output for [`AuthStack::output`].
+    pub capture_output: bool,
+    /// `RUST_LOG` for the proxy and the worker; `None`: `info` for the proxy, `warn` for the
+    /// worker.
+    pub rust_log: Option<String>,
 }
 
 impl Default for AuthConfig {
@@ -121,6 +126,8 @@ impl Default for AuthConfig {
             app_secret_key_previous: None,
             idp_at_start: IdpAtStart::Running,
             public_https: false,
+            capture_output: false,
+            rust_log: None,
         }
     }
 }
@@ -171,6 +178,18 @@ impl AuthConfig {
     /// An `https://` public URL (cookies get `Secure` and the `__Host-` prefix).
     pub fn public_https(mut self) -> Self {
         self.public_https = true;
+        self
+    }
+
+    /// Keep what the proxy and the worker print, for [`AuthStack::output`].
+    pub fn capture_output(mut self) -> Self {
+        self.capture_output = true;
+        self
+    }
+
+    /// `RUST_LOG` for both the proxy and the worker.
+    pub fn rust_log(mut self, directives: &str) -> Self {
+        self.rust_log = Some(directives.to_string());
         self
     }
 
@@ -271,13 +290,19 @@ impl AuthStack {
             IdpAtStart::Down => (None, free_addr().port()),
         };
         let (worker, echo) = match config.upstream {
-            Upstream::Worker => (
-                Some(Worker::start_with_env(
-                    "w-auth",
-                    &[("CUSTODIA_ASSERTION_KEY", ASSERTION_KEY)],
-                )),
-                None,
-            ),
+            Upstream::Worker => {
+                let rust_log = config.rust_log.as_deref().unwrap_or("warn");
+                let env = [
+                    ("CUSTODIA_ASSERTION_KEY", ASSERTION_KEY),
+                    ("RUST_LOG", rust_log),
+                ];
+                let worker = if config.capture_output {
+                    Worker::start_capturing("w-auth", &env)
+                } else {
+                    Worker::start_with_env("w-auth", &env)
+                };
+                (Some(worker), None)
+            }
             Upstream::Echo => (None, Some(EchoServer::start())),
         };
         let mut stack = AuthStack {
@@ -333,13 +358,30 @@ impl AuthStack {
             ),
             ("APP_SECRET_KEY", self.config.app_secret_key.clone()),
             ("CUSTODIA_ASSERTION_KEY", ASSERTION_KEY.to_string()),
-            ("RUST_LOG", "info".to_string()),
+            (
+                "RUST_LOG",
+                self.config.rust_log.clone().unwrap_or("info".to_string()),
+            ),
         ];
         if let Some(previous) = &self.config.app_secret_key_previous {
             env.push(("APP_SECRET_KEY_PREVIOUS", previous.clone()));
         }
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        self.proxy = Some(Proxy::start_at(self.addr, &sections, &env));
+        self.proxy = Some(if self.config.capture_output {
+            Proxy::start_at_capturing(self.addr, &sections, &env)
+        } else {
+            Proxy::start_at(self.addr, &sections, &env)
+        });
+    }
+
+    /// What the proxy and the worker printed so far (needs [`AuthConfig::capture_output`]).
+    pub fn output(&self) -> String {
+        let mut all = self.proxy().output();
+        if let Some(worker) = &self.worker {
+            all.push('\n');
+            all.push_str(&worker.output());
+        }
+        all
     }
 
     pub fn proxy(&self) -> &Proxy {
