@@ -407,7 +407,7 @@ async fn no_secret_reaches_logs_error_pages_or_metrics() {
     evidence.reply("GET /api/me after logout", &me_after);
     assert_eq!(me_after.status, StatusCode::UNAUTHORIZED);
 
-    // --- The worker goes down: a signed-in request gets the proxy's error page.
+    // --- The worker goes down: a signed-in request gets the proxy's error page (502).
     {
         let worker = stack.worker.as_mut().expect("a worker");
         worker.process.child.kill().unwrap();
@@ -429,9 +429,9 @@ async fn no_secret_reaches_logs_error_pages_or_metrics() {
     .await;
     evidence.public_requests += tries - 1; // the attempts before the error page
     evidence.reply("GET /api/me with the worker down", &failed);
-    assert_eq!(
-        failed.status,
-        StatusCode::BAD_GATEWAY,
+    // 502 for the failed attempt; 503 once health checks have taken the worker out.
+    assert!(
+        matches!(failed.status.as_u16(), 502 | 503),
         "{}",
         failed.describe()
     );
