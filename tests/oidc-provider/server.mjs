@@ -11,6 +11,8 @@
 //   COOKIE_KEYS       comma-separated cookie signing keys (default: random per start)
 //   STRICT_CLIENT_AUTH `0` lets a client use either client_secret_basic or client_secret_post, as
 //                     the library does; by default each client must use its registered method
+//   TOKEN_LOG         a file to append every token endpoint response body to, one per line, so
+//                     tests know the tokens they must never find in the relying party's output
 //
 // When it is ready it prints exactly one line on stdout:
 //   oidc-provider listening on http://127.0.0.1:PORT/
@@ -277,8 +279,32 @@ async function interaction(req, res, url) {
   return send(res, 405, 'method not allowed');
 }
 
+/** With TOKEN_LOG set: appends the body of this (token endpoint) response to that file. */
+function recordTokenResponse(res) {
+  const file = process.env.TOKEN_LOG;
+  if (!file) return;
+  const chunks = [];
+  const keep = (chunk, encoding) => {
+    if (chunk && typeof chunk !== 'function') {
+      chunks.push(Buffer.isBuffer(chunk) ? chunk : Buffer.from(chunk, typeof encoding === 'string' ? encoding : 'utf8'));
+    }
+  };
+  const write = res.write.bind(res);
+  const end = res.end.bind(res);
+  res.write = (chunk, encoding, ...rest) => {
+    keep(chunk, encoding);
+    return write(chunk, encoding, ...rest);
+  };
+  res.end = (chunk, encoding, ...rest) => {
+    keep(chunk, encoding);
+    fs.appendFileSync(file, `${Buffer.concat(chunks).toString('utf8').replace(/\n/g, ' ')}\n`);
+    return end(chunk, encoding, ...rest);
+  };
+}
+
 const server = http.createServer((req, res) => {
   const url = new URL(req.url ?? '/', issuer);
+  if (url.pathname === '/oauth/token') recordTokenResponse(res);
   if (url.pathname.startsWith('/interaction/')) {
     interaction(req, res, url).catch((err) => {
       process.stderr.write(`interaction error: ${err?.stack ?? err}\n`);

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use super::process::{free_addr, wait_for_port, ChildGuard, TempDir};
+use super::process::{free_addr, wait_for_port, CapturedOutput, ChildGuard, TempDir};
 
 pub const STARTUP: Duration = Duration::from_secs(30);
 
@@ -22,6 +22,8 @@ pub struct Worker {
     pub process: ChildGuard,
     delay_ms: u64,
     env: Vec<(String, String)>,
+    /// Where its stdout and stderr went, when started with [`Worker::start_capturing`].
+    pub output: Option<CapturedOutput>,
 }
 
 impl Worker {
@@ -35,13 +37,13 @@ impl Worker {
     }
 
     pub fn start_on(addr: SocketAddr, id: &str, delay_ms: u64) -> Worker {
-        Worker::launch(addr, id, delay_ms, &[])
+        Worker::launch(addr, id, delay_ms, &[], false)
     }
 
     /// A worker with extra environment, e.g. `CUSTODIA_ASSERTION_KEY` so it verifies the
     /// proxy's identity assertions.
     pub fn start_with_env(id: &str, env: &[(&str, &str)]) -> Worker {
-        Worker::launch(free_addr(), id, 0, env)
+        Worker::launch(free_addr(), id, 0, env, false)
     }
 
     /// Kills the worker at once (SIGKILL, as a crash or the OOM killer would) and reaps it.
@@ -63,10 +65,30 @@ impl Worker {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        *self = Worker::launch(self.addr, &self.id, self.delay_ms, &env);
+        let capture = self.output.is_some();
+        *self = Worker::launch(self.addr, &self.id, self.delay_ms, &env, capture);
     }
 
-    fn launch(addr: SocketAddr, id: &str, delay_ms: u64, env: &[(&str, &str)]) -> Worker {
+    /// [`Worker::start_with_env`] with its output kept for [`Worker::output`].
+    pub fn start_capturing(id: &str, env: &[(&str, &str)]) -> Worker {
+        Worker::launch(free_addr(), id, 0, env, true)
+    }
+
+    /// What a worker started with [`Worker::start_capturing`] printed so far.
+    pub fn output(&self) -> String {
+        self.output
+            .as_ref()
+            .expect("the worker was started with start_capturing")
+            .read()
+    }
+
+    fn launch(
+        addr: SocketAddr,
+        id: &str,
+        delay_ms: u64,
+        env: &[(&str, &str)],
+        capture: bool,
+    ) -> Worker {
         let mut command = Command::new(custodia_bin());
         command.args(["app", "--listen", &addr.to_string(), "--worker-id", id]);
         if delay_ms > 0 {
@@ -77,7 +99,12 @@ impl Worker {
         for (k, v) in env {
             command.env(k, v);
         }
-        let mut process = ChildGuard::spawn(&format!("worker {id}"), &mut command);
+        let name = format!("worker {id}");
+        let output = capture.then(|| CapturedOutput::new("worker"));
+        let mut process = match &output {
+            Some(output) => ChildGuard::spawn_captured(&name, &mut command, output),
+            None => ChildGuard::spawn(&name, &mut command),
+        };
         wait_for_port(addr, STARTUP, &mut process);
         Worker {
             addr,
@@ -88,6 +115,7 @@ impl Worker {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            output,
         }
     }
 }
@@ -100,6 +128,8 @@ pub struct Proxy {
     pub process: ChildGuard,
     /// The generated `[server]` and `[admin]` sections, kept by [`Proxy::rewrite`].
     server_sections: String,
+    /// Where its stdout and stderr went, when started with [`Proxy::start_at_capturing`].
+    pub output: Option<CapturedOutput>,
     _dir: TempDir,
 }
 
@@ -119,6 +149,24 @@ impl Proxy {
     /// directory (so no `.env` of the checkout is read) with the secret variables of
     /// [`SECRET_ENV`] removed from the inherited environment; `env` sets what the test wants.
     pub fn start_at(addr: SocketAddr, sections: &str, env: &[(&str, &str)]) -> Proxy {
+        Proxy::launch(addr, sections, env, false)
+    }
+
+    /// [`Proxy::start_at`] with its output (access log, diagnostics) kept for
+    /// [`Proxy::output`].
+    pub fn start_at_capturing(addr: SocketAddr, sections: &str, env: &[(&str, &str)]) -> Proxy {
+        Proxy::launch(addr, sections, env, true)
+    }
+
+    /// What a proxy started with [`Proxy::start_at_capturing`] printed so far.
+    pub fn output(&self) -> String {
+        self.output
+            .as_ref()
+            .expect("the proxy was started with start_at_capturing")
+            .read()
+    }
+
+    fn launch(addr: SocketAddr, sections: &str, env: &[(&str, &str)], capture: bool) -> Proxy {
         let dir = TempDir::new("proxy");
         let admin = free_addr();
         let server_sections = format!(
@@ -137,7 +185,11 @@ impl Proxy {
         for (k, v) in env {
             command.env(k, v);
         }
-        let mut process = ChildGuard::spawn("custodia-proxy", &mut command);
+        let output = capture.then(|| CapturedOutput::new("proxy"));
+        let mut process = match &output {
+            Some(output) => ChildGuard::spawn_captured("custodia-proxy", &mut command, output),
+            None => ChildGuard::spawn("custodia-proxy", &mut command),
+        };
         wait_for_port(addr, STARTUP, &mut process);
         wait_for_port(admin, STARTUP, &mut process);
         Proxy {
@@ -146,6 +198,7 @@ impl Proxy {
             config_path,
             process,
             server_sections,
+            output,
             _dir: dir,
         }
     }

@@ -105,6 +105,11 @@ pub struct AuthConfig {
     pub access_log: bool,
     /// The proxy's `RUST_LOG` (default `info`).
     pub proxy_log: String,
+    /// Keep the proxy's and the worker's output for [`AuthStack::output`].
+    pub capture_output: bool,
+    /// `RUST_LOG` for the proxy and the worker; `None`: `info` for the proxy, `warn` for the
+    /// worker.
+    pub rust_log: Option<String>,
 }
 
 impl Default for AuthConfig {
@@ -130,6 +135,8 @@ impl Default for AuthConfig {
             workers: 1,
             access_log: true,
             proxy_log: "info".to_string(),
+            capture_output: false,
+            rust_log: None,
         }
     }
 }
@@ -180,6 +187,18 @@ impl AuthConfig {
     /// An `https://` public URL (cookies get `Secure` and the `__Host-` prefix).
     pub fn public_https(mut self) -> Self {
         self.public_https = true;
+        self
+    }
+
+    /// Keep what the proxy and the worker print, for [`AuthStack::output`].
+    pub fn capture_output(mut self) -> Self {
+        self.capture_output = true;
+        self
+    }
+
+    /// `RUST_LOG` for both the proxy and the worker.
+    pub fn rust_log(mut self, directives: &str) -> Self {
+        self.rust_log = Some(directives.to_string());
         self
     }
 
@@ -301,19 +320,28 @@ impl AuthStack {
             IdpAtStart::Down => (None, free_addr().port()),
         };
         let (workers, echo) = match config.upstream {
-            Upstream::Worker => (
-                (1..=config.workers)
+            Upstream::Worker => {
+                let rust_log = config.rust_log.as_deref().unwrap_or("warn");
+                let env = [
+                    ("CUSTODIA_ASSERTION_KEY", ASSERTION_KEY),
+                    ("RUST_LOG", rust_log),
+                ];
+                let workers = (1..=config.workers)
                     .map(|n| {
                         let id = if n == 1 {
                             "w-auth".to_string()
                         } else {
                             format!("w-auth-{n}")
                         };
-                        Worker::start_with_env(&id, &[("CUSTODIA_ASSERTION_KEY", ASSERTION_KEY)])
+                        if config.capture_output {
+                            Worker::start_capturing(&id, &env)
+                        } else {
+                            Worker::start_with_env(&id, &env)
+                        }
                     })
-                    .collect(),
-                None,
-            ),
+                    .collect();
+                (workers, None)
+            }
             Upstream::Echo => (Vec::new(), Some(EchoServer::start())),
         };
         let mut stack = AuthStack {
@@ -376,7 +404,13 @@ impl AuthStack {
             ),
             ("APP_SECRET_KEY", self.config.app_secret_key.clone()),
             ("CUSTODIA_ASSERTION_KEY", ASSERTION_KEY.to_string()),
-            ("RUST_LOG", self.config.proxy_log.clone()),
+            (
+                "RUST_LOG",
+                self.config
+                    .rust_log
+                    .clone()
+                    .unwrap_or_else(|| self.config.proxy_log.clone()),
+            ),
         ];
         if let Some(previous) = &self.config.app_secret_key_previous {
             env.push(("APP_SECRET_KEY_PREVIOUS", previous.clone()));
@@ -388,7 +422,21 @@ impl AuthStack {
         let sections = self.sections();
         let env = self.proxy_env();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        self.proxy = Some(Proxy::start_at(self.addr, &sections, &env));
+        self.proxy = Some(if self.config.capture_output {
+            Proxy::start_at_capturing(self.addr, &sections, &env)
+        } else {
+            Proxy::start_at(self.addr, &sections, &env)
+        });
+    }
+
+    /// What the proxy and the worker printed so far (needs [`AuthConfig::capture_output`]).
+    pub fn output(&self) -> String {
+        let mut all = self.proxy().output();
+        for worker in &self.workers {
+            all.push('\n');
+            all.push_str(&worker.output());
+        }
+        all
     }
 
     /// Rewrites the proxy's config with `backends` and reloads it, by SIGHUP or by

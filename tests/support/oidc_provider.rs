@@ -225,6 +225,19 @@ impl OidcProvider {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Every token endpoint response so far (`access_token`, `id_token`, … or an `error`), in
+    /// order: the tokens a relying party must never show in its output.
+    pub fn token_responses(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("tokens.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|line| {
+                serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("token response is not JSON ({e}): {line}"))
+            })
+            .collect()
+    }
+
     async fn launch(&mut self, new_key: bool) {
         if new_key {
             self.jwks = self
@@ -243,6 +256,7 @@ impl OidcProvider {
             .env("JWKS_FILE", &self.jwks)
             .env("CLIENTS_FILE", self.dir.path().join("clients.json"))
             .env("DEMO_PASSWORD", DEMO_PASSWORD)
+            .env("TOKEN_LOG", self.dir.path().join("tokens.log"))
             .env_remove("CLIENTS_JSON")
             .stdout(log.try_clone().expect("clone log handle"))
             .stderr(log);

@@ -43,6 +43,30 @@ impl ChildGuard {
         }
     }
 
+    /// [`ChildGuard::spawn`] with stdout and stderr going to `output`'s files (whatever
+    /// `CUSTODIA_TEST_QUIET` says), for tests that read what the process printed.
+    pub fn spawn_captured(
+        name: &str,
+        command: &mut Command,
+        output: &CapturedOutput,
+    ) -> ChildGuard {
+        let file = |ext: &str| {
+            std::fs::File::create(output.dir.path().join(format!("{}.{ext}", output.name)))
+                .unwrap_or_else(|e| panic!("cannot create the output file of {name}: {e}"))
+        };
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(file("out")))
+            .stderr(Stdio::from(file("err")));
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        ChildGuard {
+            name: name.to_string(),
+            child,
+        }
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
     }
@@ -227,6 +251,34 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Files (`NAME.out`, `NAME.err`) a child's output goes to with [`ChildGuard::spawn_captured`];
+/// removed on drop.
+pub struct CapturedOutput {
+    name: String,
+    dir: TempDir,
+}
+
+impl CapturedOutput {
+    pub fn new(name: &str) -> CapturedOutput {
+        CapturedOutput {
+            name: name.to_string(),
+            dir: TempDir::new(&format!("output-{name}")),
+        }
+    }
+
+    /// Everything printed so far: stdout, then stderr.
+    pub fn read(&self) -> String {
+        ["out", "err"]
+            .iter()
+            .map(|ext| {
+                std::fs::read_to_string(self.dir.path().join(format!("{}.{ext}", self.name)))
+                    .unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 

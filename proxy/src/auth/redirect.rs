@@ -76,17 +76,15 @@ fn looks_foreign(form: &[u8]) -> bool {
         .any(|segment| segment == b"." || segment == b"..")
 }
 
-/// C0, DEL, and (when the bytes are UTF-8) C1 controls and Unicode line/paragraph separators.
+/// C0, DEL, and C1 controls and Unicode line/paragraph separators in the form's UTF-8 parts: an
+/// invalid byte elsewhere (`%ff`) must not hide them from a decoder that replaces it.
 fn has_control(form: &[u8]) -> bool {
     if form.iter().any(|&b| b < 0x20 || b == 0x7f) {
         return true;
     }
-    match std::str::from_utf8(form) {
-        Ok(text) => text
-            .chars()
-            .any(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}')),
-        Err(_) => false,
-    }
+    String::from_utf8_lossy(form)
+        .chars()
+        .any(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'))
 }
 
 #[cfg(test)]
@@ -179,6 +177,10 @@ mod tests {
             "/%00",
             "/%C2%85x",
             "/%E2%80%A8x",
+            // Next to an invalid UTF-8 byte (found by proxy/tests/properties.rs).
+            "/%ff%E2%80%A8",
+            "/%ff%C2%85",
+            "/x%E2%80%A9%c3",
             // Dot segments that collapse to //host.
             "/.//evil.example",
             "/..//evil.example",
