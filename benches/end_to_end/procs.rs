@@ -95,6 +95,10 @@ impl Drop for Proxy {
 /// connections for its whole duration.
 const CLIENT_KEEPALIVE: &str = "300s";
 
+/// Client connections each proxy may hold: nginx's 2 workers × `worker_connections` 20000, and
+/// Custodia's `[limits] max_connections` (default 4096) raised to match for the memory test.
+const MAX_CONNECTIONS: usize = 40_000;
+
 /// Custodia with 2 threads, access log off, the given workers; with `auth`, `/api/` requires a
 /// session (the issuer is an unreachable loopback URL: sealed sessions need no IdP).
 pub fn start_custodia(name: &str, workers: &[&Worker], balance: Balance, auth: bool) -> Proxy {
@@ -110,7 +114,8 @@ pub fn start_custodia(name: &str, workers: &[&Worker], balance: Balance, auth: b
         "[server]\nlisten = \"{listen}\"\nthreads = 2\ngrace_period = \"1s\"\n\
          keepalive_timeout = \"{CLIENT_KEEPALIVE}\"\npid_file = \"{pid}\"\nupgrade_sock = \"{sock}\"\n\n\
          [upstream]\nbalance = \"{balance}\"\nbackends = [{backends}]\n\n\
-         [log]\nlevel = \"error\"\naccess_log = false\n\n[admin]\nlisten = \"{admin}\"\n",
+         [log]\nlevel = \"error\"\naccess_log = false\n\n[admin]\nlisten = \"{admin}\"\n\n\
+         [limits]\nmax_connections = {MAX_CONNECTIONS}\n",
         pid = dir.path().join("proxy.pid").display(),
         sock = dir.path().join("upgrade.sock").display(),
         backends = backends.join(", "),
