@@ -1,7 +1,11 @@
 //! `cargo bench`: the cost of the proxy as a ratio. One request through proxy → worker next to
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! the same request sent straight to a worker (HTTP/1.1 keep-alive, concurrency 1), plus the
-//! least-connections pick on its own, in memory.
+//! per-request pieces of the edge on their own, in memory: the session check, the
+//! least-connections pick (alone and with a second thread picking at once), the route policy
+//! match and the request header rewrite.
+//!
+//! The end-to-end comparison with nginx is `benches/end_to_end.rs` (see BENCHMARKS.md).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -9,9 +13,17 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use custodia_proxy::auth::{open_session, seal_session, CookieSettings, SecretKeys, Session};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use criterion::BatchSize;
+use custodia_proxy::auth::{
+    open_session, seal_session, strip_client_identity, CookieSettings, Policy, RouteTable,
+    SecretKeys, Session,
+};
 use custodia_proxy::balancer::{Member, Pool, SlotRegistry};
 use custodia_proxy::config::Balance;
+use custodia_proxy::headers::{request_id, set_forwarding};
+use pingora_http::RequestHeader;
 
 struct Guard(Child);
 impl Drop for Guard {
@@ -133,17 +145,101 @@ fn end_to_end(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+fn pool_of(registry: &SlotRegistry, n: usize) -> Pool {
+    let members = (0..n)
+        .map(|i| Member {
+            slot: registry.slot(SocketAddr::from(([127, 0, 0, 1], 10_000 + i as u16))),
+            weight: 1,
+        })
+        .collect();
+    Pool::new(members, Balance::LeastConn)
+}
+
+/// The pick + release while a second thread does the same on the same pool, as the proxy's two
+/// threads do: the cost of sharing the in-flight counters' cache lines.
+fn least_conn_pick_contended(c: &mut Criterion) {
+    let mut group = c.benchmark_group("least_conn pick + release, 2 threads at once");
+    for n in [3usize, 32] {
+        let registry = SlotRegistry::new();
+        let pool = pool_of(&registry, n);
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::black_box(pool.pick(&[]));
+                }
+            });
+            group.bench_with_input(BenchmarkId::from_parameter(n), &pool, |b, pool| {
+                b.iter(|| pool.pick(&[]).map(|lease| lease.slot().addr))
+            });
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+    group.finish();
+}
+
+/// The route policy of a request path (normalise, then longest prefix), with the local
+/// config's routes.
+fn route_policy(c: &mut Criterion) {
+    let table = RouteTable::new(
+        vec![
+            ("/".into(), Policy::Optional),
+            ("/healthz".into(), Policy::Public),
+            ("/api/hello".into(), Policy::Public),
+            ("/api/".into(), Policy::Required),
+        ],
+        Policy::Required,
+    )
+    .expect("routes");
+    let mut group = c.benchmark_group("route policy");
+    for path in ["/api/me", "/api/hello?name=x", "/", "/static/../api/%6de"] {
+        group.bench_with_input(BenchmarkId::from_parameter(path), path, |b, path| {
+            b.iter(|| table.policy_for_request(path))
+        });
+    }
+    group.finish();
+}
+
+/// The edge's header rewrite of a browser request: drop client-sent identity headers, then set
+/// X-Real-IP / X-Forwarded-For / -Proto / X-Request-Id (the request is cloned outside the timing).
+fn header_rewrite(c: &mut Criterion) {
+    let mut request = RequestHeader::build("GET", b"/api/hello", None).expect("request");
+    for (name, value) in [
+        ("host", "custodia.example.test"),
+        (
+            "user-agent",
+            "Mozilla/5.0 (X11; Linux x86_64) Gecko/20100101 Firefox/133.0",
+        ),
+        ("accept", "application/json"),
+        ("accept-language", "en-GB,en;q=0.5"),
+        ("accept-encoding", "gzip, deflate, br"),
+        ("cookie", "_ga=GA1.1.123; theme=dark"),
+        ("x-forwarded-for", "203.0.113.7"),
+        ("x-forwarded-user", "spoofed"),
+    ] {
+        request.append_header(name, value).expect("header");
+    }
+    let peer = Some(std::net::IpAddr::from([127, 0, 0, 1]));
+    let client = Some(std::net::IpAddr::from([203, 0, 113, 7]));
+    c.bench_function("header rewrite (strip identity + forwarding)", |b| {
+        b.iter_batched(
+            || request.clone(),
+            |mut upstream| {
+                strip_client_identity(&mut upstream);
+                let id = request_id(&upstream);
+                set_forwarding(&mut upstream, peer, client, "https", &id).expect("forwarding");
+                upstream
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
 fn least_conn_pick(c: &mut Criterion) {
     let mut group = c.benchmark_group("least_conn pick + release");
     for n in [3usize, 32, 256] {
         let registry = SlotRegistry::new();
-        let members = (0..n)
-            .map(|i| Member {
-                slot: registry.slot(SocketAddr::from(([127, 0, 0, 1], 10_000 + i as u16))),
-                weight: 1,
-            })
-            .collect();
-        let pool = Pool::new(members, Balance::LeastConn);
+        let pool = pool_of(&registry, n);
         group.bench_with_input(BenchmarkId::from_parameter(n), &pool, |b, pool| {
             b.iter(|| pool.pick(&[]).map(|lease| lease.slot().addr))
         });
@@ -197,5 +293,13 @@ fn session_check(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, session_check, least_conn_pick, end_to_end);
+criterion_group!(
+    benches,
+    session_check,
+    least_conn_pick,
+    least_conn_pick_contended,
+    route_policy,
+    header_rewrite,
+    end_to_end
+);
 criterion_main!(benches);

@@ -1,0 +1,479 @@
+//! `cargo bench --bench end_to_end`: Custodia side by side with nginx, end to end, in one run.
+//!
+//! Three `custodia app` workers; in front of them, with the same workers: Custodia with the
+//! session check off, Custodia with it on (`/api/` requires a session, every request carries a
+//! real sealed cookie), and nginx (`least_conn`, upstream keep-alive, 2 worker processes); plus
+//! straight to one worker as the floor. Each is driven at fixed concurrency (HTTP/1.1 keep-alive)
+//! for a warm-up and a measured window, targets interleaved so that noise hits all alike. Then:
+//! a slow worker (least_conn vs round_robin vs nginx), and memory with many idle clients.
+//!
+//! Knobs (environment): CUSTODIA_BENCH_CONCURRENCY (default "1,32,256"), CUSTODIA_BENCH_SECS
+//! (measured seconds, default 5), CUSTODIA_BENCH_WARMUP_SECS (default 1), CUSTODIA_BENCH_ROUNDS
+//! (default 2; the best round by throughput is reported, preferring rounds without errors), CUSTODIA_BENCH_IDLE_CONNECTIONS
+//! (default 10000), CUSTODIA_BENCH_PARTS (default "throughput,slow,memory").
+//!
+//! Output: a table on stdout, target/custodia-bench/report.md and throughput.svg. The machine
+//! is shared and noisy: read the ratios, not the absolute figures.
+
+// A bench harness: a broken setup should stop the run loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[allow(dead_code)]
+#[path = "../tests/support/process.rs"]
+mod process;
+
+// The crate root's modules resolve next to it, in benches/: point at benches/end_to_end/.
+#[path = "end_to_end/load.rs"]
+mod load;
+#[path = "end_to_end/measure.rs"]
+mod measure;
+#[path = "end_to_end/procs.rs"]
+mod procs;
+#[path = "end_to_end/report.rs"]
+mod report;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use custodia_proxy::auth::{seal_session, CookieSettings, SecretKeys, Session};
+
+use load::{LoadResult, LoadSpec, WindowProbe};
+use procs::{Balance, Proxy, Worker};
+use report::{Measured, MemoryRow, Report, Row, SlowRow};
+
+const PATH: &str = "/api/hello";
+const NGINX_MISSING: &str = "nginx not installed — apt-get install nginx";
+
+struct Knobs {
+    concurrency: Vec<usize>,
+    measure: Duration,
+    warmup: Duration,
+    rounds: usize,
+    idle_connections: usize,
+    parts: Vec<String>,
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a valid value")),
+        Err(_) => default,
+    }
+}
+
+impl Knobs {
+    fn from_env() -> Knobs {
+        let concurrency = std::env::var("CUSTODIA_BENCH_CONCURRENCY")
+            .unwrap_or_else(|_| "1,32,256".into())
+            .split(',')
+            .map(|c| {
+                c.trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|&c| c > 0)
+                    .unwrap_or_else(|| {
+                        panic!("CUSTODIA_BENCH_CONCURRENCY: `{c}` is not a positive number")
+                    })
+            })
+            .collect();
+        Knobs {
+            concurrency,
+            measure: Duration::from_secs_f64(env_or("CUSTODIA_BENCH_SECS", 5.0)),
+            warmup: Duration::from_secs_f64(env_or("CUSTODIA_BENCH_WARMUP_SECS", 1.0)),
+            rounds: env_or("CUSTODIA_BENCH_ROUNDS", 2usize).max(1),
+            idle_connections: env_or("CUSTODIA_BENCH_IDLE_CONNECTIONS", 10_000usize),
+            parts: std::env::var("CUSTODIA_BENCH_PARTS")
+                .unwrap_or_else(|_| "throughput,slow,memory".into())
+                .split(',')
+                .map(|p| p.trim().to_string())
+                .collect(),
+        }
+    }
+
+    fn wants(&self, part: &str) -> bool {
+        self.parts.iter().any(|p| p == part)
+    }
+}
+
+/// Reads a proxy's CPU time (its process group) at the window's edges.
+struct CpuProbe {
+    pids: Vec<i32>,
+    start: Duration,
+    end: Duration,
+}
+
+impl WindowProbe for CpuProbe {
+    fn at_start(&mut self) {
+        self.start = measure::group_cpu(&self.pids);
+    }
+    fn at_end(&mut self) {
+        self.end = measure::group_cpu(&self.pids);
+    }
+}
+
+/// A real session cookie, sealed with the proxy's APP_SECRET_KEY, as a `Cookie:` header value
+/// (an Auth0-sized session: the ID token is kept for logout, so the cookie is ~2 KB).
+fn session_cookie() -> String {
+    let keys = SecretKeys::from_secrets(procs::APP_SECRET_KEY, &[]).expect("session keys");
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let session = Session {
+        sub: "auth0|5f1c2e9a7b3d4c0012345678".into(),
+        email: Some("demo@example.test".into()),
+        name: Some("Demo User".into()),
+        picture: Some("https://s.gravatar.com/avatar/0123456789abcdef.png".into()),
+        id_token: Some("e".repeat(1100)),
+        iat: now,
+        exp: now + 8 * 3600,
+    };
+    let sealed = seal_session(&keys, &session);
+    let cookies = CookieSettings { secure: false };
+    let set_cookies = cookies
+        .set_session_cookies(&sealed, Duration::from_secs(8 * 3600))
+        .expect("session cookie");
+    // Keep the cookies that are set (not the expiring ones), as a browser would send them.
+    set_cookies
+        .iter()
+        .filter(|c| !c.contains("Max-Age=0;"))
+        .filter_map(|c| c.split(';').next())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// One target of the throughput table.
+struct Target<'a> {
+    name: &'static str,
+    proxy: Option<&'a Proxy>,
+    /// Direct: the worker's address.
+    addr: Option<std::net::SocketAddr>,
+    cookie: Option<String>,
+    /// Why this target cannot run (nginx missing).
+    missing: Option<&'static str>,
+}
+
+fn run_once(
+    addr: std::net::SocketAddr,
+    proxy_pid: Option<i32>,
+    cookie: Option<String>,
+    concurrency: usize,
+    knobs: &Knobs,
+    marker: Option<String>,
+) -> (LoadResult, Option<f64>) {
+    let spec = LoadSpec {
+        addr,
+        path: PATH.into(),
+        cookie,
+        concurrency,
+        warmup: knobs.warmup,
+        measure: knobs.measure,
+        count_marker: marker,
+    };
+    let mut probe = CpuProbe {
+        pids: proxy_pid.map(measure::process_group).unwrap_or_default(),
+        start: Duration::ZERO,
+        end: Duration::ZERO,
+    };
+    let result = load::run(&spec, &mut probe).unwrap_or_else(|e| panic!("load run: {e}"));
+    let cpu_per_request = proxy_pid.map(|_| {
+        (probe.end.saturating_sub(probe.start)).as_secs_f64() * 1e6 / result.requests.max(1) as f64
+    });
+    (result, cpu_per_request)
+}
+
+/// Checks a target answers the bench request with 200 (and, for the session check, 401 without
+/// the cookie), so a misconfigured target fails loudly instead of measuring error pages.
+fn preflight(addr: std::net::SocketAddr, cookie: Option<&str>, expect_401_without: bool) {
+    let get = |cookie: Option<&str>| -> u16 {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).expect("preflight connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        let cookie = cookie
+            .map(|c| format!("Cookie: {c}\r\n"))
+            .unwrap_or_default();
+        write!(
+            s,
+            "GET {PATH} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\n{cookie}Connection: close\r\n\r\n"
+        )
+        .expect("preflight write");
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0)
+    };
+    let status = get(cookie);
+    assert_eq!(status, 200, "{addr}{PATH} answered {status}, not 200");
+    if expect_401_without {
+        let status = get(None);
+        assert_eq!(
+            status, 401,
+            "{addr}{PATH} without a session answered {status}: the session check is not on"
+        );
+    }
+}
+
+fn throughput(knobs: &Knobs, nginx: Option<&str>, report: &mut Report) {
+    let w1 = Worker::start("w1", 0);
+    let w2 = Worker::start("w2", 0);
+    let w3 = Worker::start("w3", 0);
+    let workers = [&w1, &w2, &w3];
+    let cookie = session_cookie();
+    let auth_off = procs::start_custodia("custodia auth off", &workers, Balance::LeastConn, false);
+    let auth_on = procs::start_custodia("custodia auth on", &workers, Balance::LeastConn, true);
+    let nginx_proxy = nginx.map(|bin| procs::start_nginx("nginx", bin, &workers));
+
+    preflight(w1.addr, None, false);
+    preflight(auth_off.addr, None, false);
+    preflight(auth_on.addr, Some(&cookie), true);
+    if let Some(n) = &nginx_proxy {
+        preflight(n.addr, None, false);
+    }
+
+    let targets = [
+        Target {
+            name: report::DIRECT,
+            proxy: None,
+            addr: Some(w1.addr),
+            cookie: None,
+            missing: None,
+        },
+        Target {
+            name: report::AUTH_OFF,
+            proxy: Some(&auth_off),
+            addr: None,
+            cookie: None,
+            missing: None,
+        },
+        Target {
+            name: report::AUTH_ON,
+            proxy: Some(&auth_on),
+            addr: None,
+            cookie: Some(cookie.clone()),
+            missing: None,
+        },
+        Target {
+            name: report::NGINX,
+            proxy: nginx_proxy.as_ref(),
+            addr: None,
+            cookie: None,
+            missing: nginx.is_none().then_some(NGINX_MISSING),
+        },
+    ];
+
+    for &c in &knobs.concurrency {
+        let mut best: Vec<Option<Measured>> = vec![None; targets.len()];
+        for round in 0..knobs.rounds {
+            // Rotate the order each round so no target always runs first (or last).
+            for k in 0..targets.len() {
+                let i = (k + round) % targets.len();
+                let t = &targets[i];
+                if t.missing.is_some() {
+                    continue;
+                }
+                let addr = t.addr.or(t.proxy.map(|p| p.addr)).expect("target address");
+                let (result, cpu) = run_once(
+                    addr,
+                    t.proxy.map(Proxy::pid),
+                    t.cookie.clone(),
+                    c,
+                    knobs,
+                    None,
+                );
+                let measured = Measured::from_result(&result, cpu);
+                eprintln!(
+                    "  c={c:<4} round {} {:<18} {:>9.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  cpu {}  errors {} non-2xx {}",
+                    round + 1,
+                    t.name,
+                    measured.rps,
+                    measured.p50_ms,
+                    measured.p99_ms,
+                    measured
+                        .cpu_us_per_request
+                        .map(|v| format!("{v:.1} µs/req"))
+                        .unwrap_or_else(|| "-".into()),
+                    measured.errors,
+                    measured.non_2xx
+                );
+                // The best round by throughput, but a clean round beats one with errors.
+                let clean = |m: &Measured| m.errors == 0 && m.non_2xx == 0;
+                if best[i]
+                    .as_ref()
+                    .is_none_or(|b| (clean(&measured), measured.rps) > (clean(b), b.rps))
+                {
+                    best[i] = Some(measured);
+                }
+            }
+        }
+        for (t, m) in targets.iter().zip(best) {
+            report.rows.push(Row {
+                target: t.name,
+                concurrency: c,
+                measured: m,
+                note: t.missing.map(str::to_string),
+            });
+        }
+    }
+}
+
+fn slow_worker(knobs: &Knobs, nginx: Option<&str>, report: &mut Report) {
+    let w1 = Worker::start("w1", 0);
+    let w2 = Worker::start("w2", 0);
+    let slow = Worker::start("slow", 20);
+    let workers = [&w1, &w2, &slow];
+    let least = procs::start_custodia("custodia least_conn", &workers, Balance::LeastConn, false);
+    let rr = procs::start_custodia("custodia round_robin", &workers, Balance::RoundRobin, false);
+    let nginx_proxy = nginx.map(|bin| procs::start_nginx("nginx least_conn", bin, &workers));
+    let marker = format!("\"worker\":\"{}\"", slow.id);
+    let concurrency = 32;
+    let mut runs: Vec<(&'static str, Option<&Proxy>)> = vec![
+        (report::SLOW_LEAST, Some(&least)),
+        (report::SLOW_RR, Some(&rr)),
+    ];
+    runs.push((report::SLOW_NGINX, nginx_proxy.as_ref()));
+    for (name, proxy) in runs {
+        let Some(proxy) = proxy else {
+            report.slow.push(SlowRow {
+                target: name,
+                concurrency,
+                measured: None,
+                slow_share: None,
+                note: Some(NGINX_MISSING.into()),
+            });
+            continue;
+        };
+        let (result, cpu) = run_once(
+            proxy.addr,
+            Some(proxy.pid()),
+            None,
+            concurrency,
+            knobs,
+            Some(marker.clone()),
+        );
+        let share = result.marked as f64 / result.requests.max(1) as f64;
+        let measured = Measured::from_result(&result, cpu);
+        eprintln!(
+            "  slow worker {name:<22} {:>8.0} req/s  p99 {:>7.3} ms  to slow {:.1}%  errors {}",
+            measured.rps,
+            measured.p99_ms,
+            share * 100.0,
+            measured.errors
+        );
+        report.slow.push(SlowRow {
+            target: name,
+            concurrency,
+            measured: Some(measured),
+            slow_share: Some(share),
+            note: None,
+        });
+    }
+}
+
+fn memory(knobs: &Knobs, nginx: Option<&str>, report: &mut Report) {
+    let w1 = Worker::start("w1", 0);
+    let w2 = Worker::start("w2", 0);
+    let w3 = Worker::start("w3", 0);
+    let workers = [&w1, &w2, &w3];
+    let mut proxies: Vec<(&'static str, Option<Proxy>)> = vec![(
+        report::AUTH_OFF,
+        Some(procs::start_custodia(
+            "custodia",
+            &workers,
+            Balance::LeastConn,
+            false,
+        )),
+    )];
+    proxies.push((
+        report::NGINX,
+        nginx.map(|bin| procs::start_nginx("nginx", bin, &workers)),
+    ));
+    for (name, proxy) in proxies {
+        let Some(proxy) = proxy else {
+            report.memory.push(MemoryRow {
+                target: name,
+                wanted: knobs.idle_connections,
+                held: 0,
+                rss_before: 0,
+                rss_held: 0,
+                note: Some(NGINX_MISSING.into()),
+            });
+            continue;
+        };
+        // Warm the proxy (threads, upstream pool) before the baseline.
+        let _ = load::hold_idle_connections(proxy.addr, PATH, 64, 64, &mut |_| {});
+        std::thread::sleep(Duration::from_millis(300));
+        let rss_before = measure::group_rss(proxy.pid());
+        let mut rss_held = 0;
+        let held =
+            load::hold_idle_connections(proxy.addr, PATH, knobs.idle_connections, 250, &mut |_| {
+                std::thread::sleep(Duration::from_millis(500));
+                rss_held = measure::group_rss(proxy.pid());
+            })
+            .unwrap_or_else(|e| panic!("idle connections: {e}"));
+        eprintln!(
+            "  memory {name:<18} {held} idle connections: RSS {:.1} MB -> {:.1} MB",
+            rss_before as f64 / 1e6,
+            rss_held as f64 / 1e6
+        );
+        report.memory.push(MemoryRow {
+            target: name,
+            wanted: knobs.idle_connections,
+            held,
+            rss_before,
+            rss_held,
+            note: None,
+        });
+    }
+}
+
+fn main() {
+    // `cargo test --benches` runs this binary without `--bench`: the suite is run by hand.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("end_to_end: run it with `cargo bench --bench end_to_end` (see BENCHMARKS.md)");
+        return;
+    }
+    let knobs = Knobs::from_env();
+    let nofile = measure::raise_nofile_limit();
+    let nginx = procs::nginx_bin();
+    let mut report = Report::new(measure::machine_info(nginx), &knobs.concurrency);
+    report.settings = format!(
+        "{} s measured after {} s warm-up, best of {} interleaved round(s) by throughput; \
+         load generator: 1 tokio thread, one hyper HTTP/1.1 keep-alive connection per concurrent \
+         client, GET {PATH}; proxies: 2 threads / 2 worker processes, access logs off; \
+         3 workers (`custodia app`, 2 threads each); open-file limit {nofile}",
+        knobs.measure.as_secs_f64(),
+        knobs.warmup.as_secs_f64(),
+        knobs.rounds
+    );
+    if knobs.wants("throughput") {
+        eprintln!("throughput (concurrency {:?})", knobs.concurrency);
+        throughput(&knobs, nginx, &mut report);
+    }
+    if knobs.wants("slow") {
+        eprintln!("slow worker (one of three answers 20 ms later), concurrency 32");
+        slow_worker(&knobs, nginx, &mut report);
+    }
+    if knobs.wants("memory") {
+        eprintln!(
+            "memory ({} idle keep-alive clients)",
+            knobs.idle_connections
+        );
+        memory(&knobs, nginx, &mut report);
+    }
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let dir = target_dir.join("custodia-bench");
+    let markdown = report.markdown();
+    println!("{markdown}");
+    std::fs::create_dir_all(&dir).expect("report dir");
+    std::fs::write(dir.join("report.md"), &markdown).expect("write report.md");
+    if let Err(e) = report.plot(&dir.join("throughput.svg")) {
+        eprintln!("plot: {e}");
+    }
+    println!("written: {}/report.md and throughput.svg", dir.display());
+}

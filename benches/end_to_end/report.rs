@@ -1,0 +1,352 @@
+//! The results: a markdown report (tables + ratios Custodia/nginx) and an SVG plot of throughput
+//! and p99 latency against concurrency.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use crate::load::LoadResult;
+
+pub const DIRECT: &str = "direct to a worker";
+pub const AUTH_OFF: &str = "custodia, session check off";
+pub const AUTH_ON: &str = "custodia, session check on";
+pub const NGINX: &str = "nginx least_conn";
+pub const SLOW_LEAST: &str = "custodia least_conn";
+pub const SLOW_RR: &str = "custodia round_robin";
+pub const SLOW_NGINX: &str = "nginx least_conn";
+
+/// One measured run, reduced to what the report shows.
+#[derive(Clone, Debug)]
+pub struct Measured {
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Proxy user+sys CPU per request (µs); None when no proxy is in the path.
+    pub cpu_us_per_request: Option<f64>,
+    pub requests: u64,
+    pub errors: u64,
+    pub non_2xx: u64,
+}
+
+impl Measured {
+    pub fn from_result(result: &LoadResult, cpu: Option<f64>) -> Measured {
+        Measured {
+            rps: result.throughput(),
+            p50_ms: result.p50_ms(),
+            p99_ms: result.p99_ms(),
+            cpu_us_per_request: cpu,
+            requests: result.requests,
+            errors: result.errors,
+            non_2xx: result.non_2xx,
+        }
+    }
+}
+
+pub struct Row {
+    pub target: &'static str,
+    pub concurrency: usize,
+    pub measured: Option<Measured>,
+    pub note: Option<String>,
+}
+
+pub struct SlowRow {
+    pub target: &'static str,
+    pub concurrency: usize,
+    pub measured: Option<Measured>,
+    pub slow_share: Option<f64>,
+    pub note: Option<String>,
+}
+
+pub struct MemoryRow {
+    pub target: &'static str,
+    pub wanted: usize,
+    pub held: usize,
+    pub rss_before: u64,
+    pub rss_held: u64,
+    pub note: Option<String>,
+}
+
+pub struct Report {
+    pub machine: Vec<(String, String)>,
+    pub settings: String,
+    pub concurrency: Vec<usize>,
+    pub rows: Vec<Row>,
+    pub slow: Vec<SlowRow>,
+    pub memory: Vec<MemoryRow>,
+}
+
+fn errors_cell(m: &Measured) -> String {
+    if m.errors == 0 && m.non_2xx == 0 {
+        "0".into()
+    } else {
+        format!("**{} errors, {} non-2xx**", m.errors, m.non_2xx)
+    }
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
+        _ => "–".into(),
+    }
+}
+
+impl Report {
+    pub fn new(machine: Vec<(String, String)>, concurrency: &[usize]) -> Report {
+        Report {
+            machine,
+            settings: String::new(),
+            concurrency: concurrency.to_vec(),
+            rows: Vec::new(),
+            slow: Vec::new(),
+            memory: Vec::new(),
+        }
+    }
+
+    fn find(&self, target: &str, c: usize) -> Option<&Measured> {
+        self.rows
+            .iter()
+            .find(|r| r.target == target && r.concurrency == c)
+            .and_then(|r| r.measured.as_ref())
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "## End-to-end results\n");
+        for (k, v) in &self.machine {
+            let _ = writeln!(out, "- {k}: {v}");
+        }
+        let _ = writeln!(out, "- run: {}\n", self.settings);
+
+        if !self.rows.is_empty() {
+            let _ = writeln!(out, "### Throughput, latency, proxy CPU per request\n");
+            let _ = writeln!(
+                out,
+                "| target | concurrency | req/s | p50 ms | p99 ms | proxy CPU µs/req | requests | errors |"
+            );
+            let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---|");
+            for r in &self.rows {
+                match (&r.measured, &r.note) {
+                    (Some(m), _) => {
+                        let _ = writeln!(
+                            out,
+                            "| {} | {} | {:.0} | {:.3} | {:.3} | {} | {} | {} |",
+                            r.target,
+                            r.concurrency,
+                            m.rps,
+                            m.p50_ms,
+                            m.p99_ms,
+                            m.cpu_us_per_request
+                                .map(|v| format!("{v:.1}"))
+                                .unwrap_or_else(|| "–".into()),
+                            m.requests,
+                            errors_cell(m)
+                        );
+                    }
+                    (None, note) => {
+                        let _ = writeln!(
+                            out,
+                            "| {} | {} | {} | | | | | |",
+                            r.target,
+                            r.concurrency,
+                            note.as_deref().unwrap_or("not measured")
+                        );
+                    }
+                }
+            }
+            let _ = writeln!(
+                out,
+                "\n### Ratios Custodia / nginx (goals: throughput ≥ 1.20× at c=32/256, p99 ≤ 1.00×, CPU ≤ 1.00×)\n"
+            );
+            let _ = writeln!(
+                out,
+                "| concurrency | session check | throughput | p99 | CPU per request |"
+            );
+            let _ = writeln!(out, "|---:|---|---:|---:|---:|");
+            for &c in &self.concurrency {
+                let nginx = self.find(NGINX, c);
+                for (label, target) in [("on", AUTH_ON), ("off", AUTH_OFF)] {
+                    let custodia = self.find(target, c);
+                    let _ = writeln!(
+                        out,
+                        "| {c} | {label} | {} | {} | {} |",
+                        ratio(custodia.map(|m| m.rps), nginx.map(|m| m.rps)),
+                        ratio(custodia.map(|m| m.p99_ms), nginx.map(|m| m.p99_ms)),
+                        ratio(
+                            custodia.and_then(|m| m.cpu_us_per_request),
+                            nginx.and_then(|m| m.cpu_us_per_request)
+                        ),
+                    );
+                }
+            }
+            let _ = writeln!(out);
+        }
+
+        if !self.slow.is_empty() {
+            let _ = writeln!(
+                out,
+                "### One slow worker (of three, +20 ms), concurrency {}\n",
+                self.slow[0].concurrency
+            );
+            let _ = writeln!(
+                out,
+                "| target | req/s | p50 ms | p99 ms | share sent to the slow worker | errors |"
+            );
+            let _ = writeln!(out, "|---|---:|---:|---:|---:|---|");
+            for r in &self.slow {
+                match &r.measured {
+                    Some(m) => {
+                        let _ = writeln!(
+                            out,
+                            "| {} | {:.0} | {:.3} | {:.3} | {:.1}% | {} |",
+                            r.target,
+                            m.rps,
+                            m.p50_ms,
+                            m.p99_ms,
+                            r.slow_share.unwrap_or(0.0) * 100.0,
+                            errors_cell(m)
+                        );
+                    }
+                    None => {
+                        let _ = writeln!(
+                            out,
+                            "| {} | {} | | | | |",
+                            r.target,
+                            r.note.as_deref().unwrap_or("not measured")
+                        );
+                    }
+                }
+            }
+            let p99 = |name: &str| {
+                self.slow
+                    .iter()
+                    .find(|r| r.target == name)
+                    .and_then(|r| r.measured.as_ref())
+                    .map(|m| m.p99_ms)
+            };
+            let _ = writeln!(
+                out,
+                "\np99 least_conn / round_robin: {} (goal ≤ 0.50×); custodia least_conn / nginx: {}\n",
+                ratio(p99(SLOW_LEAST), p99(SLOW_RR)),
+                ratio(p99(SLOW_LEAST), p99(SLOW_NGINX)),
+            );
+        }
+
+        if !self.memory.is_empty() {
+            let _ = writeln!(out, "### Memory with idle keep-alive clients\n");
+            let _ = writeln!(
+                out,
+                "| proxy | idle clients held | RSS before | RSS holding them | per connection |"
+            );
+            let _ = writeln!(out, "|---|---:|---:|---:|---:|");
+            for r in &self.memory {
+                if let Some(note) = &r.note {
+                    let _ = writeln!(out, "| {} | {note} | | | |", r.target);
+                    continue;
+                }
+                let held = if r.held == r.wanted {
+                    r.held.to_string()
+                } else {
+                    format!("**{} of {}**", r.held, r.wanted)
+                };
+                let per_conn =
+                    r.rss_held.saturating_sub(r.rss_before) as f64 / r.held.max(1) as f64 / 1024.0;
+                let _ = writeln!(
+                    out,
+                    "| {} | {held} | {:.1} MB | {:.1} MB | {per_conn:.1} KB |",
+                    r.target,
+                    r.rss_before as f64 / 1e6,
+                    r.rss_held as f64 / 1e6
+                );
+            }
+            let rss = |name: &str| {
+                self.memory
+                    .iter()
+                    .find(|r| r.target == name && r.note.is_none())
+                    .map(|r| r.rss_held as f64)
+            };
+            let _ = writeln!(
+                out,
+                "\nRSS custodia / nginx holding them: {} (goal ≤ 1.00×)\n",
+                ratio(rss(AUTH_OFF), rss(NGINX))
+            );
+        }
+        out
+    }
+
+    /// Two panels side by side: throughput and p99 against concurrency (log scale), one line per
+    /// target.
+    pub fn plot(&self, path: &Path) -> Result<(), String> {
+        let targets = [DIRECT, AUTH_OFF, AUTH_ON, NGINX];
+        let colors = [BLACK, BLUE, GREEN, RED];
+        let series = |f: &dyn Fn(&Measured) -> f64| -> Vec<Vec<(f64, f64)>> {
+            targets
+                .iter()
+                .map(|t| {
+                    self.concurrency
+                        .iter()
+                        .filter_map(|&c| self.find(t, c).map(|m| (c as f64, f(m))))
+                        .collect()
+                })
+                .collect()
+        };
+        let throughput = series(&|m: &Measured| m.rps);
+        let p99 = series(&|m: &Measured| m.p99_ms);
+        let max_c = self.concurrency.iter().copied().max().unwrap_or(1) as f64;
+        let err = |e: &dyn std::fmt::Display| e.to_string();
+
+        let root = SVGBackend::new(path, (1100, 450)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let panels = root.split_evenly((1, 2));
+        for (panel, (title, data, unit)) in panels.iter().zip([
+            ("throughput (req/s)", &throughput, "req/s"),
+            ("p99 latency (ms)", &p99, "ms"),
+        ]) {
+            let max_y = data
+                .iter()
+                .flatten()
+                .map(|&(_, y)| y)
+                .fold(0.0f64, f64::max)
+                .max(1e-3)
+                * 1.15;
+            let mut chart = ChartBuilder::on(panel)
+                .caption(title, ("sans-serif", 20))
+                .margin(12)
+                .x_label_area_size(40)
+                .y_label_area_size(70)
+                .build_cartesian_2d((0.8f64..max_c * 1.25).log_scale(), 0f64..max_y)
+                .map_err(|e| err(&e))?;
+            chart
+                .configure_mesh()
+                .x_desc("concurrent keep-alive clients")
+                .y_desc(unit)
+                .x_label_formatter(&|x| format!("{x:.0}"))
+                .draw()
+                .map_err(|e| err(&e))?;
+            for ((name, points), color) in targets.iter().zip(data.iter()).zip(colors) {
+                if points.is_empty() {
+                    continue;
+                }
+                chart
+                    .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+                    .map_err(|e| err(&e))?
+                    .label(*name)
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                    });
+                chart
+                    .draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                    .map_err(|e| err(&e))?;
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .position(SeriesLabelPosition::UpperLeft)
+                .draw()
+                .map_err(|e| err(&e))?;
+        }
+        root.present().map_err(|e| err(&e))?;
+        Ok(())
+    }
+}
