@@ -113,7 +113,7 @@ impl WindowProbe for CpuProbe {
 }
 
 /// A real session cookie, sealed with the proxy's APP_SECRET_KEY, as a `Cookie:` header value
-/// (an Auth0-sized session: the ID token is kept for logout, so the cookie is ~2 KB).
+/// (an Auth0-style session: subject, email, name, picture; the ID token lives in the logout hint).
 fn session_cookie() -> String {
     let keys = SecretKeys::from_secrets(procs::APP_SECRET_KEY, &[]).expect("session keys");
     let now = SystemTime::now()
@@ -125,7 +125,6 @@ fn session_cookie() -> String {
         email: Some("demo@example.test".into()),
         name: Some("Demo User".into()),
         picture: Some("https://s.gravatar.com/avatar/0123456789abcdef.png".into()),
-        id_token: Some("e".repeat(1100)),
         iat: now,
         exp: now + 8 * 3600,
     };

@@ -30,8 +30,10 @@ pub fn init(settings: &LogSettings) {
     let hint = level().max_level_hint().unwrap_or(LevelFilter::TRACE);
     // (A hint must not be exceeded by what the filter lets through.)
     let not_access = || {
-        filter_fn(move |meta| meta.target() != TARGET && *meta.level() <= hint)
-            .with_max_level_hint(hint)
+        filter_fn(move |meta| {
+            meta.target() != TARGET && *meta.level() <= hint && !dumps_requests(meta)
+        })
+        .with_max_level_hint(hint)
     };
     let access_hint = hint.min(LevelFilter::INFO);
     let (text, json) = match settings.format {
@@ -65,6 +67,12 @@ pub fn init(settings: &LogSettings) {
         .with(json)
         .with(access)
         .try_init();
+}
+
+/// Pingora's `trace` events print whole request heads (`Cookie`, `/callback?code=…`): secrets
+/// never reach our logs, whatever `RUST_LOG` asks for.
+fn dumps_requests(meta: &tracing::Metadata<'_>) -> bool {
+    *meta.level() == tracing::Level::TRACE && meta.target().starts_with("pingora")
 }
 
 #[cfg(test)]
