@@ -393,6 +393,23 @@ impl ProxyHttp for Edge {
         upstream_response.insert_header(headers::X_REQUEST_ID, ctx.request_id.clone())
     }
 
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<bytes::Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        // The worker is free once its whole answer has arrived (as nginx's least_conn counts):
+        // the time spent writing to a slow client must not make it look busy.
+        if end_of_stream {
+            if let Some(lease) = ctx.lease.as_mut() {
+                lease.release();
+            }
+        }
+        Ok(None)
+    }
+
     async fn fail_to_proxy(
         &self,
         session: &mut Session,

@@ -135,6 +135,8 @@ impl BackendSlot {
 #[derive(Debug)]
 pub struct Lease {
     slot: Arc<BackendSlot>,
+    /// Still counted in the slot's in-flight requests.
+    held: bool,
 }
 
 impl Lease {
@@ -144,11 +146,23 @@ impl Lease {
         // Weighted: a weight-2 backend advances half as fast, so it wins twice as many ties.
         slot.virtual_picks
             .fetch_add(u64::from(WEIGHT_SCALE / weight.max(1)), Ordering::Relaxed);
-        Lease { slot: slot.clone() }
+        Lease {
+            slot: slot.clone(),
+            held: true,
+        }
     }
 
     pub fn slot(&self) -> &Arc<BackendSlot> {
         &self.slot
+    }
+
+    /// The backend is done with the request (its whole response has arrived): it stops counting
+    /// as in flight, while the lease still names the backend for metrics and the access log.
+    /// Dropping the lease does this otherwise; either way it happens once.
+    pub fn release(&mut self) {
+        if std::mem::take(&mut self.held) {
+            self.slot.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -157,7 +171,7 @@ const WEIGHT_SCALE: u32 = 720_720; // divisible by 1..=16
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.slot.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.release();
     }
 }
 

@@ -90,6 +90,20 @@ fn leases_release_exactly_once() {
     assert_eq!(total(&pool), 1);
     drop(b);
     assert_eq!(total(&pool), 0);
+
+    // Released early (the worker's answer is complete), then dropped: counted off once.
+    let mut c = pool.pick(&[]).unwrap();
+    let _d = pool.pick(&[]).unwrap();
+    c.release();
+    c.release();
+    assert_eq!(total(&pool), 1);
+    assert_eq!(
+        c.slot().in_flight(),
+        0,
+        "the released backend is free again"
+    );
+    drop(c);
+    assert_eq!(total(&pool), 1);
 }
 
 #[test]
