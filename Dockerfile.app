@@ -20,6 +20,7 @@ RUN mkdir -p src proxy/src app/src identity/src probe/src benches \
       touch "$dir/lib.rs"; echo 'fn main() {}' > "$dir/main.rs"; \
     done \
  && echo 'fn main() {}' > benches/request_path.rs \
+ && echo 'fn main() {}' > benches/end_to_end.rs \
  && cargo build --release --locked -p custodia-app \
  && rm -rf app/src identity/src probe/src
 
