@@ -279,10 +279,11 @@ async fn no_secret_reaches_logs_error_pages_or_metrics() {
     assert_eq!(me.json()["sub"], DEMO_SUB);
 
     // --- A session too big for one cookie, in chunks.
-    // (Claims too large for one cookie, e.g. a huge picture URL; they are no secret, the
-    // sealed chunks are.)
+    // (Claims too large for one cookie, e.g. a long picture URL; they are no secret, the
+    // sealed chunks are. They stay small enough for the identity assertion the worker accepts,
+    // custodia_identity::MAX_TOKEN_LEN.)
     let big = Session {
-        picture: Some(format!("https://example.test/{}", "0123456789".repeat(900))),
+        picture: Some(format!("https://example.test/{}", "0123456789".repeat(450))),
         ..session.clone()
     };
     let sealed = seal_session(&keys, &big);
@@ -290,7 +291,7 @@ async fn no_secret_reaches_logs_error_pages_or_metrics() {
         .set_session_cookies(&sealed, Duration::from_secs(3600))
         .unwrap();
     let chunks = cookie_pairs(&lines);
-    assert!(chunks.len() >= 3, "a chunked session: {lines:?}");
+    assert!(chunks.len() >= 2, "a chunked session: {lines:?}");
     let chunked = stack.browser();
     for (name, value) in &chunks {
         evidence.secret(

@@ -20,25 +20,29 @@
 //! | absolute-form / authority-form targets, bytes outside visible ASCII in the target | 400 |
 //! | control characters in the path, also percent-encoded (`%00`–`%1F`, `%7F`) | 400 |
 //! | a target longer than [`MAX_TARGET`] | 414 |
-//! | more than [`MAX_HEADERS`] headers, a header line over [`MAX_HEADER_LINE`] (a big
-//!   `Cookie`), more than [`MAX_HEAD`] of headers | 431 |
+//! | more than [`MAX_HEADERS`] headers, a header line over [`MAX_HEADER_LINE`] (a `Cookie`
+//!   line over [`MAX_COOKIE_LINE`]), more than [`MAX_HEAD`] of headers | 431 |
 //! | a declared `Content-Length` over the route's `max_body_size` | 413 |
 //!
 //! A well-formed request costs one pass over its headers and one over the raw head bytes
 //! (looking for bare LF); nothing is allocated.
 
-use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::header::{CONTENT_LENGTH, COOKIE, HOST, TRANSFER_ENCODING};
 use http::Version;
 use pingora_core::{Error, ErrorType};
 use pingora_http::RequestHeader;
 
+use crate::auth::cookies::MAX_SESSION_VALUE_LEN;
 use crate::config::LimitSettings;
 use crate::metrics;
 
 /// Longest request target (path and query), like nginx's default 8k header buffer.
 pub const MAX_TARGET: usize = 8 * 1024;
-/// Longest single header line (name + value), e.g. all cookies in one `Cookie`.
+/// Longest single header line (name + value) other than `Cookie`.
 pub const MAX_HEADER_LINE: usize = 8 * 1024;
+/// Longest `Cookie` line: browsers send every cookie in one, and a large session comes in
+/// chunks of up to [`MAX_SESSION_VALUE_LEN`] in all; 8 KiB more for the site's own cookies.
+pub const MAX_COOKIE_LINE: usize = MAX_SESSION_VALUE_LEN + 8 * 1024;
 /// All header names and values together.
 pub const MAX_HEAD: usize = 32 * 1024;
 /// Number of header lines.
@@ -162,7 +166,12 @@ fn check_headers(req: &RequestHeader) -> Result<(), Box<Error>> {
     let mut total = 0;
     for (name, value) in &req.headers {
         let line = name.as_str().len() + value.len();
-        if line > MAX_HEADER_LINE {
+        let max = if name == COOKIE {
+            MAX_COOKIE_LINE
+        } else {
+            MAX_HEADER_LINE
+        };
+        if line > max {
             return refuse(431, Reason::TooLarge, "header field too large");
         }
         total += line;
@@ -347,7 +356,10 @@ mod tests {
             (req(b"/", &[("host", "user@evil")]), None, 400),
             (req(b"http://example.com/", &[host]), None, 400),
             (req(&[b'/'; 9000], &[host]), None, 414),
-            (req(b"/", &[host, ("cookie", &"a".repeat(9000))]), None, 431),
+            (req(b"/", &[host, ("x-big", &"a".repeat(9000))]), None, 431),
+            // A chunked session fits; a Cookie line beyond it does not.
+            (req(b"/", &[host, ("cookie", &"a".repeat(20_000))]), None, 200),
+            (req(b"/", &[host, ("cookie", &"a".repeat(25_000))]), None, 431),
             (req(b"/", &[host, ("content-length", "1001")]), None, 413),
         ];
         for (i, (r, raw, want)) in cases.into_iter().enumerate() {
