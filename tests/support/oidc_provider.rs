@@ -394,12 +394,7 @@ pub async fn login(
     username: &str,
     password: &str,
 ) -> Result<String, LoginError> {
-    let browser = reqwest::Client::builder()
-        .cookie_store(true)
-        .redirect(Policy::none())
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("reqwest client");
+    let browser = form_client();
     let unexpected = |what: String| LoginError::Unexpected(what);
     let mut url =
         Url::parse(authorize_url).map_err(|e| unexpected(format!("{authorize_url}: {e}")))?;
@@ -453,17 +448,22 @@ pub async fn login(
     )))
 }
 
+/// A client that keeps cookies and follows no redirect: each hop of a login is the caller's.
+fn form_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .cookie_store(true)
+        .redirect(Policy::none())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("reqwest client")
+}
+
 /// Completes an RP-initiated logout the way a browser would: GETs `end_session_url` (the
 /// provider checks `id_token_hint`, `client_id` and `post_logout_redirect_uri` here and shows a
 /// confirmation form with a hidden `xsrf`), submits the form with `logout=yes`, and returns the
 /// URL the provider then redirects to (the relying party's post-logout page).
 pub async fn confirm_logout(end_session_url: &str) -> Result<String, LoginError> {
-    let browser = reqwest::Client::builder()
-        .cookie_store(true)
-        .redirect(Policy::none())
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("reqwest client");
+    let browser = form_client();
     let unexpected = |what: String| LoginError::Unexpected(what);
     let url =
         Url::parse(end_session_url).map_err(|e| unexpected(format!("{end_session_url}: {e}")))?;

@@ -34,13 +34,7 @@ impl ChildGuard {
         if std::env::var_os("CUSTODIA_TEST_QUIET").is_some() {
             command.stdout(Stdio::null()).stderr(Stdio::null());
         }
-        let child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        ChildGuard {
-            name: name.to_string(),
-            child,
-        }
+        ChildGuard::start(name, command)
     }
 
     /// [`ChildGuard::spawn`] with stdout and stderr going to `output`'s files (whatever
@@ -58,6 +52,10 @@ impl ChildGuard {
             .stdin(Stdio::null())
             .stdout(Stdio::from(file("out")))
             .stderr(Stdio::from(file("err")));
+        ChildGuard::start(name, command)
+    }
+
+    fn start(name: &str, command: &mut Command) -> ChildGuard {
         let child = command
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
