@@ -44,18 +44,19 @@ use crate::pages;
 use crate::request_guard;
 use crate::runtime::{Runtime, SharedRuntime};
 
-/// The proxy service.
+/// The proxy service (one per worker thread; see [`crate::server`]).
 pub struct Edge {
     runtime: SharedRuntime,
-    /// `/login` + `/callback` requests per client; kept across reloads.
-    login_rate: LoginRate,
+    /// `/login` + `/callback` requests per client; kept across reloads and shared by all
+    /// workers, so the limit holds per process whichever worker a connection lands on.
+    login_rate: Arc<LoginRate>,
 }
 
 impl Edge {
-    pub fn new(runtime: SharedRuntime) -> Edge {
+    pub fn new(runtime: SharedRuntime, login_rate: Arc<LoginRate>) -> Edge {
         Edge {
             runtime,
-            login_rate: LoginRate::new(),
+            login_rate,
         }
     }
 }

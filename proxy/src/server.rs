@@ -1,9 +1,11 @@
 //! Assembles the Pingora server from a validated config and runs it until a signal stops it.
 
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
+use pingora_core::listeners::{L4BufferSettings, ListenerConfig, TcpSocketOptions};
 
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{RunArgs, Server};
@@ -19,7 +21,7 @@ use crate::config::ProxyConfig;
 use crate::discovery::Discovery;
 use crate::edge::Edge;
 use crate::error::ProxyError;
-use crate::limits::ConnectionGate;
+use crate::limits::{ConnectionGate, LoginRate};
 use crate::reload::{Reloader, SignalReload};
 use crate::runtime::{Runtime, SharedRuntime};
 
@@ -43,8 +45,7 @@ fn server_conf(config: &ProxyConfig) -> ServerConf {
         // Pingora counts attempts, ours counts retries; the edge enforces `retries` per request,
         // so a reload may raise it up to this limit.
         max_retries: max_attempts(config),
-        // One single-threaded runtime per thread, each connection living on one of them (as an
-        // nginx worker does): no cross-thread wake-ups per request.
+        // Single-threaded runtimes: each proxy worker is a service of one thread (see `run`).
         work_stealing: false,
         ..ServerConf::default()
     };
@@ -64,6 +65,37 @@ const DOWNSTREAM_BUFFERS: L4BufferSettings = L4BufferSettings {
     read: Some(0),
     write: None,
 };
+
+/// Worker `worker`'s own listening socket on `addr`.
+///
+/// Why a worker per thread: Pingora keeps one upstream keep-alive pool per service, and with
+/// several threads in a service it parks each idle upstream connection on a randomly chosen
+/// thread. A request on the other thread then hands the connection across threads (two
+/// cross-thread wake-ups per request, and a race that drops the connection and logs "failed to
+/// acquire reusable stream"). A service of one thread keeps a connection, its watcher and its
+/// requests on one event loop, as an nginx worker keeps its own `keepalive` connections.
+///
+/// Every worker binds its own `SO_REUSEPORT` socket and the kernel spreads new connections
+/// over them. Pingora hands listening sockets to a new process on `--upgrade` keyed by their
+/// address string, so each worker's string must differ: worker N writes the port with N
+/// leading zeros (`127.0.0.1:8080`, `127.0.0.1:08080`, …), which parses to the same address.
+/// Worker 0 keeps the plain form, so an upgrade from a single-socket version keeps its socket.
+fn worker_listener(addr: SocketAddr, worker: usize) -> ListenerConfig {
+    let mut options = TcpSocketOptions::default();
+    options.so_reuseport = Some(true);
+    ListenerConfig::tcp(worker_listen_key(addr, worker))
+        .tcp_socket_options(options)
+        .l4_buffer(DOWNSTREAM_BUFFERS)
+}
+
+/// `addr` with the port written with `worker` leading zeros.
+fn worker_listen_key(addr: SocketAddr, worker: usize) -> String {
+    let host = match addr {
+        SocketAddr::V4(a) => a.ip().to_string(),
+        SocketAddr::V6(a) => format!("[{}]", a.ip()),
+    };
+    format!("{host}:{}{}", "0".repeat(worker), addr.port())
+}
 
 /// Attempts Pingora allows per request whatever the starting `retries` (8 = 7 retries).
 const MIN_ATTEMPTS: usize = 8;
@@ -89,16 +121,25 @@ pub fn run(config: ProxyConfig, options: StartOptions) -> Result<(), ProxyError>
     let mut server = Server::new_with_opt_and_conf(opt, server_conf(&config));
     server.bootstrap();
 
-    // The connection cap and client deadlines wrap the HTTP proxy (see `limits::connection`).
-    let edge = http_proxy(&server.configuration, Edge::new(shared.clone()));
-    let mut proxy = Service::new(
-        "custodia-proxy".to_string(),
-        ConnectionGate::new(edge, shared.clone()),
-    );
-    for addr in &config.server.listen {
-        proxy.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(DOWNSTREAM_BUFFERS));
+    // One proxy service per thread, each with its own listening sockets and upstream pool.
+    // The connection cap, client deadlines (see `limits::connection`) and login rate are
+    // shared by all of them.
+    let open_connections = Arc::new(AtomicUsize::new(0));
+    let login_rate = Arc::new(LoginRate::new());
+    for worker in 0..config.server.threads.max(1) {
+        let edge = Edge::new(shared.clone(), login_rate.clone());
+        let gate = ConnectionGate::new(
+            http_proxy(&server.configuration, edge),
+            shared.clone(),
+            open_connections.clone(),
+        );
+        let mut proxy = Service::new(format!("custodia-proxy-{worker}"), gate);
+        proxy.threads = Some(1);
+        for addr in &config.server.listen {
+            proxy.add_listener(worker_listener(*addr, worker));
+        }
+        server.add_service(proxy);
     }
-    server.add_service(proxy);
     server.add_service(background_service(
         "health checks",
         HealthChecker::new(shared.clone()),
@@ -169,4 +210,27 @@ fn write_pid_file(config: &ProxyConfig) -> Result<(), ProxyError> {
             source,
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::ToSocketAddrs;
+
+    #[test]
+    fn each_worker_gets_a_distinct_key_for_the_same_address() {
+        for addr in ["127.0.0.1:8080", "[::1]:443", "0.0.0.0:80"] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let keys: Vec<String> = (0..4).map(|w| worker_listen_key(addr, w)).collect();
+            assert_eq!(keys[0], addr.to_string(), "worker 0 keeps the plain form");
+            for key in &keys {
+                // Pingora binds the key as a string (`to_socket_addrs`): the same address.
+                let parsed: Vec<SocketAddr> = key.to_socket_addrs().unwrap().collect();
+                assert_eq!(parsed, vec![addr], "{key}");
+            }
+            let mut unique = keys.clone();
+            unique.dedup();
+            assert_eq!(unique.len(), keys.len(), "{keys:?}");
+        }
+    }
 }

@@ -53,11 +53,13 @@ pub struct ConnectionGate<A> {
 }
 
 impl<A> ConnectionGate<A> {
-    pub fn new(app: A, runtime: SharedRuntime) -> ConnectionGate<A> {
+    /// `open` counts the connections of every gate that shares it: `max_connections` is a
+    /// limit for the process, whichever worker accepted the connection.
+    pub fn new(app: A, runtime: SharedRuntime, open: Arc<AtomicUsize>) -> ConnectionGate<A> {
         ConnectionGate {
             app: Arc::new(app),
             runtime,
-            open: Arc::new(AtomicUsize::new(0)),
+            open,
         }
     }
 }
