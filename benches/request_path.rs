@@ -25,6 +25,10 @@ use custodia_proxy::config::Balance;
 use custodia_proxy::headers::{request_id, set_forwarding};
 use pingora_http::RequestHeader;
 
+/// The in-memory pieces run on the allocator the proxy runs on.
+#[global_allocator]
+static ALLOCATOR: custodia_proxy::Allocator = custodia_proxy::Allocator;
+
 struct Guard(Child);
 impl Drop for Guard {
     fn drop(&mut self) {

@@ -361,12 +361,27 @@ fn strip_prefix_ignore_case<'a>(s: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> 
 /// whitespace around names and values ignored, one pair of surrounding quotes removed, a part
 /// without `=` read as a nameless value. Borrowed, no allocation.
 fn cookie_pairs(header: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
-    header.split(|&b| b == b';').filter_map(|part| {
+    // memchr: a session cookie is a few hundred bytes to skip over on every request.
+    let mut rest = Some(header);
+    std::iter::from_fn(move || {
+        let header = rest?;
+        match memchr::memchr(b';', header) {
+            Some(end) => {
+                rest = Some(&header[end + 1..]);
+                Some(&header[..end])
+            }
+            None => {
+                rest = None;
+                Some(header)
+            }
+        }
+    })
+    .filter_map(|part| {
         let part = part.trim_ascii();
         if part.is_empty() {
             return None;
         }
-        let (name, value) = match part.iter().position(|&b| b == b'=') {
+        let (name, value) = match memchr::memchr(b'=', part) {
             Some(eq) => (part[..eq].trim_ascii(), part[eq + 1..].trim_ascii()),
             None => (&[][..], part),
         };
@@ -388,10 +403,20 @@ fn chunk_index(cookie_name: &[u8], base: &[u8]) -> Option<usize> {
 
 /// RFC 6265 `cookie-octet`s: visible ASCII except `"` `,` `;` `\`.
 fn is_cookie_value(value: &[u8]) -> bool {
-    value
-        .iter()
-        .all(|&b| matches!(b, 0x21 | 0x23..=0x2B | 0x2D..=0x3A | 0x3C..=0x5B | 0x5D..=0x7E))
+    // A table lookup per byte: the session cookie is checked on every signed-in request, and
+    // the chain of range comparisons cost more than opening the cookie's AES-GCM seal.
+    value.iter().all(|&b| COOKIE_OCTETS[usize::from(b)])
 }
+
+const COOKIE_OCTETS: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0x21;
+    while b <= 0x7E {
+        table[b] = !matches!(b, 0x22 | 0x2C | 0x3B | 0x5C);
+        b += 1;
+    }
+    table
+};
 
 fn owned_value(value: &[u8]) -> Option<String> {
     if value.len() > MAX_SESSION_VALUE_LEN || !is_cookie_value(value) {
@@ -404,6 +429,17 @@ fn owned_value(value: &[u8]) -> Option<String> {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn cookie_octets_are_rfc_6265s() {
+        for b in 0..=255u8 {
+            // cookie-octet = %x21 / %x23-2B / %x2D-3A / %x3C-5B / %x5D-7E
+            let rfc = matches!(b, 0x21 | 0x23..=0x2B | 0x2D..=0x3A | 0x3C..=0x5B | 0x5D..=0x7E);
+            assert_eq!(is_cookie_value(&[b]), rfc, "byte {b:#04x}");
+        }
+        assert!(is_cookie_value(b"abc-DEF_123.~!#$%&'()*+/:<=>?@[]^`{|}"));
+        assert!(!is_cookie_value(b"has space"));
+    }
 
     const SECURE: CookieSettings = CookieSettings { secure: true };
     const PLAIN: CookieSettings = CookieSettings { secure: false };
