@@ -17,12 +17,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use criterion::BatchSize;
 use custodia_proxy::auth::{
-    open_session, seal, seal_session, strip_client_identity, CookieSettings, Policy, Purpose,
-    RouteTable, SecretKeys, Session,
+    open_session, remove_custodia_cookies, seal, seal_session, strip_client_identity,
+    CookieSettings, Policy, Purpose, RouteTable, SecretKeys, Session,
 };
 use custodia_proxy::balancer::{Member, Pool, SlotRegistry};
 use custodia_proxy::config::Balance;
-use custodia_proxy::headers::{request_id, set_forwarding};
+use custodia_proxy::headers::{request_id, set_forwarding, set_identity};
 use pingora_http::RequestHeader;
 
 /// The in-memory pieces run on the allocator the proxy runs on.
@@ -225,7 +225,8 @@ fn header_rewrite(c: &mut Criterion) {
     }
     let peer = Some(std::net::IpAddr::from([127, 0, 0, 1]));
     let client = Some(std::net::IpAddr::from([203, 0, 113, 7]));
-    c.bench_function("header rewrite (strip identity + forwarding)", |b| {
+    let mut group = c.benchmark_group("header rewrite");
+    group.bench_function("strip identity + forwarding", |b| {
         b.iter_batched(
             || request.clone(),
             |mut upstream| {
@@ -237,6 +238,50 @@ fn header_rewrite(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
+    // Signed in: the session cookie comes off and the identity headers and the signed assertion
+    // go on, as `upstream_request_filter` does with auth on.
+    let keys = SecretKeys::from_secrets("0123456789abcdef0123456789abcdef", &[]).expect("keys");
+    let session = demo_session();
+    let sealed = seal_session(&keys, &session);
+    let name = CookieSettings { secure: true }.session_cookie_name();
+    let mut signed_in = request.clone();
+    signed_in.remove_header("cookie");
+    signed_in
+        .append_header(
+            "cookie",
+            format!("_ga=GA1.1.123; {name}={sealed}; theme=dark"),
+        )
+        .expect("cookie");
+    let assertion_key = "0123456789abcdef0123456789abcdef-assertion";
+    group.bench_function(
+        "signed in: + session cookie removed, identity signed",
+        |b| {
+            b.iter_batched(
+                || signed_in.clone(),
+                |mut upstream| {
+                    strip_client_identity(&mut upstream);
+                    remove_custodia_cookies(&mut upstream);
+                    let id = request_id(&upstream);
+                    set_forwarding(&mut upstream, peer, client, "https", &id).expect("forwarding");
+                    set_identity(&mut upstream, &session, assertion_key).expect("identity");
+                    upstream
+                },
+                BatchSize::SmallInput,
+            )
+        },
+    );
+    group.finish();
+}
+
+fn demo_session() -> Session {
+    Session {
+        sub: "auth0|5f1c2e9a7b3d4c0012345678".into(),
+        email: Some("demo@example.test".into()),
+        name: Some("Demo User".into()),
+        picture: Some("https://s.gravatar.com/avatar/0123456789abcdef.png".into()),
+        iat: 1_800_000_000,
+        exp: 4_000_000_000,
+    }
 }
 
 fn least_conn_pick(c: &mut Criterion) {
@@ -256,14 +301,7 @@ fn least_conn_pick(c: &mut Criterion) {
 fn session_check(c: &mut Criterion) {
     let keys = SecretKeys::from_secrets("0123456789abcdef0123456789abcdef", &[]).expect("keys");
     let cookies = CookieSettings { secure: true };
-    let session = Session {
-        sub: "auth0|5f1c2e9a7b3d4c0012345678".into(),
-        email: Some("demo@example.test".into()),
-        name: Some("Demo User".into()),
-        picture: Some("https://s.gravatar.com/avatar/0123456789abcdef.png".into()),
-        iat: 1_800_000_000,
-        exp: 4_000_000_000,
-    };
+    let session = demo_session();
     let sealed = seal_session(&keys, &session);
     let name = cookies.session_cookie_name();
     let valid = format!("_ga=GA1.1.123; {name}={sealed}; theme=dark");

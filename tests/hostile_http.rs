@@ -532,3 +532,40 @@ fn an_upgraded_connection_is_not_held_to_the_client_timeout() {
         .expect("the tunnel is still open after 3 s");
     assert_eq!(&pong, b"pong");
 }
+
+#[test]
+fn an_idle_keep_alive_connection_is_closed_after_keepalive_timeout_and_not_before() {
+    // Between two requests a connection waits in the proxy's own keep-alive wait (a few bytes
+    // per idle client instead of Pingora's whole request state): it must keep Pingora's
+    // contract, serving the next request and closing at `keepalive_timeout`.
+    let worker = support::custodia::Worker::start("w");
+    let proxy = Proxy::start_with_server(
+        "keepalive_timeout = \"2s\"\n",
+        &upstream_section("least_conn", &[(worker.addr, 1)]),
+    );
+    let mut client = raw_tcp::connect(proxy.addr, None);
+    for pause in [Duration::ZERO, Duration::from_millis(1200)] {
+        std::thread::sleep(pause);
+        let outcome = raw_tcp::exchange(&mut client, b"GET /api/hello HTTP/1.1\r\nHost: h\r\n\r\n");
+        assert_eq!(
+            outcome.status(),
+            Some(200),
+            "after {pause:?} idle: {outcome:?}"
+        );
+    }
+    let idle_since = std::time::Instant::now();
+    client
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut probe = [0u8; 64];
+    let read = std::io::Read::read(&mut client, &mut probe);
+    let idle = idle_since.elapsed();
+    assert!(
+        matches!(read, Ok(0)),
+        "an idle connection is closed, with nothing sent: {read:?}"
+    );
+    assert!(
+        idle >= Duration::from_millis(1500) && idle < Duration::from_secs(10),
+        "closed after {idle:?} idle (keepalive_timeout is 2 s)"
+    );
+}

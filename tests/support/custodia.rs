@@ -166,11 +166,26 @@ impl Proxy {
             .read()
     }
 
+    /// Like [`Proxy::start`], with `server` lines added to the generated `[server]` section.
+    pub fn start_with_server(server: &str, sections: &str) -> Proxy {
+        Proxy::launch_with(free_addr(), server, sections, &[], false)
+    }
+
     fn launch(addr: SocketAddr, sections: &str, env: &[(&str, &str)], capture: bool) -> Proxy {
+        Proxy::launch_with(addr, "", sections, env, capture)
+    }
+
+    fn launch_with(
+        addr: SocketAddr,
+        server: &str,
+        sections: &str,
+        env: &[(&str, &str)],
+        capture: bool,
+    ) -> Proxy {
         let dir = TempDir::new("proxy");
         let admin = free_addr();
         let server_sections = format!(
-            "[server]\nlisten = \"{addr}\"\nthreads = 2\ngrace_period = \"1s\"\n\
+            "[server]\nlisten = \"{addr}\"\nthreads = 2\ngrace_period = \"1s\"\n{server}\
              pid_file = \"{pid}\"\nupgrade_sock = \"{sock}\"\n\n[admin]\nlisten = \"{admin}\"\n",
             pid = dir.path().join("proxy.pid").display(),
             sock = dir.path().join("upgrade.sock").display(),

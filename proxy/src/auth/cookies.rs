@@ -307,14 +307,8 @@ pub fn strip_custodia_cookies(cookie_header: &str) -> Option<String> {
 
 /// [`strip_custodia_cookies`] for a header value that need not be UTF-8.
 pub fn strip_custodia_cookie_bytes(cookie_header: &[u8]) -> Option<Vec<u8>> {
-    let is_ours = |part: &[u8]| {
-        let part = part.trim_ascii();
-        match part.iter().position(|&b| b == b'=') {
-            Some(eq) => is_custodia_cookie_name(part[..eq].trim_ascii()),
-            None => false,
-        }
-    };
-    let parts = || cookie_header.split(|&b| b == b';');
+    let is_ours = |part: &[u8]| cookie_part_name(part).is_some_and(is_custodia_cookie_name);
+    let parts = || cookie_parts(cookie_header);
     if !parts().any(is_ours) {
         return if parts().all(|p| p.trim_ascii().is_empty()) {
             None
@@ -357,11 +351,9 @@ fn strip_prefix_ignore_case<'a>(s: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> 
     }
 }
 
-/// `(name, value)` pairs of one `Cookie` header, RFC 6265 style but tolerant: `;` separated,
-/// whitespace around names and values ignored, one pair of surrounding quotes removed, a part
-/// without `=` read as a nameless value. Borrowed, no allocation.
-fn cookie_pairs(header: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
-    // memchr: a session cookie is a few hundred bytes to skip over on every request.
+/// The `;`-separated parts of one `Cookie` header, untrimmed. memchr: a session cookie is a few
+/// hundred bytes to skip over on every request, more than once.
+pub(crate) fn cookie_parts(header: &[u8]) -> impl Iterator<Item = &[u8]> {
     let mut rest = Some(header);
     std::iter::from_fn(move || {
         let header = rest?;
@@ -376,7 +368,19 @@ fn cookie_pairs(header: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
             }
         }
     })
-    .filter_map(|part| {
+}
+
+/// The trimmed name of a `name=value` cookie part; `None` for a part without `=`.
+pub(crate) fn cookie_part_name(part: &[u8]) -> Option<&[u8]> {
+    let part = part.trim_ascii_start();
+    memchr::memchr(b'=', part).map(|eq| part[..eq].trim_ascii_end())
+}
+
+/// `(name, value)` pairs of one `Cookie` header, RFC 6265 style but tolerant: `;` separated,
+/// whitespace around names and values ignored, one pair of surrounding quotes removed, a part
+/// without `=` read as a nameless value. Borrowed, no allocation.
+fn cookie_pairs(header: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    cookie_parts(header).filter_map(|part| {
         let part = part.trim_ascii();
         if part.is_empty() {
             return None;

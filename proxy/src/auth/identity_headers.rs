@@ -5,7 +5,9 @@ use http::header::{CONNECTION, COOKIE};
 use http::{HeaderName, HeaderValue};
 use pingora_http::RequestHeader;
 
-use super::cookies::{is_custodia_cookie_name, strip_custodia_cookie_bytes};
+use super::cookies::{
+    cookie_part_name, cookie_parts, is_custodia_cookie_name, strip_custodia_cookie_bytes,
+};
 
 /// Identity headers a client must never be able to send to a worker.
 pub const STRIPPED_HEADERS: &[&str] = &[
@@ -84,12 +86,8 @@ pub fn strip_client_identity(req: &mut RequestHeader) {
 /// without our cookies are not touched.
 pub fn remove_custodia_cookies(req: &mut RequestHeader) {
     let has_ours = req.headers.get_all(COOKIE).iter().any(|value| {
-        value.as_bytes().split(|&b| b == b';').any(|part| {
-            let part = part.trim_ascii();
-            part.iter()
-                .position(|&b| b == b'=')
-                .is_some_and(|eq| is_custodia_cookie_name(part[..eq].trim_ascii()))
-        })
+        cookie_parts(value.as_bytes())
+            .any(|part| cookie_part_name(part).is_some_and(is_custodia_cookie_name))
     });
     if !has_ours {
         return;

@@ -24,7 +24,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use pingora_core::apps::ServerApp;
+use pingora_core::apps::{HttpServerApp, ReusedHttpStream, ServerApp};
+use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::raw_connect::ProxyDigest;
 use pingora_core::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
@@ -65,7 +66,7 @@ impl<A> ConnectionGate<A> {
 }
 
 #[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionGate<A> {
+impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ConnectionGate<A> {
     async fn process_new(
         self: &Arc<Self>,
         stream: Stream,
@@ -73,7 +74,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionGate<A> {
     ) -> Option<Stream> {
         // A stream handed back for reuse is already counted and guarded.
         if stream.as_any().is::<ClientStream>() {
-            return self.app.process_new(stream, shutdown).await;
+            return self.serve_http1(stream, shutdown).await;
         }
         let (max, timeout) = {
             let runtime = self.runtime.load();
@@ -82,15 +83,68 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionGate<A> {
         };
         let Some(slot) = ConnectionSlot::take(&self.open, max) else {
             metrics::rejections().connection_limit.inc();
-            refuse(stream).await;
+            // Boxed: its scratch buffer must not size every connection's future.
+            Box::pin(refuse(stream)).await;
             return None;
         };
         let guarded: Stream = Box::new(ClientStream::new(stream, timeout, slot));
-        self.app.process_new(guarded, shutdown).await
+        self.serve_http1(guarded, shutdown).await
     }
 
     async fn cleanup(&self) {
-        self.app.cleanup().await;
+        self.app.http_cleanup().await;
+    }
+}
+
+impl<A: HttpServerApp + Send + Sync + 'static> ConnectionGate<A> {
+    /// Pingora's HTTP/1 keep-alive loop (its `ServerApp` for an `HttpServerApp`, without the
+    /// h2c and custom protocols we never turn on), except where an idle connection waits.
+    ///
+    /// Pingora waits for the next request inside the request handler, holding the whole
+    /// request state machine (tens of KiB) and a 4 KiB header buffer per idle keep-alive client.
+    /// Here a connection between two requests is only its stream: the handler starts when the
+    /// next request's first byte is in. The wait ends, closing the connection, after
+    /// `keepalive_timeout` or when the server shuts down, as Pingora's own wait would.
+    async fn serve_http1(&self, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        let mut session = ServerSession::new_http1(stream);
+        // Until `request_filter` sets ours; none once shutting down.
+        let keepalive = (!*shutdown.borrow()).then_some(60);
+        session.set_keepalive(keepalive);
+        let mut reused = self.app.process_new_http(session, shutdown).await;
+        while let Some((mut stream, settings)) = reused.map(ReusedHttpStream::consume) {
+            let idle = self.runtime.load().config.server.keepalive_timeout;
+            if !next_request_arrives(&mut stream, idle, shutdown).await {
+                return None;
+            }
+            let mut session = ServerSession::new_http1(stream);
+            if let Some(settings) = settings {
+                settings.apply_to_session(&mut session);
+            }
+            reused = self.app.process_new_http(session, shutdown).await;
+        }
+        None
+    }
+}
+
+/// Wait for the first byte of the next request on a keep-alive connection (it stays in the
+/// stream for the parser). False when the client closed, `idle` passed or the server is
+/// shutting down: the connection is to be closed.
+async fn next_request_arrives(
+    stream: &mut Stream,
+    idle: Duration,
+    shutdown: &ShutdownWatch,
+) -> bool {
+    if *shutdown.borrow() {
+        return false;
+    }
+    let mut shutdown = shutdown.clone();
+    let mut first = [0u8; 1];
+    tokio::select! {
+        biased;
+        // `Ok(false)`: the stream cannot peek; the parser will wait instead.
+        peeked = stream.try_peek(&mut first) => peeked.is_ok(),
+        _ = tokio::time::sleep(idle.max(Duration::from_secs(1))) => false,
+        _ = shutdown.changed() => false,
     }
 }
 
