@@ -228,6 +228,15 @@ async fn a_killed_worker_fails_no_get_and_rejoins_after_restart() {
     victim.process.signal(libc::SIGKILL);
     let during = loader.await.expect("no GET failed while a worker died");
     assert_eq!(during.values().sum::<usize>(), 600);
+    // The load may have finished before the kill landed (a fast proxy): keep going past it, so
+    // requests meet the dead worker's broken connections and its refused connects.
+    let after = load(&proxy, 300, 6).await;
+    assert_eq!(
+        after.values().sum::<usize>(),
+        300,
+        "no GET failed after the kill"
+    );
+    assert!(!after.contains_key("victim"), "{after:?}");
 
     let healthy = proxy
         .backend_metric("custodia_upstream_healthy", victim_addr)

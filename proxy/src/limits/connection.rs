@@ -72,10 +72,6 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ConnectionGate<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        // A stream handed back for reuse is already counted and guarded.
-        if stream.as_any().is::<ClientStream>() {
-            return self.serve_http1(stream, shutdown).await;
-        }
         let (max, timeout) = {
             let runtime = self.runtime.load();
             let limits = &runtime.config.limits;
@@ -105,6 +101,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ConnectionGate<A> {
     /// Here a connection between two requests is only its stream: the handler starts when the
     /// next request's first byte is in. The wait ends, closing the connection, after
     /// `keepalive_timeout` or when the server shuts down, as Pingora's own wait would.
+    /// Always `None`: keep-alive is handled here, nothing goes back to Pingora's loop.
     async fn serve_http1(&self, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
         let mut session = ServerSession::new_http1(stream);
         // Until `request_filter` sets ours; none once shutting down.
