@@ -134,6 +134,11 @@ async fn next_request_arrives(
     if *shutdown.borrow() {
         return false;
     }
+    if bytes_waiting(stream.id()) {
+        // A busy client's next request is usually in already: no wait, and the parser reads it
+        // whole (peeking through the stream would cost a read and a one-byte parse).
+        return true;
+    }
     let mut shutdown = shutdown.clone();
     let mut first = [0u8; 1];
     tokio::select! {
@@ -143,6 +148,24 @@ async fn next_request_arrives(
         _ = tokio::time::sleep(idle.max(Duration::from_secs(1))) => false,
         _ = shutdown.changed() => false,
     }
+}
+
+/// Whether bytes wait unread on socket `fd`: one non-blocking `MSG_PEEK`, which leaves them for
+/// the parser. False also when it cannot tell (not a socket, an error): the caller then waits
+/// the slow way, which sees closes and errors.
+fn bytes_waiting(fd: UniqueIDType) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: `recv` writes at most one byte, into `byte`, which outlives the call; a bad or
+    // foreign fd makes it fail (EBADF/ENOTSOCK), it cannot touch other memory.
+    let peeked = unsafe {
+        libc::recv(
+            fd,
+            std::ptr::addr_of_mut!(byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    peeked > 0
 }
 
 /// Answer 503 without forwarding anything. The request is read briefly first so closing does
