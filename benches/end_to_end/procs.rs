@@ -70,6 +70,17 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// Spawn `command` (a proxy serving on `listen`, its files in `dir`) and wait for its port.
+    fn launch(name: &str, listen: SocketAddr, command: &mut Command, dir: TempDir) -> Proxy {
+        let mut process = ChildGuard::spawn(name, command);
+        wait_for_port(listen, STARTUP, &mut process);
+        Proxy {
+            addr: listen,
+            process,
+            _dir: dir,
+        }
+    }
+
     pub fn pid(&self) -> i32 {
         self.process.pid()
     }
@@ -132,13 +143,7 @@ pub fn start_custodia(name: &str, workers: &[&Worker], balance: Balance, auth: b
     command.args(["proxy", "--config", &path_str(&config)]);
     let mut command = quiet(command);
     command.env("AUTH0_CLIENT_SECRET", "bench-client-secret");
-    let mut process = ChildGuard::spawn(name, &mut command);
-    wait_for_port(listen, STARTUP, &mut process);
-    Proxy {
-        addr: listen,
-        process,
-        _dir: dir,
-    }
+    Proxy::launch(name, listen, &mut command, dir)
 }
 
 /// The nginx binary, if installed.
@@ -180,13 +185,7 @@ pub fn start_nginx(name: &str, bin: &str, workers: &[&Worker]) -> Proxy {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let mut process = ChildGuard::spawn(name, &mut command);
-    wait_for_port(listen, STARTUP, &mut process);
-    Proxy {
-        addr: listen,
-        process,
-        _dir: dir,
-    }
+    Proxy::launch(name, listen, &mut command, dir)
 }
 
 fn write(path: &PathBuf, text: &str) {

@@ -13,7 +13,11 @@ struct Acceptor {
 }
 
 impl Acceptor {
-    fn start(handle: fn(TcpStream)) -> Acceptor {
+    /// Accept on a fresh loopback port, each connection on its own thread running `handle`.
+    fn start<F>(handle: F) -> Acceptor
+    where
+        F: Fn(TcpStream) + Clone + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
         listener.set_nonblocking(true).expect("nonblocking");
@@ -25,6 +29,7 @@ impl Acceptor {
                     Ok((stream, _)) => {
                         let _ = stream.set_nonblocking(false);
                         let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+                        let handle = handle.clone();
                         std::thread::spawn(move || handle(stream));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
@@ -149,46 +154,24 @@ fn hang_up_connection(stream: TcpStream) {
 pub struct RecordingServer {
     pub addr: SocketAddr,
     received: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
-    stop: Arc<AtomicBool>,
+    _acceptor: Acceptor,
 }
 
 impl RecordingServer {
     pub fn start() -> RecordingServer {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let stop = Arc::new(AtomicBool::new(false));
         let received = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (flag, log) = (stop.clone(), received.clone());
-        std::thread::spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        let _ = stream.set_nonblocking(false);
-                        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-                        let log = log.clone();
-                        std::thread::spawn(move || record_connection(stream, &log));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        });
+        let log = received.clone();
+        let acceptor = Acceptor::start(move |stream| record_connection(stream, &log));
         RecordingServer {
-            addr,
+            addr: acceptor.addr,
             received,
-            stop,
+            _acceptor: acceptor,
         }
     }
 
     /// Every request received so far (head and body, as bytes on the wire).
     pub fn requests(&self) -> Vec<Vec<u8>> {
         self.received.lock().expect("lock").clone()
-    }
-}
-
-impl Drop for RecordingServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
