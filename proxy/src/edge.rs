@@ -6,8 +6,9 @@
 //!   keep-alive,        least-conn pick,   strip client identity and             X-Request-Id      lease released
 //!   request id,        lease taken once   our cookies; X-Forwarded-*,                             (drop guard)
 //!   /login /callback                      X-Real-IP, X-Request-Id;
-//!   /logout answered;                     identity headers + signed
+//!   /logout answered;                     identity headers + the
 //!   policy + session                      assertion when signed in
+//!   (+ its assertion)
 //!   (no I/O)
 //!                        ▲      │
 //!                        └──────┘ fail_to_connect / error_while_proxy: retry on another backend
@@ -35,7 +36,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use crate::access_log::{self, AccessRecord};
 use crate::auth::flow::{self, AuthResponse, Endpoint, Gate};
 use crate::auth::identity_headers;
-use crate::auth::session::Session as UserSession;
+use crate::auth::Verified;
 use crate::balancer::Lease;
 use crate::headers;
 use crate::limits::{login_rate, ClientStream, LoginRate};
@@ -72,7 +73,7 @@ pub struct RequestCtx {
     failed: Vec<SocketAddr>,
     attempts: u32,
     /// The verified session, when the route's policy looked for one and found it.
-    identity: Option<UserSession>,
+    identity: Option<Verified>,
     // Measurements for metrics and the access log.
     /// When the request's headers had been read.
     started: Instant,
@@ -373,7 +374,7 @@ impl ProxyHttp for Edge {
         identity_headers::remove_custodia_cookies(upstream_request);
         headers::set_forwarding(upstream_request, peer_ip, client_ip, proto, &ctx.request_id)?;
         if let Some(identity) = &ctx.identity {
-            headers::set_identity(upstream_request, identity, &auth.settings.assertion_key.0)?;
+            headers::set_identity(upstream_request, identity)?;
         }
         Ok(())
     }
@@ -485,7 +486,7 @@ impl ProxyHttp for Edge {
                 total_ms: access_log::millis(total),
                 bytes_in,
                 bytes_out,
-                sub: ctx.identity.as_ref().map(|s| s.sub.as_str()),
+                sub: ctx.identity.as_ref().map(|v| v.session.sub.as_str()),
             });
         }
         ctx.lease = None;

@@ -71,26 +71,17 @@ pub const X_FORWARDED_EMAIL: &str = "x-forwarded-email";
 /// assertion the worker verifies (it trusts nothing else).
 pub fn set_identity(
     upstream: &mut RequestHeader,
-    session: &crate::auth::session::Session,
-    assertion_key: &str,
+    verified: &crate::auth::Verified,
 ) -> pingora_core::Result<()> {
+    let session = &verified.session;
     upstream.insert_header(X_FORWARDED_USER, session.sub.as_str())?;
     if let Some(email) = &session.email {
         upstream.insert_header(X_FORWARDED_EMAIL, email.as_str())?;
     }
-    let identity = custodia_identity::Identity {
-        sub: session.sub.clone(),
-        email: session.email.clone(),
-        name: session.name.clone(),
-        picture: session.picture.clone(),
-    };
-    let token = custodia_identity::sign_assertion(
-        &identity,
-        assertion_key.as_bytes(),
-        crate::auth::flow::now_unix(),
-        crate::auth::flow::ASSERTION_TTL.as_secs(),
-    );
-    upstream.insert_header(custodia_identity::IDENTITY_HEADER, token)?;
+    upstream.insert_header(
+        custodia_identity::IDENTITY_HEADER,
+        verified.assertion.clone(),
+    )?;
     Ok(())
 }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use http::HeaderValue;
 use openidconnect::url::form_urlencoded;
 
 use super::cookies::CookieSettings;
@@ -16,6 +17,7 @@ use super::oidc::{OidcError, OidcProvider, VerifiedUser};
 use super::policy::{normalise_path, Policy, RouteTable};
 use super::redirect::safe_return_target;
 use super::session::{open_session, seal_session, Session, SessionError};
+use super::session_cache::{SessionCache, Verified};
 use super::trusted::TrustedProxies;
 use crate::config::{AuthSettings, RoutePolicy};
 use crate::metrics;
@@ -30,6 +32,8 @@ pub struct AuthRuntime {
     pub trusted: TrustedProxies,
     /// Shared across reloads while the IdP settings stay the same.
     pub oidc: Arc<OidcProvider>,
+    /// Sessions opened lately under these keys (a new one per config generation).
+    pub sessions: SessionCache,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +90,7 @@ impl AuthRuntime {
             routes,
             trusted,
             oidc,
+            sessions: SessionCache::new(),
         })
     }
 }
@@ -155,7 +160,7 @@ impl Endpoint {
 #[derive(Debug)]
 pub enum Gate {
     /// Forward, with the verified identity if there is one.
-    Forward(Option<Session>),
+    Forward(Option<Verified>),
     /// Answer now (login redirect or 401).
     Respond(AuthResponse),
 }
@@ -166,16 +171,22 @@ pub fn now_unix() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Read and check the session cookie (microseconds; no network), counting the result.
+/// Read and check the session cookie (microseconds; no network), counting the result; a
+/// verified session comes with its assertion for the workers.
 pub fn check_session<'a>(
     auth: &AuthRuntime,
     cookie_headers: impl Iterator<Item = &'a [u8]>,
     now: u64,
-) -> Result<Session, SessionError> {
+) -> Result<Verified, SessionError> {
     let m = metrics::auth();
     let result = match auth.cookies.read_session(cookie_headers) {
         None => Err(SessionError::Absent),
-        Some(sealed) => open_session(&auth.keys, &sealed, now),
+        Some(sealed) => auth.sessions.verify(
+            &sealed,
+            now,
+            || open_session(&auth.keys, &sealed, now),
+            |session, now| sign_assertion(auth, session, now),
+        ),
     };
     match &result {
         Ok(_) => m.session_valid.inc(),
@@ -184,6 +195,28 @@ pub fn check_session<'a>(
         Err(_) => m.session_invalid.inc(),
     }
     result
+}
+
+/// The assertion that tells the workers who is signed in (`custodia_identity`), valid from `now`
+/// for [`ASSERTION_TTL`].
+pub fn sign_assertion(auth: &AuthRuntime, session: &Session, now: u64) -> HeaderValue {
+    let identity = custodia_identity::Identity {
+        sub: session.sub.clone(),
+        email: session.email.clone(),
+        name: session.name.clone(),
+        picture: session.picture.clone(),
+    };
+    let token = custodia_identity::sign_assertion(
+        &identity,
+        auth.settings.assertion_key.0.as_bytes(),
+        now,
+        ASSERTION_TTL.as_secs(),
+    );
+    match HeaderValue::try_from(token) {
+        Ok(value) => value,
+        // Base64url segments joined by dots: always a valid header value, whatever the session says.
+        Err(_) => unreachable!("a signed assertion is always a valid header value"),
+    }
 }
 
 /// The per-request decision for a normalised path under its route policy.
@@ -613,7 +646,16 @@ mod tests {
         let cookie = format!("custodia_session={}", seal_session(&auth.keys, &session));
         let cookies = || std::iter::once(cookie.as_bytes());
         match gate(&auth, Policy::Required, cookies(), "/api/me", false, 50) {
-            Gate::Forward(Some(s)) => assert_eq!(s.sub, "u1"),
+            Gate::Forward(Some(verified)) => {
+                assert_eq!(verified.session.sub, "u1");
+                let vouched = custodia_identity::verify_assertion(
+                    verified.assertion.to_str().unwrap(),
+                    auth.settings.assertion_key.0.as_bytes(),
+                    50,
+                )
+                .unwrap();
+                assert_eq!(vouched.sub, "u1");
+            }
             other => panic!("{other:?}"),
         }
         assert!(

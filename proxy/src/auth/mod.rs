@@ -12,7 +12,8 @@
 //! ```
 //!
 //! The OIDC client and the /login, /callback, /logout endpoints build on these; the edge calls
-//! `policy` → `cookies::read_session` → `session::open_session` on every request.
+//! `policy` → `cookies::read_session` → `session::open_session` on every request, through
+//! `session_cache`, which remembers the cookies it opened lately (per thread).
 
 pub mod cookies;
 pub mod flow;
@@ -25,6 +26,7 @@ pub mod policy;
 pub mod redirect;
 pub mod seal;
 pub mod session;
+pub mod session_cache;
 pub mod trusted;
 
 pub use cookies::{read_cookie, strip_custodia_cookies, CookieError, CookieSettings};
@@ -38,4 +40,5 @@ pub use policy::{normalise_path, PathError, Policy, RouteError, RouteTable};
 pub use redirect::safe_return_target;
 pub use seal::{seal, unseal, Purpose, SealError};
 pub use session::{open_session, seal_session, Session, SessionError};
+pub use session_cache::{SessionCache, Verified};
 pub use trusted::{TrustedProxies, TrustedProxyError};

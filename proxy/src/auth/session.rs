@@ -41,6 +41,11 @@ impl Session {
     pub fn remaining(&self, now_unix: u64) -> Duration {
         Duration::from_secs(self.exp.saturating_sub(now_unix))
     }
+
+    /// Whether the session is no longer accepted at `now_unix` (from its `exp` on).
+    pub fn expired_at(&self, now_unix: u64) -> bool {
+        now_unix >= self.exp
+    }
 }
 
 /// Why a request has no usable session.
@@ -91,7 +96,7 @@ pub fn open_session(
     })?;
     // Authentic but unreadable: sealed by an incompatible version of us.
     let session: Session = serde_json::from_slice(&json).map_err(|_| SessionError::Malformed)?;
-    if now_unix >= session.exp {
+    if session.expired_at(now_unix) {
         return Err(SessionError::Expired);
     }
     Ok(session)
