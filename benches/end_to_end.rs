@@ -3,8 +3,10 @@
 //! Three `custodia app` workers; in front of them, with the same workers: Custodia with the
 //! session check off, Custodia with it on (`/api/` requires a session, every request carries a
 //! real sealed cookie), and nginx (`least_conn`, upstream keep-alive, 2 worker processes); plus
-//! straight to one worker as the floor. Each is driven at fixed concurrency (HTTP/1.1 keep-alive)
-//! for a warm-up and a measured window, targets interleaved so that noise hits all alike. Then:
+//! straight to one worker as the floor; and bare Pingora (what Custodia is built on, with
+//! nothing of ours), the floor of any Pingora proxy. Each is driven at fixed concurrency
+//! (HTTP/1.1 keep-alive) for a warm-up and a measured window, targets interleaved so that noise
+//! hits all alike. Then:
 //! a slow worker (least_conn vs round_robin vs nginx), and memory with many idle clients.
 //!
 //! Knobs (environment): CUSTODIA_BENCH_CONCURRENCY (default "1,32,256"), CUSTODIA_BENCH_SECS
@@ -27,6 +29,8 @@ mod process;
 mod load;
 #[path = "end_to_end/measure.rs"]
 mod measure;
+#[path = "end_to_end/pingora_baseline.rs"]
+mod pingora_baseline;
 #[path = "end_to_end/procs.rs"]
 mod procs;
 #[path = "end_to_end/report.rs"]
@@ -225,8 +229,10 @@ fn throughput(knobs: &Knobs, nginx: Option<&str>, report: &mut Report) {
     let auth_off = procs::start_custodia("custodia auth off", &workers, Balance::LeastConn, false);
     let auth_on = procs::start_custodia("custodia auth on", &workers, Balance::LeastConn, true);
     let nginx_proxy = nginx.map(|bin| procs::start_nginx("nginx", bin, &workers));
+    let bare_pingora = procs::start_pingora_baseline(&workers);
 
     preflight(w1.addr, None, false);
+    preflight(bare_pingora.addr, None, false);
     preflight(auth_off.addr, None, false);
     preflight(auth_on.addr, Some(&cookie), true);
     if let Some(n) = &nginx_proxy {
@@ -261,6 +267,13 @@ fn throughput(knobs: &Knobs, nginx: Option<&str>, report: &mut Report) {
             addr: None,
             cookie: None,
             missing: nginx.is_none().then_some(NGINX_MISSING),
+        },
+        Target {
+            name: report::PINGORA,
+            proxy: Some(&bare_pingora),
+            addr: None,
+            cookie: None,
+            missing: None,
         },
     ];
 
@@ -430,6 +443,14 @@ fn memory(knobs: &Knobs, nginx: Option<&str>, report: &mut Report) {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == pingora_baseline::ROLE_ARG) {
+        let addrs: Vec<std::net::SocketAddr> = args[at + 1..]
+            .iter()
+            .map(|a| a.parse().expect("pingora baseline: socket address"))
+            .collect();
+        pingora_baseline::run(addrs[0], &addrs[1..]);
+    }
     // `cargo test --benches` runs this binary without `--bench`: the suite is run by hand.
     if !std::env::args().any(|a| a == "--bench") {
         println!("end_to_end: run it with `cargo bench --bench end_to_end` (see BENCHMARKS.md)");

@@ -146,6 +146,19 @@ pub fn start_custodia(name: &str, workers: &[&Worker], balance: Balance, auth: b
     Proxy::launch(name, listen, &mut command, dir)
 }
 
+/// Bare Pingora (`pingora_baseline.rs`): this bench binary re-executed in that role.
+pub fn start_pingora_baseline(workers: &[&Worker]) -> Proxy {
+    let dir = TempDir::new("bench-pingora");
+    let listen = free_addr();
+    let exe = std::env::current_exe().expect("the bench binary's path");
+    let mut command = Command::new(exe);
+    command
+        .arg(crate::pingora_baseline::ROLE_ARG)
+        .arg(listen.to_string())
+        .args(workers.iter().map(|w| w.addr.to_string()));
+    Proxy::launch("bare pingora", listen, &mut quiet(command), dir)
+}
+
 /// The nginx binary, if installed.
 pub fn nginx_bin() -> Option<&'static str> {
     ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/bin/nginx"]

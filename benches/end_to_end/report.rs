@@ -1,4 +1,4 @@
-//! The results: a markdown report (tables + ratios Custodia/nginx) and an SVG plot of throughput
+//! The results: a markdown report (tables + ratios Custodia/nginx and against bare Pingora) and an SVG plot of throughput
 //! and p99 latency against concurrency.
 
 use std::fmt::Write as _;
@@ -12,6 +12,7 @@ pub const DIRECT: &str = "direct to a worker";
 pub const AUTH_OFF: &str = "custodia, session check off";
 pub const AUTH_ON: &str = "custodia, session check on";
 pub const NGINX: &str = "nginx least_conn";
+pub const PINGORA: &str = "bare pingora round_robin";
 pub const SLOW_LEAST: &str = "custodia least_conn";
 pub const SLOW_RR: &str = "custodia round_robin";
 pub const SLOW_NGINX: &str = "nginx least_conn";
@@ -82,6 +83,26 @@ fn errors_cell(m: &Measured) -> String {
     } else {
         format!("**{} errors, {} non-2xx**", m.errors, m.non_2xx)
     }
+}
+
+/// One row of a ratio table: throughput, p99 and CPU per request of `over` against `under`.
+fn ratio_row(
+    out: &mut String,
+    concurrency: usize,
+    label: &str,
+    over: Option<&Measured>,
+    under: Option<&Measured>,
+) {
+    let _ = writeln!(
+        out,
+        "| {concurrency} | {label} | {} | {} | {} |",
+        ratio(over.map(|m| m.rps), under.map(|m| m.rps)),
+        ratio(over.map(|m| m.p99_ms), under.map(|m| m.p99_ms)),
+        ratio(
+            over.and_then(|m| m.cpu_us_per_request),
+            under.and_then(|m| m.cpu_us_per_request)
+        ),
+    );
 }
 
 fn ratio(a: Option<f64>, b: Option<f64>) -> String {
@@ -166,17 +187,36 @@ impl Report {
             for &c in &self.concurrency {
                 let nginx = self.find(NGINX, c);
                 for (label, target) in [("on", AUTH_ON), ("off", AUTH_OFF)] {
-                    let custodia = self.find(target, c);
-                    let _ = writeln!(
-                        out,
-                        "| {c} | {label} | {} | {} | {} |",
-                        ratio(custodia.map(|m| m.rps), nginx.map(|m| m.rps)),
-                        ratio(custodia.map(|m| m.p99_ms), nginx.map(|m| m.p99_ms)),
-                        ratio(
-                            custodia.and_then(|m| m.cpu_us_per_request),
-                            nginx.and_then(|m| m.cpu_us_per_request)
-                        ),
-                    );
+                    ratio_row(&mut out, c, label, self.find(target, c), nginx);
+                }
+            }
+            let _ = writeln!(
+                out,
+                "\n### The Pingora floor: bare Pingora / nginx, and Custodia / bare Pingora\n"
+            );
+            let _ = writeln!(
+                out,
+                "Bare Pingora is pingora-proxy with nothing of Custodia's (round robin, defaults): \
+                 what any proxy built on Pingora 0.9 starts from. Custodia / bare Pingora is what \
+                 Custodia's edge costs on top of it.\n"
+            );
+            let _ = writeln!(
+                out,
+                "| concurrency | of | throughput | p99 | CPU per request |"
+            );
+            let _ = writeln!(out, "|---:|---|---:|---:|---:|");
+            for &c in &self.concurrency {
+                let pingora = self.find(PINGORA, c);
+                for (label, over, under) in [
+                    ("bare pingora / nginx", pingora, self.find(NGINX, c)),
+                    (
+                        "custodia off / bare pingora",
+                        self.find(AUTH_OFF, c),
+                        pingora,
+                    ),
+                    ("custodia on / bare pingora", self.find(AUTH_ON, c), pingora),
+                ] {
+                    ratio_row(&mut out, c, label, over, under);
                 }
             }
             let _ = writeln!(out);
@@ -277,8 +317,8 @@ impl Report {
     /// Two panels side by side: throughput and p99 against concurrency (log scale), one line per
     /// target.
     pub fn plot(&self, path: &Path) -> Result<(), String> {
-        let targets = [DIRECT, AUTH_OFF, AUTH_ON, NGINX];
-        let colors = [BLACK, BLUE, GREEN, RED];
+        let targets = [DIRECT, AUTH_OFF, AUTH_ON, NGINX, PINGORA];
+        let colors = [BLACK, BLUE, GREEN, RED, MAGENTA];
         let series = |f: &dyn Fn(&Measured) -> f64| -> Vec<Vec<(f64, f64)>> {
             targets
                 .iter()
