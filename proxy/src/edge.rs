@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use http::HeaderValue;
+use pingora_core::modules::http::HttpModules;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -118,6 +119,11 @@ impl ProxyHttp for Edge {
             body_read: 0,
         }
     }
+
+    /// No downstream modules. Pingora's default installs its response-compression module,
+    /// disabled, which still costs allocations and filter calls on every request; Custodia
+    /// does not compress answers.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     /// Refuse ambiguous, malformed or oversized request heads before anything acts on them.
     async fn early_request_filter(

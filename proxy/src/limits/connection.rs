@@ -108,11 +108,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> ConnectionGate<A> {
         let keepalive = (!*shutdown.borrow()).then_some(60);
         session.set_keepalive(keepalive);
         let mut reused = self.app.process_new_http(session, shutdown).await;
-        while let Some((mut stream, settings)) = reused.map(ReusedHttpStream::consume) {
+        while let Some((stream, settings)) = reused.map(ReusedHttpStream::consume) {
             let idle = self.runtime.load().config.server.keepalive_timeout;
-            if !next_request_arrives(&mut stream, idle, shutdown).await {
-                return None;
-            }
+            let stream = next_request_arrives(stream, idle, shutdown).await?;
             let mut session = ServerSession::new_http1(stream);
             if let Some(settings) = settings {
                 settings.apply_to_session(&mut session);
@@ -123,49 +121,85 @@ impl<A: HttpServerApp + Send + Sync + 'static> ConnectionGate<A> {
     }
 }
 
-/// Wait for the first byte of the next request on a keep-alive connection (it stays in the
-/// stream for the parser). False when the client closed, `idle` passed or the server is
-/// shutting down: the connection is to be closed.
+/// Wait for the first bytes of the next request on a keep-alive connection; they stay in the
+/// stream for the parser. `None` when the client closed, `idle` passed or the server is shutting
+/// down: the connection is to be closed.
 async fn next_request_arrives(
-    stream: &mut Stream,
+    stream: Stream,
     idle: Duration,
     shutdown: &ShutdownWatch,
-) -> bool {
+) -> Option<Stream> {
     if *shutdown.borrow() {
-        return false;
+        return None;
     }
-    if bytes_waiting(stream.id()) {
-        // A busy client's next request is usually in already: no wait, and the parser reads it
-        // whole (peeking through the stream would cost a read and a one-byte parse).
-        return true;
-    }
+    // A busy client's next request is usually in already: no wait, and no second read for it.
+    let mut stream = match read_ahead(stream) {
+        ReadAhead::Request(stream) => return Some(stream),
+        ReadAhead::Closed => return None,
+        ReadAhead::Nothing(stream) => stream,
+    };
     let mut shutdown = shutdown.clone();
     let mut first = [0u8; 1];
-    tokio::select! {
+    let arrived = tokio::select! {
         biased;
         // `Ok(false)`: the stream cannot peek; the parser will wait instead.
         peeked = stream.try_peek(&mut first) => peeked.is_ok(),
         _ = tokio::time::sleep(idle.max(Duration::from_secs(1))) => false,
         _ = shutdown.changed() => false,
-    }
+    };
+    arrived.then_some(stream)
 }
 
-/// Whether bytes wait unread on socket `fd`: one non-blocking `MSG_PEEK`, which leaves them for
-/// the parser. False also when it cannot tell (not a socket, an error): the caller then waits
-/// the slow way, which sees closes and errors.
-fn bytes_waiting(fd: UniqueIDType) -> bool {
-    let mut byte = 0u8;
-    // SAFETY: `recv` writes at most one byte, into `byte`, which outlives the call; a bad or
-    // foreign fd makes it fail (EBADF/ENOTSOCK), it cannot touch other memory.
-    let peeked = unsafe {
+/// The most a keep-alive wait reads ahead: Pingora's initial request-head buffer.
+const READ_AHEAD: usize = 4096;
+
+/// What one non-blocking read found between two requests.
+enum ReadAhead {
+    /// The next request's first bytes, handed to the stream for the parser to read.
+    Request(Stream),
+    /// Nothing yet, or nothing this can tell (an error, not our stream): wait the slow way.
+    Nothing(Stream),
+    /// The client closed the connection.
+    Closed,
+}
+
+/// Read what the client has already sent, without waiting, into the stream's read-ahead: the
+/// parser then takes it from there instead of asking the socket again (one system call per
+/// request instead of a peek and a read).
+///
+/// The read goes straight to the socket, past tokio: tokio may still believe the socket
+/// readable, and its next read then finds it empty (`EWOULDBLOCK`) and waits, as it must.
+fn read_ahead(stream: Stream) -> ReadAhead {
+    if !stream.as_any().is::<ClientStream>() {
+        return ReadAhead::Nothing(stream);
+    }
+    let mut buf = [0u8; READ_AHEAD];
+    // SAFETY: `recv` writes at most `buf.len()` bytes into `buf`, which outlives the call; a
+    // bad or foreign fd makes it fail (EBADF/ENOTSOCK), it cannot touch other memory.
+    let read = unsafe {
         libc::recv(
-            fd,
-            std::ptr::addr_of_mut!(byte).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            stream.id(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
         )
     };
-    peeked > 0
+    let Ok(read) = usize::try_from(read) else {
+        // EWOULDBLOCK (nothing yet) or an error, which the slow path's read will report.
+        return ReadAhead::Nothing(stream);
+    };
+    if read == 0 {
+        return ReadAhead::Closed;
+    }
+    match stream.into_any().downcast::<ClientStream>() {
+        Ok(mut client) => {
+            client.read_ahead = buf[..read].to_vec();
+            client.read_ahead_from = 0;
+            ReadAhead::Request(client)
+        }
+        // Checked above; were it to happen, the bytes read belong to no stream: close.
+        Err(_) => ReadAhead::Closed,
+    }
 }
 
 /// Answer 503 without forwarding anything. The request is read briefly first so closing does
@@ -228,6 +262,10 @@ pub struct ClientStream {
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Upgraded (e.g. WebSocket): the bytes are no longer requests; no deadlines.
     tunnel: AtomicBool,
+    /// Bytes the keep-alive wait read off the socket ([`read_ahead`]), from `read_ahead_from`
+    /// on not yet handed to the parser. Empty (no allocation) the rest of the time.
+    read_ahead: Vec<u8>,
+    read_ahead_from: usize,
     _slot: ConnectionSlot,
 }
 
@@ -242,6 +280,8 @@ impl ClientStream {
             deadline_ms: AtomicU64::new(timeout_ms),
             timer: None,
             tunnel: AtomicBool::new(false),
+            read_ahead: Vec::new(),
+            read_ahead_from: 0,
             _slot: slot,
         }
     }
@@ -263,6 +303,21 @@ impl ClientStream {
     pub fn tunnel(&self) {
         self.tunnel.store(true, Ordering::Relaxed);
         self.deadline_ms.store(DISARMED, Ordering::Relaxed);
+    }
+
+    /// Hand over read-ahead bytes, as many as `buf` takes.
+    fn take_read_ahead(&mut self, buf: &mut ReadBuf<'_>) {
+        let waiting = self
+            .read_ahead
+            .get(self.read_ahead_from..)
+            .unwrap_or_default();
+        let n = waiting.len().min(buf.remaining());
+        buf.put_slice(&waiting[..n]);
+        self.read_ahead_from += n;
+        if self.read_ahead_from >= self.read_ahead.len() {
+            self.read_ahead = Vec::new();
+            self.read_ahead_from = 0;
+        }
     }
 
     fn now_ms(&self) -> u64 {
@@ -296,7 +351,13 @@ impl AsyncRead for ClientStream {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         let before = buf.filled().len();
-        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+        let polled = if this.read_ahead_from < this.read_ahead.len() && buf.remaining() > 0 {
+            this.take_read_ahead(buf);
+            Poll::Ready(Ok(()))
+        } else {
+            Pin::new(&mut this.inner).poll_read(cx, buf)
+        };
+        match polled {
             Poll::Ready(Ok(())) if buf.filled().len() > before => {
                 if this.tunnel.load(Ordering::Relaxed) {
                     return Poll::Ready(Ok(()));
@@ -430,6 +491,15 @@ impl GetSocketDigest for ClientStream {
 #[async_trait]
 impl Peek for ClientStream {
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        let waiting = self
+            .read_ahead
+            .get(self.read_ahead_from..)
+            .unwrap_or_default();
+        if !waiting.is_empty() {
+            let n = waiting.len().min(buf.len());
+            buf[..n].copy_from_slice(&waiting[..n]);
+            return Ok(true);
+        }
         self.inner.try_peek(buf).await
     }
 }
