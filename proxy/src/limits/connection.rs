@@ -24,6 +24,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use pingora_core::apps::{HttpServerApp, ReusedHttpStream, ServerApp};
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::raw_connect::ProxyDigest;
@@ -193,8 +194,7 @@ fn read_ahead(stream: Stream) -> ReadAhead {
     }
     match stream.into_any().downcast::<ClientStream>() {
         Ok(mut client) => {
-            client.read_ahead = buf[..read].to_vec();
-            client.read_ahead_from = 0;
+            client.read_ahead = Bytes::copy_from_slice(&buf[..read]);
             ReadAhead::Request(client)
         }
         // Checked above; were it to happen, the bytes read belong to no stream: close.
@@ -262,10 +262,9 @@ pub struct ClientStream {
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Upgraded (e.g. WebSocket): the bytes are no longer requests; no deadlines.
     tunnel: AtomicBool,
-    /// Bytes the keep-alive wait read off the socket ([`read_ahead`]), from `read_ahead_from`
-    /// on not yet handed to the parser. Empty (no allocation) the rest of the time.
-    read_ahead: Vec<u8>,
-    read_ahead_from: usize,
+    /// Bytes the keep-alive wait read off the socket ([`read_ahead`]) and not yet handed to
+    /// the parser. Empty (no allocation) the rest of the time.
+    read_ahead: Bytes,
     _slot: ConnectionSlot,
 }
 
@@ -280,8 +279,7 @@ impl ClientStream {
             deadline_ms: AtomicU64::new(timeout_ms),
             timer: None,
             tunnel: AtomicBool::new(false),
-            read_ahead: Vec::new(),
-            read_ahead_from: 0,
+            read_ahead: Bytes::new(),
             _slot: slot,
         }
     }
@@ -303,21 +301,6 @@ impl ClientStream {
     pub fn tunnel(&self) {
         self.tunnel.store(true, Ordering::Relaxed);
         self.deadline_ms.store(DISARMED, Ordering::Relaxed);
-    }
-
-    /// Hand over read-ahead bytes, as many as `buf` takes.
-    fn take_read_ahead(&mut self, buf: &mut ReadBuf<'_>) {
-        let waiting = self
-            .read_ahead
-            .get(self.read_ahead_from..)
-            .unwrap_or_default();
-        let n = waiting.len().min(buf.remaining());
-        buf.put_slice(&waiting[..n]);
-        self.read_ahead_from += n;
-        if self.read_ahead_from >= self.read_ahead.len() {
-            self.read_ahead = Vec::new();
-            self.read_ahead_from = 0;
-        }
     }
 
     fn now_ms(&self) -> u64 {
@@ -351,8 +334,9 @@ impl AsyncRead for ClientStream {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         let before = buf.filled().len();
-        let polled = if this.read_ahead_from < this.read_ahead.len() && buf.remaining() > 0 {
-            this.take_read_ahead(buf);
+        let polled = if !this.read_ahead.is_empty() && buf.remaining() > 0 {
+            let n = this.read_ahead.len().min(buf.remaining());
+            buf.put_slice(&this.read_ahead.split_to(n));
             Poll::Ready(Ok(()))
         } else {
             Pin::new(&mut this.inner).poll_read(cx, buf)
@@ -491,13 +475,9 @@ impl GetSocketDigest for ClientStream {
 #[async_trait]
 impl Peek for ClientStream {
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
-        let waiting = self
-            .read_ahead
-            .get(self.read_ahead_from..)
-            .unwrap_or_default();
-        if !waiting.is_empty() {
-            let n = waiting.len().min(buf.len());
-            buf[..n].copy_from_slice(&waiting[..n]);
+        if !self.read_ahead.is_empty() {
+            let n = self.read_ahead.len().min(buf.len());
+            buf[..n].copy_from_slice(&self.read_ahead[..n]);
             return Ok(true);
         }
         self.inner.try_peek(buf).await
