@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::custodia::{client, Proxy, Worker};
+use support::custodia::{client, Proxy, Worker, PROXY_THREADS};
 use support::edge_auth::{AuthConfig, AuthStack, GUEST_GREETING, SIGNED_IN_GREETING};
 use support::oidc_provider::DEMO_SUB;
 use support::process::{eventually_async, TcpSocket};
@@ -30,6 +30,10 @@ use support::process::{eventually_async, TcpSocket};
 /// Concurrent clients, each one keep-alive connection doing one request at a time.
 const CONCURRENCY: usize = 12;
 const WORKERS: usize = 3;
+/// Idle upstream connections the proxy may keep after the load: each proxy worker thread has
+/// its own pool, which never holds more connections to a backend than the thread had in use at
+/// once (at most CONCURRENCY).
+const MAX_POOLED: usize = PROXY_THREADS * WORKERS * CONCURRENCY;
 const DEFAULT_SECS: u64 = 60;
 /// How long the proxy may take to settle (health checks, reloads, gauges back to 0).
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -119,11 +123,11 @@ async fn chaos_under_load_fails_no_idempotent_request_while_a_worker_is_up() {
         },
     )
     .await;
-    // At most CONCURRENCY requests are in flight at once, so the proxy never holds more than
-    // that many connections to one backend, and its keep-alive pool keeps at most those idle;
-    // a few more for its IdP client's keep-alive connection, the admin scrape and health probes
-    // under way. Client connections are all closed: the load's clients are gone.
-    let fd_bound = fds_before_load + WORKERS * CONCURRENCY + 8;
+    // At most CONCURRENCY requests are in flight at once, so no proxy worker thread ever holds
+    // more than that many connections to one backend, and its own keep-alive pool keeps at most
+    // those idle; a few more for its IdP client's keep-alive connection, the admin scrape and
+    // health probes under way. Client connections are all closed: the load's clients are gone.
+    let fd_bound = fds_before_load + MAX_POOLED + 8;
     let fds_end = eventually_async("the proxy's open fds near the baseline", PATIENCE, || {
         let fds = proxy.process.open_fds();
         async move { (fds <= fd_bound).then_some(fds) }
@@ -134,7 +138,17 @@ async fn chaos_under_load_fails_no_idempotent_request_while_a_worker_is_up() {
     // connection left, and upstream only the keep-alive pool to the running workers.
     let workers: Vec<SocketAddr> = chaos.stack.workers.iter().map(|w| w.addr).collect();
     let connections = eventually_async("the proxy's connections to settle", PATIENCE, || {
-        let connections = Connections::of(&proxy.process.tcp_sockets(), proxy.addr, &workers);
+        let sockets = proxy.process.tcp_sockets();
+        let connections = Connections::of(&sockets, proxy.addr, &workers);
+        if !connections.settled() {
+            // What a timeout leaves to go on: printed with the failure.
+            let unsettled: Vec<String> = sockets
+                .iter()
+                .filter(|s| s.state == "CLOSE_WAIT" || s.local == proxy.addr)
+                .map(|s| format!("{} {} -> {}", s.state, s.local, s.remote))
+                .collect();
+            eprintln!("not settled yet: {connections:?} {unsettled:?}");
+        }
         async move { connections.settled().then_some(connections) }
     })
     .await;
@@ -815,10 +829,10 @@ impl Connections {
         }
     }
 
-    /// Clients gone, nothing half-closed, and no more pooled connections than could ever be
-    /// in use at once (CONCURRENCY per worker).
+    /// Clients gone, nothing half-closed, and no more pooled connections than the pools can
+    /// hold ([`MAX_POOLED`]).
     fn settled(&self) -> bool {
-        self.downstream == 0 && self.half_closed == 0 && self.upstream <= WORKERS * CONCURRENCY
+        self.downstream == 0 && self.half_closed == 0 && self.upstream <= MAX_POOLED
     }
 }
 

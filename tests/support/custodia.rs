@@ -11,6 +11,10 @@ use super::process::{free_addr, wait_for_port, CapturedOutput, ChildGuard, TempD
 
 pub const STARTUP: Duration = Duration::from_secs(30);
 
+/// `[server] threads` of every proxy the tests start: two workers, each with its own upstream
+/// keep-alive pool.
+pub const PROXY_THREADS: usize = 2;
+
 pub fn custodia_bin() -> &'static str {
     env!("CARGO_BIN_EXE_custodia")
 }
@@ -185,7 +189,7 @@ impl Proxy {
         let dir = TempDir::new("proxy");
         let admin = free_addr();
         let server_sections = format!(
-            "[server]\nlisten = \"{addr}\"\nthreads = 2\ngrace_period = \"1s\"\n{server}\
+            "[server]\nlisten = \"{addr}\"\nthreads = {PROXY_THREADS}\ngrace_period = \"1s\"\n{server}\
              pid_file = \"{pid}\"\nupgrade_sock = \"{sock}\"\n\n[admin]\nlisten = \"{admin}\"\n",
             pid = dir.path().join("proxy.pid").display(),
             sock = dir.path().join("upgrade.sock").display(),
