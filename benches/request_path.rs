@@ -16,6 +16,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use criterion::BatchSize;
+use custodia_proxy::auth::flow::sign_assertion;
 use custodia_proxy::auth::{
     open_session, remove_custodia_cookies, seal, seal_session, strip_client_identity,
     CookieSettings, Policy, Purpose, RouteTable, SecretKeys, Session, SessionCache, Verified,
@@ -301,15 +302,7 @@ fn least_conn_pick(c: &mut Criterion) {
 
 /// The workers' identity assertion for `session` at `now`, as the proxy signs it.
 fn sign(session: &Session, now: u64) -> http::HeaderValue {
-    let identity = custodia_identity::Identity {
-        sub: session.sub.clone(),
-        email: session.email.clone(),
-        name: session.name.clone(),
-        picture: session.picture.clone(),
-    };
-    let key = b"0123456789abcdef0123456789abcdef-assertion";
-    let token = custodia_identity::sign_assertion(&identity, key, now, 60);
-    http::HeaderValue::try_from(token).expect("header value")
+    sign_assertion(b"0123456789abcdef0123456789abcdef-assertion", session, now)
 }
 
 /// The per-request session check: find the cookie in the Cookie header, open it (AES-256-GCM),

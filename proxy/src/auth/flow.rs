@@ -185,7 +185,7 @@ pub fn check_session<'a>(
             &sealed,
             now,
             || open_session(&auth.keys, &sealed, now),
-            |session, now| sign_assertion(auth, session, now),
+            |session, now| sign_assertion(auth.settings.assertion_key.0.as_bytes(), session, now),
         ),
     };
     match &result {
@@ -197,21 +197,17 @@ pub fn check_session<'a>(
     result
 }
 
-/// The assertion that tells the workers who is signed in (`custodia_identity`), valid from `now`
-/// for [`ASSERTION_TTL`].
-pub fn sign_assertion(auth: &AuthRuntime, session: &Session, now: u64) -> HeaderValue {
+/// The assertion that tells the workers who is signed in (`custodia_identity`), signed with
+/// `assertion_key`, valid from `now` for [`ASSERTION_TTL`].
+pub fn sign_assertion(assertion_key: &[u8], session: &Session, now: u64) -> HeaderValue {
     let identity = custodia_identity::Identity {
         sub: session.sub.clone(),
         email: session.email.clone(),
         name: session.name.clone(),
         picture: session.picture.clone(),
     };
-    let token = custodia_identity::sign_assertion(
-        &identity,
-        auth.settings.assertion_key.0.as_bytes(),
-        now,
-        ASSERTION_TTL.as_secs(),
-    );
+    let token =
+        custodia_identity::sign_assertion(&identity, assertion_key, now, ASSERTION_TTL.as_secs());
     match HeaderValue::try_from(token) {
         Ok(value) => value,
         // Base64url segments joined by dots: always a valid header value, whatever the session says.
