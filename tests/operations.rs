@@ -693,6 +693,7 @@ async fn promtool_accepts_the_metrics() {
         "custodia_requests_total",
         "custodia_request_duration_seconds",
         "custodia_upstream_health_checks_total",
+        "custodia_upstream_latency_estimate_seconds",
         "custodia_config_reloads_total",
         "custodia_build_info",
     ] {

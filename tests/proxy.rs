@@ -137,6 +137,49 @@ async fn least_conn_sends_clearly_less_to_a_slow_worker_than_round_robin() {
     );
 }
 
+/// While the proxy itself is the bottleneck, every backend's in-flight count includes time spent
+/// waiting in the proxy and least_conn keeps feeding the slow worker; its response time does not
+/// lie, and least_time weighs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_time_keeps_load_off_a_slow_worker_and_shows_the_time_it_weighs() {
+    let fast_a = Worker::start("fast-a");
+    let fast_b = Worker::start("fast-b");
+    let slow = Worker::start_slow("slow", 40);
+    let backends = [(fast_a.addr, 1), (fast_b.addr, 1), (slow.addr, 1)];
+
+    let lc = Proxy::start(&upstream_section("least_conn", &backends));
+    let lc_counts = load(&lc, 1200, 24).await;
+    let lt = Proxy::start(&upstream_section("least_time", &backends));
+    let lt_counts = load(&lt, 1200, 24).await;
+
+    let (lc_slow, lt_slow) = (share(&lc_counts, "slow"), share(&lt_counts, "slow"));
+    eprintln!("slow worker share: least_conn {lc_slow:.3} {lc_counts:?}, least_time {lt_slow:.3} {lt_counts:?}");
+    assert!(
+        lt_slow < 0.05,
+        "least_time sends the 40 ms worker almost nothing: {lt_counts:?}"
+    );
+    assert!(
+        lt_slow < lc_slow,
+        "and less than least_conn: {lt_counts:?} vs {lc_counts:?}"
+    );
+
+    let estimate = |addr| lt.backend_metric("custodia_upstream_latency_estimate_seconds", addr);
+    let slow_estimate = estimate(slow.addr)
+        .await
+        .expect("the slow worker's estimate");
+    let fast_estimate = estimate(fast_a.addr)
+        .await
+        .expect("a fast worker's estimate");
+    assert!(
+        slow_estimate >= 0.035,
+        "the slow worker is seen at about 40 ms: {slow_estimate}"
+    );
+    assert!(
+        fast_estimate < slow_estimate / 2.0,
+        "the fast one well under it: {fast_estimate} vs {slow_estimate}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weights_shift_the_share() {
     let light = Worker::start("light");

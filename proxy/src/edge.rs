@@ -314,6 +314,11 @@ impl ProxyHttp for Edge {
     ) -> Box<Error> {
         if let Some(lease) = &ctx.lease {
             ctx.failed.push(lease.slot().addr);
+            if *e.esource() == ErrorSource::Upstream {
+                if let Some(started) = ctx.upstream_started {
+                    lease.slot().penalize_latency(started.elapsed());
+                }
+            }
         }
         // The worker may have seen the request: replay only what is safe to replay.
         let replayable = session.req_header().method.is_idempotent()
@@ -392,6 +397,9 @@ impl ProxyHttp for Edge {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
+        if let (Some(elapsed), Some(lease)) = (ctx.upstream_elapsed, ctx.lease.as_ref()) {
+            lease.slot().observe_latency(elapsed);
+        }
         if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
             // A tunnel from now on: the client deadline no longer applies.
             if let Some(stream) = ClientStream::of(session) {

@@ -4,8 +4,8 @@
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{
-    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
 };
 
 use crate::runtime::SharedRuntime;
@@ -394,6 +394,7 @@ struct PoolCollector {
     connect_failures: IntCounterVec,
     health_checks: IntCounterVec,
     failovers: IntCounterVec,
+    latency_estimate: GaugeVec,
     /// Only for its descriptor: the samples come from the slots' own histograms.
     response_template: prometheus::HistogramVec,
     generation: IntGauge,
@@ -449,6 +450,16 @@ impl PoolCollector {
             &["backend"],
         )
         .unwrap_or_else(|e| bad(e));
+        let latency_estimate = GaugeVec::new(
+            Opts::new(
+                "custodia_upstream_latency_estimate_seconds",
+                "Recent response time of the backend (peak-weighted moving average, decaying \
+                 while unobserved), which balance = \"least_time\" weighs; absent until its \
+                 first response.",
+            ),
+            &["backend"],
+        )
+        .unwrap_or_else(|e| bad(e));
         let response_template = prometheus::HistogramVec::new(
             HistogramOpts::new(UPSTREAM_RESPONSE, UPSTREAM_RESPONSE_HELP),
             &["backend"],
@@ -477,6 +488,7 @@ impl PoolCollector {
                 connect_failures,
                 health_checks,
                 failovers,
+                latency_estimate,
                 response_template,
                 generation,
             },
@@ -493,6 +505,7 @@ impl Collector for PoolCollector {
         descs.extend(self.connect_failures.desc());
         descs.extend(self.health_checks.desc());
         descs.extend(self.failovers.desc());
+        descs.extend(self.latency_estimate.desc());
         descs.extend(self.response_template.desc());
         descs.extend(self.generation.desc());
         descs
@@ -506,6 +519,8 @@ impl Collector for PoolCollector {
         self.connect_failures.reset();
         self.health_checks.reset();
         self.failovers.reset();
+        self.latency_estimate.reset();
+        let now = crate::balancer::latency::now();
         let runtime = self.runtime.load();
         let mut responses: Option<MetricFamily> = None;
         for member in runtime.pool.members() {
@@ -534,6 +549,11 @@ impl Collector for PoolCollector {
             self.failovers
                 .with_label_values(&label)
                 .inc_by(slot.failovers());
+            if let Some(nanos) = slot.latency().at(now) {
+                self.latency_estimate
+                    .with_label_values(&label)
+                    .set(nanos / 1e9);
+            }
             // Merge every backend's histogram into one family.
             for family in slot.response_seconds().collect() {
                 match responses.as_mut() {
@@ -553,6 +573,7 @@ impl Collector for PoolCollector {
         families.extend(self.connect_failures.collect());
         families.extend(self.health_checks.collect());
         families.extend(self.failovers.collect());
+        families.extend(self.latency_estimate.collect());
         families.extend(responses);
         families.extend(self.generation.collect());
         families

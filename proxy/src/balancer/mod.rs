@@ -7,7 +7,9 @@
 //! request fails or the client goes away.
 
 pub mod health;
+pub mod latency;
 mod least_conn;
+mod least_time;
 mod round_robin;
 mod slot;
 
@@ -76,6 +78,9 @@ impl Pool {
     fn choose(&self, exclude: &[SocketAddr], healthy_only: bool) -> Option<&Member> {
         match self.balance {
             Balance::LeastConn => least_conn::pick(&self.members, exclude, healthy_only),
+            Balance::LeastTime => {
+                least_time::pick(&self.members, exclude, healthy_only, latency::now())
+            }
             Balance::RoundRobin => {
                 let start = self.rr_cursor.fetch_add(1, Ordering::Relaxed);
                 round_robin::pick(&self.members, &self.rr_order, start, exclude, healthy_only)

@@ -4,6 +4,9 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use super::latency::{self, LatencyEstimate};
 
 /// Live state of one backend address.
 #[derive(Debug)]
@@ -30,6 +33,8 @@ pub struct BackendSlot {
     /// Time to the backend's response headers; exported by the pool collector while the
     /// backend is in the pool, so removed backends vanish from the output.
     response_seconds: prometheus::Histogram,
+    /// Recent response time, which `least_time` balances on.
+    latency: LatencyEstimate,
 }
 
 impl BackendSlot {
@@ -48,6 +53,7 @@ impl BackendSlot {
             checks_failed: AtomicU64::new(0),
             failovers: AtomicU64::new(0),
             response_seconds: crate::metrics::upstream_response_histogram(&addr.to_string()),
+            latency: LatencyEstimate::default(),
         }
     }
 
@@ -62,6 +68,20 @@ impl BackendSlot {
 
     pub fn observe_response(&self, elapsed: std::time::Duration) {
         self.response_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    /// The backend's response headers arrived `elapsed` after it was chosen.
+    pub fn observe_latency(&self, elapsed: Duration) {
+        self.latency.observe(elapsed, latency::now());
+    }
+
+    /// An attempt on the backend failed `elapsed` after it was chosen.
+    pub fn penalize_latency(&self, elapsed: Duration) {
+        self.latency.penalize(elapsed, latency::now());
+    }
+
+    pub fn latency(&self) -> &LatencyEstimate {
+        &self.latency
     }
 
     pub fn response_seconds(&self) -> &prometheus::Histogram {

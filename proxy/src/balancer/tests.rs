@@ -109,7 +109,7 @@ fn leases_release_exactly_once() {
 #[test]
 fn unhealthy_and_excluded_backends_get_nothing() {
     let registry = SlotRegistry::new();
-    for balance in [Balance::LeastConn, Balance::RoundRobin] {
+    for balance in [Balance::LeastConn, Balance::LeastTime, Balance::RoundRobin] {
         let pool = pool(&registry, &[1, 1, 1], balance);
         pool.members()[0].slot.mark_failed();
         let counts = shares(&pool, 30);
@@ -128,7 +128,7 @@ fn unhealthy_and_excluded_backends_get_nothing() {
 #[test]
 fn when_every_backend_is_out_of_rotation_they_are_all_tried() {
     let registry = SlotRegistry::new();
-    for balance in [Balance::LeastConn, Balance::RoundRobin] {
+    for balance in [Balance::LeastConn, Balance::LeastTime, Balance::RoundRobin] {
         let pool = pool(&registry, &[1, 1], balance);
         for member in pool.members() {
             member.slot.mark_failed();
@@ -152,6 +152,113 @@ fn when_every_backend_is_out_of_rotation_they_are_all_tried() {
         assert!(pool.pick(&[addr(9001)]).is_none(), "{balance:?}");
         pool.members()[0].slot.observe_health(true, 1, 1);
     }
+}
+
+/// Records a response time for the backend at `port`, as the proxy does when headers arrive.
+fn observe(pool: &Pool, port: u16, millis: u64, now: u64) {
+    let member = pool.members().iter().find(|m| m.slot.addr == addr(port));
+    member
+        .expect("backend in the pool")
+        .slot
+        .latency()
+        .observe(std::time::Duration::from_millis(millis), now);
+}
+
+/// A least_time pick at a given instant (the pool's own pick reads the clock), leased.
+fn pick_at(pool: &Pool, now: u64) -> Lease {
+    let member = least_time::pick(pool.members(), &[], true, now).expect("a backend");
+    Lease::take(&member.slot, member.weight)
+}
+
+fn held_on(leases: &[Lease], port: u16) -> usize {
+    leases
+        .iter()
+        .filter(|l| l.slot().addr == addr(port))
+        .count()
+}
+
+const T: u64 = 5_000_000_000;
+
+#[test]
+fn least_time_keeps_requests_off_a_slow_backend_that_least_conn_would_load_equally() {
+    let registry = SlotRegistry::new();
+    let pool = pool(&registry, &[1, 1, 1], Balance::LeastTime);
+    observe(&pool, 9000, 1, T);
+    observe(&pool, 9001, 1, T);
+    observe(&pool, 9002, 20, T);
+    // 30 requests at once: least_conn would hold 10 on each. A 20 ms backend is no slower a
+    // choice only once each 1 ms one holds 19 (1 ms × 20 in line = 20 ms × 1).
+    let mut leases: Vec<Lease> = (0..30).map(|_| pick_at(&pool, T)).collect();
+    let on = |leases: &[Lease]| {
+        (
+            held_on(leases, 9000),
+            held_on(leases, 9001),
+            held_on(leases, 9002),
+        )
+    };
+    assert_eq!(on(&leases), (15, 15, 0));
+    leases.extend((0..12).map(|_| pick_at(&pool, T)));
+    let (a, b, slow) = on(&leases);
+    assert_eq!(slow, 1, "42 in flight: the slow backend takes one");
+    assert_eq!((a.min(b), a.max(b)), (20, 21));
+}
+
+#[test]
+fn least_time_weighs_the_expected_wait_by_weight() {
+    let registry = SlotRegistry::new();
+    let pool = pool(&registry, &[1, 2], Balance::LeastTime);
+    observe(&pool, 9000, 4, T);
+    observe(&pool, 9001, 4, T);
+    let leases: Vec<Lease> = (0..9).map(|_| pick_at(&pool, T)).collect();
+    assert_eq!(
+        held_on(&leases, 9001),
+        6,
+        "equal response times: 9 requests split 3:6 for weights 1:2"
+    );
+}
+
+#[test]
+fn least_time_without_response_times_is_least_conn() {
+    let registry = SlotRegistry::new();
+    let equal = pool(&registry, &[1, 1, 1], Balance::LeastTime);
+    assert_eq!(shares(&equal, 300), vec![100, 100, 100]);
+    let registry = SlotRegistry::new();
+    let weighted = pool(&registry, &[1, 3], Balance::LeastTime);
+    let leases: Vec<Lease> = (0..8).map(|_| weighted.pick(&[]).unwrap()).collect();
+    assert_eq!(
+        held_on(&leases, 9001),
+        6,
+        "8 concurrent requests split 2:6 for weights 1:3"
+    );
+}
+
+#[test]
+fn least_time_tries_a_backend_it_has_not_timed_yet() {
+    let registry = SlotRegistry::new();
+    let pool = pool(&registry, &[1, 1], Balance::LeastTime);
+    observe(&pool, 9000, 1, T);
+    let _busy = pool.pick(&[addr(9001)]).unwrap();
+    // Costed at the quickest known time, the new backend wins over 1 ms × 2 in line.
+    assert_eq!(pick_at(&pool, T).slot().addr, addr(9001));
+}
+
+#[test]
+fn least_time_tries_a_slow_backend_again_once_its_estimate_has_decayed() {
+    let registry = SlotRegistry::new();
+    let pool = pool(&registry, &[1, 1, 1], Balance::LeastTime);
+    let fast_at = |now| {
+        observe(&pool, 9000, 1, now);
+        observe(&pool, 9001, 1, now);
+    };
+    observe(&pool, 9002, 20, T);
+    fast_at(T);
+    let chosen = |now| least_time::pick(pool.members(), &[], true, now).map(|m| m.slot.addr);
+    assert_ne!(chosen(T), Some(addr(9002)));
+    // A minute on, the fast ones still answer in 1 ms; the slow one has not been asked since,
+    // and 20 ms × e^-6 ≈ 50 µs: it gets the next request, and shows whether it recovered.
+    let later = T + 60 * 1_000_000_000;
+    fast_at(later);
+    assert_eq!(chosen(later), Some(addr(9002)));
 }
 
 #[test]

@@ -278,7 +278,7 @@ impl Default for ServerSection {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSection {
-    /// `least_conn` (default) or `round_robin`.
+    /// `least_conn` (default), `least_time` or `round_robin`.
     #[serde(default)]
     pub balance: BalanceName,
     /// `"host:port"` or `{ addr = "host:port", weight = N }`; at least one.
@@ -377,6 +377,7 @@ mod defaults {
 pub enum BalanceName {
     #[default]
     LeastConn,
+    LeastTime,
     RoundRobin,
 }
 

@@ -151,6 +151,7 @@ pub struct ServerSettings {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Balance {
     LeastConn,
+    LeastTime,
     RoundRobin,
 }
 
@@ -158,6 +159,7 @@ impl Balance {
     pub fn as_str(self) -> &'static str {
         match self {
             Balance::LeastConn => "least_conn",
+            Balance::LeastTime => "least_time",
             Balance::RoundRobin => "round_robin",
         }
     }

@@ -259,6 +259,24 @@ policy = "public"
 }
 
 #[test]
+fn every_balance_mode_is_spelled_as_in_the_file() {
+    for balance in [Balance::LeastConn, Balance::LeastTime, Balance::RoundRobin] {
+        let text = format!(
+            "[upstream]\nbackends = [\"app:8000\"]\nbalance = \"{}\"\n",
+            balance.as_str()
+        );
+        assert_eq!(parse_str(&text).unwrap().upstream.balance, balance);
+    }
+    // A typo lists the modes there are.
+    let message = error_of("[upstream]\nbackends = [\"app:8000\"]\nbalance = \"least_tim\"\n");
+    assert!(
+        message.contains("`least_conn`, `least_time`, `round_robin`")
+            || message.contains("`least_conn`, `least_time` or `round_robin`"),
+        "{message}"
+    );
+}
+
+#[test]
 fn errors_name_the_key_and_the_line() {
     let cases: &[(&str, &str, &str)] = &[
         // (file, expected key, expected words)

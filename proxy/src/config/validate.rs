@@ -234,6 +234,7 @@ fn into_model(
         upstream: UpstreamSettings {
             balance: match upstream.balance {
                 BalanceName::LeastConn => Balance::LeastConn,
+                BalanceName::LeastTime => Balance::LeastTime,
                 BalanceName::RoundRobin => Balance::RoundRobin,
             },
             backends,
