@@ -7,7 +7,7 @@
 //! nothing of ours), the floor of any Pingora proxy. Each is driven at fixed concurrency
 //! (HTTP/1.1 keep-alive) for a warm-up and a measured window, targets interleaved so that noise
 //! hits all alike. Then:
-//! a slow worker (least_conn vs round_robin vs nginx), and memory with many idle clients.
+//! a slow worker (least_conn, least_time, round_robin, nginx), and memory with many idle clients.
 //!
 //! Knobs (environment): CUSTODIA_BENCH_CONCURRENCY (default "1,32,256"), CUSTODIA_BENCH_SECS
 //! (measured seconds, default 5), CUSTODIA_BENCH_WARMUP_SECS (default 1), CUSTODIA_BENCH_ROUNDS
@@ -39,9 +39,10 @@ mod report;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use custodia_proxy::auth::{seal_session, CookieSettings, SecretKeys, Session};
+use custodia_proxy::config::Balance;
 
 use load::{LoadResult, LoadSpec, WindowProbe};
-use procs::{Balance, Proxy, Worker};
+use procs::{Proxy, Worker};
 use report::{Measured, MemoryRow, Report, Row, SlowRow};
 
 const PATH: &str = "/api/hello";
@@ -338,12 +339,15 @@ fn slow_worker(knobs: &Knobs, nginx: Option<&str>, report: &mut Report) {
     let slow = Worker::start("slow", 20);
     let workers = [&w1, &w2, &slow];
     let least = procs::start_custodia("custodia least_conn", &workers, Balance::LeastConn, false);
+    let least_time =
+        procs::start_custodia("custodia least_time", &workers, Balance::LeastTime, false);
     let rr = procs::start_custodia("custodia round_robin", &workers, Balance::RoundRobin, false);
     let nginx_proxy = nginx.map(|bin| procs::start_nginx("nginx least_conn", bin, &workers));
     let marker = format!("\"worker\":\"{}\"", slow.id);
     let concurrency = 32;
     let mut runs: Vec<(&'static str, Option<&Proxy>)> = vec![
         (report::SLOW_LEAST, Some(&least)),
+        (report::SLOW_LEAST_TIME, Some(&least_time)),
         (report::SLOW_RR, Some(&rr)),
     ];
     runs.push((report::SLOW_NGINX, nginx_proxy.as_ref()));

@@ -2,8 +2,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! the same request sent straight to a worker (HTTP/1.1 keep-alive, concurrency 1), plus the
 //! per-request pieces of the edge on their own, in memory: the session check, the
-//! least-connections pick (alone and with a second thread picking at once), the route policy
-//! match and the request header rewrite.
+//! least-connections pick (alone and with a second thread picking at once), the least_time
+//! pick, the route policy match and the request header rewrite.
 //!
 //! The end-to-end comparison with nginx is `benches/end_to_end.rs` (see BENCHMARKS.md).
 
@@ -151,13 +151,17 @@ fn end_to_end(c: &mut Criterion) {
 }
 
 fn pool_of(registry: &SlotRegistry, n: usize) -> Pool {
+    pool_balanced(registry, n, Balance::LeastConn)
+}
+
+fn pool_balanced(registry: &SlotRegistry, n: usize, balance: Balance) -> Pool {
     let members = (0..n)
         .map(|i| Member {
             slot: registry.slot(SocketAddr::from(([127, 0, 0, 1], 10_000 + i as u16))),
             weight: 1,
         })
         .collect();
-    Pool::new(members, Balance::LeastConn)
+    Pool::new(members, balance)
 }
 
 /// The pick + release while a second thread does the same on the same pool, as the proxy's two
@@ -288,6 +292,24 @@ fn demo_session() -> Session {
     }
 }
 
+/// least_time over backends timed once at the start: every pick decays each estimate with an
+/// `exp` (backends observed within the last 10 µs take a cheaper path), the worst case.
+fn least_time_pick(c: &mut Criterion) {
+    let mut group = c.benchmark_group("least_time pick + release");
+    for n in [3usize, 32, 256] {
+        let registry = SlotRegistry::new();
+        let pool = pool_balanced(&registry, n, Balance::LeastTime);
+        for (i, member) in pool.members().iter().enumerate() {
+            let time = std::time::Duration::from_micros(500 + 10 * i as u64);
+            member.slot.observe_latency(time);
+        }
+        group.bench_with_input(BenchmarkId::from_parameter(n), &pool, |b, pool| {
+            b.iter(|| pool.pick(&[]).map(|lease| lease.slot().addr))
+        });
+    }
+    group.finish();
+}
+
 fn least_conn_pick(c: &mut Criterion) {
     let mut group = c.benchmark_group("least_conn pick + release");
     for n in [3usize, 32, 256] {
@@ -376,6 +398,7 @@ criterion_group!(
     session_check,
     least_conn_pick,
     least_conn_pick_contended,
+    least_time_pick,
     route_policy,
     header_rewrite,
     end_to_end

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use custodia_proxy::config::Balance;
+
 use crate::process::{free_addr, wait_for_port, ChildGuard, TempDir};
 
 const STARTUP: Duration = Duration::from_secs(30);
@@ -52,13 +54,6 @@ impl Worker {
             _process: process,
         }
     }
-}
-
-/// How a Custodia proxy under test is configured.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Balance {
-    LeastConn,
-    RoundRobin,
 }
 
 /// A running proxy (Custodia or nginx): its listener and the pid whose process group
@@ -117,10 +112,7 @@ pub fn start_custodia(name: &str, workers: &[&Worker], balance: Balance, auth: b
     let listen = free_addr();
     let admin = free_addr();
     let backends: Vec<String> = workers.iter().map(|w| format!("\"{}\"", w.addr)).collect();
-    let balance = match balance {
-        Balance::LeastConn => "least_conn",
-        Balance::RoundRobin => "round_robin",
-    };
+    let balance = balance.as_str();
     let mut toml = format!(
         "[server]\nlisten = \"{listen}\"\nthreads = 2\ngrace_period = \"1s\"\n\
          keepalive_timeout = \"{CLIENT_KEEPALIVE}\"\npid_file = \"{pid}\"\nupgrade_sock = \"{sock}\"\n\n\

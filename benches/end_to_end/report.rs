@@ -14,6 +14,7 @@ pub const AUTH_ON: &str = "custodia, session check on";
 pub const NGINX: &str = "nginx least_conn";
 pub const PINGORA: &str = "bare pingora round_robin";
 pub const SLOW_LEAST: &str = "custodia least_conn";
+pub const SLOW_LEAST_TIME: &str = "custodia least_time";
 pub const SLOW_RR: &str = "custodia round_robin";
 pub const SLOW_NGINX: &str = "nginx least_conn";
 
@@ -266,9 +267,12 @@ impl Report {
             };
             let _ = writeln!(
                 out,
-                "\np99 least_conn / round_robin: {} (goal ≤ 0.50×); custodia least_conn / nginx: {}\n",
+                "\np99 least_conn / round_robin: {} (goal ≤ 0.50×); custodia least_conn / nginx: {}\n\
+                 p99 least_time / round_robin: {}; custodia least_time / nginx: {}\n",
                 ratio(p99(SLOW_LEAST), p99(SLOW_RR)),
                 ratio(p99(SLOW_LEAST), p99(SLOW_NGINX)),
+                ratio(p99(SLOW_LEAST_TIME), p99(SLOW_RR)),
+                ratio(p99(SLOW_LEAST_TIME), p99(SLOW_NGINX)),
             );
         }
 
