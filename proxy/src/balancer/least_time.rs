@@ -23,36 +23,71 @@ pub(super) fn pick<'a>(
     if n == 0 {
         return None;
     }
-    let eligible =
-        |m: &Member| (!healthy_only || m.slot.is_healthy()) && !exclude.contains(&m.slot.addr);
-    let unknown = members
-        .iter()
-        .filter(|m| eligible(m))
-        .filter_map(|m| m.slot.latency().at(now))
-        .fold(f64::INFINITY, f64::min);
-    // Everything unknown (or decayed to zero): costs fall back to in-flight counts.
-    let unknown = if unknown.is_finite() { unknown } else { 1.0 };
     let start = if n == 1 { 0 } else { fastrand::usize(..n) };
-    let mut best: Option<(&Member, f64, u64)> = None;
+    // One pass, one estimate read per backend: the best timed backend, the quickest time
+    // seen, and the best untimed backend by load alone (its cost needs that quickest time).
+    let mut timed: Option<Candidate> = None;
+    let mut untimed: Option<Candidate> = None;
+    let mut quickest = f64::INFINITY;
     for i in 0..n {
         let member = &members[(start + i) % n];
-        if !eligible(member) {
+        let slot = &member.slot;
+        if (healthy_only && !slot.is_healthy()) || exclude.contains(&slot.addr) {
             continue;
         }
-        let slot = &member.slot;
-        // A floor of 1 ns keeps in-flight counts meaningful for estimates decayed to nothing.
-        let latency = slot.latency().at(now).unwrap_or(unknown).max(1.0);
-        let cost = latency * (slot.in_flight() as f64 + 1.0) / f64::from(member.weight.max(1));
+        let load = (slot.in_flight() as f64 + 1.0) / f64::from(member.weight.max(1));
         let picks = slot.virtual_picks();
-        let better = match best {
-            None => true,
-            Some((_, best_cost, best_picks)) => {
-                cost < best_cost || (cost == best_cost && picks < best_picks)
+        match slot.latency().at(now) {
+            Some(latency) => {
+                quickest = quickest.min(latency);
+                Candidate::keep_better(&mut timed, member, cost(latency, load), picks);
             }
-        };
-        if better {
-            best = Some((member, cost, picks));
+            None => Candidate::keep_better(&mut untimed, member, load, picks),
         }
     }
-    best.map(|(m, _, _)| m)
+    // Nothing timed (or all decayed to zero): costs fall back to in-flight counts.
+    let quickest = if quickest.is_finite() { quickest } else { 1.0 };
+    if let Some(u) = untimed.as_mut() {
+        u.cost = cost(quickest, u.cost);
+    }
+    let best = match (timed, untimed) {
+        (Some(t), Some(u)) => {
+            if u.beats(&t) {
+                u
+            } else {
+                t
+            }
+        }
+        (t, u) => t.or(u)?,
+    };
+    Some(best.member)
+}
+
+/// Expected wait: the response time (at least 1 ns, so that in-flight counts still matter
+/// for estimates decayed to nothing) times the weighted requests in line.
+fn cost(latency: f64, load: f64) -> f64 {
+    latency.max(1.0) * load
+}
+
+struct Candidate<'a> {
+    member: &'a Member,
+    cost: f64,
+    picks: u64,
+}
+
+impl<'a> Candidate<'a> {
+    fn beats(&self, other: &Candidate) -> bool {
+        self.cost < other.cost || (self.cost == other.cost && self.picks < other.picks)
+    }
+
+    fn keep_better(best: &mut Option<Candidate<'a>>, member: &'a Member, cost: f64, picks: u64) {
+        let candidate = Candidate {
+            member,
+            cost,
+            picks,
+        };
+        if best.as_ref().is_none_or(|b| candidate.beats(b)) {
+            *best = Some(candidate);
+        }
+    }
 }
