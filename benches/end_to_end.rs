@@ -426,7 +426,9 @@ fn memory(knobs: &Knobs, nginx: Option<&str>, report: &mut Report) {
         let mut rss_held = 0;
         let held =
             load::hold_idle_connections(proxy.addr, PATH, knobs.idle_connections, 250, &mut |_| {
-                std::thread::sleep(Duration::from_millis(500));
+                // Idle: Custodia parks a keep-alive client after 1 s idle
+                // (proxy/src/limits/parking.rs); the last ones opened are idle for 2 s.
+                std::thread::sleep(Duration::from_secs(2));
                 rss_held = measure::group_rss(proxy.pid());
             })
             .unwrap_or_else(|e| panic!("idle connections: {e}"));

@@ -440,15 +440,19 @@ fn slow_clients_are_cut_off() {
 fn trickle_until_closed(addr: std::net::SocketAddr, head: &[u8], steps: usize) -> bool {
     let mut stream = raw_tcp::connect(addr, None);
     stream.write_all(head).unwrap();
+    keeps_trickling_until_closed(&mut stream, steps)
+}
+
+/// One more byte every 200 ms, `steps` times at most: true once the proxy closes the
+/// connection or answers (a 408/400 also ends the request), false if it is still waiting.
+fn keeps_trickling_until_closed(stream: &mut std::net::TcpStream, steps: usize) -> bool {
     stream.set_nonblocking(true).unwrap();
     let mut probe = [0u8; 1024];
     for _ in 0..steps {
         std::thread::sleep(Duration::from_millis(200));
-        match std::io::Read::read(&mut stream, &mut probe) {
-            Ok(0) => return true,
-            Ok(_) => return true, // an answer (e.g. 408/400) also ends the request
+        match std::io::Read::read(stream, &mut probe) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(_) => return true,
+            _ => return true,
         }
         if stream.write_all(b"a").is_err() {
             return true;
@@ -571,6 +575,101 @@ fn an_idle_keep_alive_connection_is_closed_after_keepalive_timeout_and_not_befor
 }
 
 #[test]
+fn a_client_idle_long_enough_to_be_parked_keeps_its_address_its_place_and_its_guards() {
+    // After a second idle, a keep-alive connection is parked down to its socket and served from
+    // a new stream when it speaks again (proxy/src/limits/parking.rs): none of it may show.
+    let upstream = RecordingServer::start();
+    let proxy = Proxy::start(&format!(
+        "{}\n[limits]\nclient_timeout = \"2s\"\nmax_connections = 2\n",
+        upstream_section("least_conn", &[(upstream.addr, 1)])
+    ));
+    let source: std::net::IpAddr = "127.0.0.3".parse().unwrap();
+    let mut parked = raw_tcp::connect(proxy.addr, Some(source));
+    let mut trickler = raw_tcp::connect(proxy.addr, None);
+    for (client, path) in [(&mut parked, "/a1"), (&mut trickler, "/b1")] {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: h\r\n\r\n");
+        let outcome = raw_tcp::exchange(client, request.as_bytes());
+        assert_eq!(outcome.status(), Some(200), "{path}: {outcome:?}");
+    }
+    let parked_gauge = || {
+        let mut admin = std::net::TcpStream::connect(proxy.admin).unwrap();
+        admin
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        admin
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut body = String::new();
+        std::io::Read::read_to_string(&mut admin, &mut body).unwrap();
+        support::custodia::parse_samples(&body, "custodia_connections_parked")
+            .first()
+            .map(|(_, v)| *v)
+    };
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(parked_gauge(), Some(2.0), "both idle clients are parked");
+
+    // Parked, they still hold the two places of max_connections.
+    let refused = raw_tcp::send(proxy.addr, b"GET /c HTTP/1.1\r\nHost: h\r\n\r\n");
+    assert_eq!(refused.status(), Some(503), "{refused:?}");
+
+    // Served again, twice on the same connection, from the client's own address.
+    for path in ["/a2", "/a3"] {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: h\r\n\r\n");
+        let outcome = raw_tcp::exchange(&mut parked, request.as_bytes());
+        assert_eq!(
+            outcome.status(),
+            Some(200),
+            "{path} after parking: {outcome:?}"
+        );
+    }
+    let last = forwarded(&upstream).last().unwrap().to_ascii_lowercase();
+    assert!(last.starts_with("get /a3 "), "{last}");
+    assert!(
+        last.contains("x-real-ip: 127.0.0.3") && last.contains("x-forwarded-for: 127.0.0.3"),
+        "the client's address after parking: {last}"
+    );
+    assert_eq!(
+        parked_gauge(),
+        Some(1.0),
+        "the one that spoke is no longer parked"
+    );
+
+    // Woken by a request that trickles, a parked connection is held to client_timeout (2 s).
+    trickler.write_all(b"GET /slow HTTP/1.1\r\n").unwrap();
+    assert!(
+        keeps_trickling_until_closed(&mut trickler, 100),
+        "a trickling request after parking was still accepted after 20 s"
+    );
+    let paths: Vec<String> = forwarded(&upstream)
+        .iter()
+        .map(|r| r.split(' ').nth(1).unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        paths,
+        ["/a1", "/b1", "/a2", "/a3"],
+        "nothing else was forwarded"
+    );
+
+    // Its place is free again once it is closed.
+    let mut answered = None;
+    for _ in 0..50 {
+        let outcome = raw_tcp::send(
+            proxy.addr,
+            b"GET /d HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        );
+        if outcome.status() == Some(200) {
+            answered = Some(outcome);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        answered.is_some(),
+        "the closed connection's place is usable again"
+    );
+}
+
+#[test]
 fn a_keep_alive_connection_reads_the_next_request_whatever_its_shape() {
     // Between two requests the proxy reads what the client already sent (up to 4 KiB) before
     // handing the connection back to the HTTP parser. The parser must get the rest from the
@@ -607,26 +706,9 @@ fn a_keep_alive_connection_reads_the_next_request_whatever_its_shape() {
     );
 
     // A next request that trickles is still held to client_timeout (2 s), like a first one.
-    client.set_nonblocking(true).unwrap();
     client.write_all(b"GET /slow HTTP/1.1\r\n").unwrap();
-    let mut closed = false;
-    let mut probe = [0u8; 256];
-    for _ in 0..100 {
-        std::thread::sleep(Duration::from_millis(200));
-        match std::io::Read::read(&mut client, &mut probe) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            _ => {
-                closed = true;
-                break;
-            }
-        }
-        if client.write_all(b"a").is_err() {
-            closed = true;
-            break;
-        }
-    }
     assert!(
-        closed,
+        keeps_trickling_until_closed(&mut client, 100),
         "a trickling second request was still accepted after 20 s"
     );
     assert_eq!(

@@ -369,6 +369,18 @@ pub fn rejections() -> &'static RejectionMetrics {
     REJECTIONS.get_or_init(RejectionMetrics::new)
 }
 
+/// Keep-alive client connections idle long enough to be parked down to their socket.
+pub fn parked_connections() -> &'static IntGauge {
+    static PARKED: std::sync::OnceLock<IntGauge> = std::sync::OnceLock::new();
+    PARKED.get_or_init(|| {
+        IntGauge::new(
+            "custodia_connections_parked",
+            "Idle keep-alive client connections parked down to their socket (idle over 1 s).",
+        )
+        .unwrap_or_else(|e| unreachable!("constant metric descriptor: {e}"))
+    })
+}
+
 /// Builds the registry served on `/metrics`.
 pub fn registry(runtime: SharedRuntime) -> Registry {
     let registry = Registry::new();
@@ -376,6 +388,7 @@ pub fn registry(runtime: SharedRuntime) -> Registry {
     config().register(&registry);
     requests().register(&registry);
     let _ = registry.register(Box::new(rejections().rejections.clone()));
+    let _ = registry.register(Box::new(parked_connections().clone()));
     // Registration only fails on duplicate or inconsistent descriptors, which these are not.
     let _ = registry.register(Box::new(PoolCollector::new(runtime)));
     #[cfg(target_os = "linux")]

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use pingora_core::apps::{HttpServerApp, ReusedHttpStream, ServerApp};
+use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream, ServerApp};
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::raw_connect::ProxyDigest;
 use pingora_core::protocols::{
@@ -36,6 +36,7 @@ use pingora_core::server::ShutdownWatch;
 use pingora_proxy::Session;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
+use super::parking::{self, Parked, PARK_AFTER};
 use crate::metrics;
 use crate::runtime::SharedRuntime;
 
@@ -85,7 +86,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ConnectionGate<A> {
             return None;
         };
         let guarded: Stream = Box::new(ClientStream::new(stream, timeout, slot));
-        self.serve_http1(guarded, shutdown).await
+        self.serve_http1(guarded, None, shutdown).await;
+        None
     }
 
     async fn cleanup(&self) {
@@ -100,59 +102,128 @@ impl<A: HttpServerApp + Send + Sync + 'static> ConnectionGate<A> {
     /// Pingora waits for the next request inside the request handler, holding the whole
     /// request state machine (tens of KiB) and a 4 KiB header buffer per idle keep-alive client.
     /// Here a connection between two requests is only its stream: the handler starts when the
-    /// next request's first byte is in. The wait ends, closing the connection, after
-    /// `keepalive_timeout` or when the server shuts down, as Pingora's own wait would.
-    /// Always `None`: keep-alive is handled here, nothing goes back to Pingora's loop.
-    async fn serve_http1(&self, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
-        let mut session = ServerSession::new_http1(stream);
-        // Until `request_filter` sets ours; none once shutting down.
-        let keepalive = (!*shutdown.borrow()).then_some(60);
-        session.set_keepalive(keepalive);
-        let mut reused = self.app.process_new_http(session, shutdown).await;
+    /// next request's first byte is in. After [`PARK_AFTER`] the connection is parked, down to
+    /// its socket ([`parking`]), and served from a new task when the client speaks again. The
+    /// wait ends, closing the connection, after `keepalive_timeout` or when the server shuts
+    /// down, as Pingora's own wait would. Keep-alive is handled here: nothing goes back to
+    /// Pingora's loop.
+    async fn serve_http1(
+        self: &Arc<Self>,
+        stream: Stream,
+        settings: Option<HttpPersistentSettings>,
+        shutdown: &ShutdownWatch,
+    ) {
+        let mut reused = self.serve_next(stream, settings, true, shutdown).await;
         while let Some((stream, settings)) = reused.map(ReusedHttpStream::consume) {
-            let idle = self.runtime.load().config.server.keepalive_timeout;
-            let stream = next_request_arrives(stream, idle, shutdown).await?;
-            let mut session = ServerSession::new_http1(stream);
-            if let Some(settings) = settings {
-                settings.apply_to_session(&mut session);
-            }
-            reused = self.app.process_new_http(session, shutdown).await;
+            // Whole seconds, at least one (config/README.md), as the edge tells the client.
+            let idle =
+                (self.runtime.load().config.server.keepalive_timeout).max(Duration::from_secs(1));
+            let closes_at = tokio::time::Instant::now() + idle;
+            let (mut stream, mut settings) = (stream, settings);
+            let stream = loop {
+                match next_request_arrives(stream, closes_at, shutdown).await {
+                    NextRequest::Arrived(stream) => break stream,
+                    NextRequest::Close => return,
+                    NextRequest::Park(idle) => match Parked::park(idle, settings, closes_at) {
+                        Ok(parked) => {
+                            let gate = self.clone();
+                            parking::spawn_waiting(
+                                parked,
+                                shutdown,
+                                move |stream, settings, shutdown| {
+                                    gate.serve_resumed(stream, settings, shutdown)
+                                },
+                            );
+                            return;
+                        }
+                        // Not parkable: wait on here.
+                        Err((idle, kept)) => (stream, settings) = (idle, kept),
+                    },
+                }
+            };
+            reused = self.serve_next(stream, settings, false, shutdown).await;
         }
-        None
+    }
+
+    /// One request (`first` on this stream) through the HTTP app.
+    async fn serve_next(
+        &self,
+        stream: Stream,
+        settings: Option<HttpPersistentSettings>,
+        first: bool,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        let mut session = ServerSession::new_http1(stream);
+        if first {
+            // Until `request_filter` sets ours; none once shutting down.
+            session.set_keepalive((!*shutdown.borrow()).then_some(60));
+        }
+        if let Some(settings) = settings {
+            settings.apply_to_session(&mut session);
+        }
+        self.app.process_new_http(session, shutdown).await
+    }
+
+    /// A parked connection whose next request arrived. A plain function returning a boxed
+    /// future: `serve_http1` spawns it, and an `async fn` here would make its type recursive.
+    fn serve_resumed(
+        self: Arc<Self>,
+        stream: Stream,
+        settings: Option<HttpPersistentSettings>,
+        shutdown: ShutdownWatch,
+    ) -> parking::Resume {
+        Box::pin(async move { self.serve_http1(stream, settings, &shutdown).await })
     }
 }
 
-/// Wait for the first bytes of the next request on a keep-alive connection; they stay in the
-/// stream for the parser. `None` when the client closed, `idle` passed or the server is shutting
-/// down: the connection is to be closed.
+/// How the wait between two requests ended.
+enum NextRequest {
+    /// Its first bytes are in the stream, for the parser.
+    Arrived(Stream),
+    /// Still idle after [`PARK_AFTER`], with time left before `keepalive_timeout`.
+    Park(Stream),
+    /// The client closed, `keepalive_timeout` passed or the server is shutting down.
+    Close,
+}
+
+/// Wait for the first bytes of the next request on a keep-alive connection until `closes_at`,
+/// or for [`PARK_AFTER`] when there is more time than that left.
 async fn next_request_arrives(
     stream: Stream,
-    idle: Duration,
+    closes_at: tokio::time::Instant,
     shutdown: &ShutdownWatch,
-) -> Option<Stream> {
+) -> NextRequest {
     if *shutdown.borrow() {
-        return None;
+        return NextRequest::Close;
     }
     // A busy client's next request is usually in already: no wait, and no second read for it.
     let mut stream = match read_ahead(stream) {
-        ReadAhead::Request(stream) => return Some(stream),
-        ReadAhead::Closed => return None,
+        ReadAhead::Request(stream) => return NextRequest::Arrived(stream),
+        ReadAhead::Closed => return NextRequest::Close,
         ReadAhead::Nothing(stream) => stream,
     };
+    let park_at = tokio::time::Instant::now() + PARK_AFTER;
+    let wait_until = park_at.min(closes_at);
     let mut shutdown = shutdown.clone();
     let mut first = [0u8; 1];
     let arrived = tokio::select! {
         biased;
         // `Ok(false)`: the stream cannot peek; the parser will wait instead.
         peeked = stream.try_peek(&mut first) => peeked.is_ok(),
-        _ = tokio::time::sleep(idle.max(Duration::from_secs(1))) => false,
-        _ = shutdown.changed() => false,
+        _ = tokio::time::sleep_until(wait_until) => false,
+        _ = shutdown.changed() => return NextRequest::Close,
     };
-    arrived.then_some(stream)
+    if arrived {
+        NextRequest::Arrived(stream)
+    } else if park_at < closes_at {
+        NextRequest::Park(stream)
+    } else {
+        NextRequest::Close
+    }
 }
 
 /// The most a keep-alive wait reads ahead: Pingora's initial request-head buffer.
-const READ_AHEAD: usize = 4096;
+pub(super) const READ_AHEAD: usize = 4096;
 
 /// What one non-blocking read found between two requests.
 enum ReadAhead {
@@ -222,7 +293,7 @@ async fn refuse(mut stream: Stream) {
 }
 
 /// One open connection in the count; released on drop.
-struct ConnectionSlot(Arc<AtomicUsize>);
+pub(super) struct ConnectionSlot(Arc<AtomicUsize>);
 
 impl ConnectionSlot {
     fn take(open: &Arc<AtomicUsize>, max: usize) -> Option<ConnectionSlot> {
@@ -282,6 +353,28 @@ impl ClientStream {
             read_ahead: Bytes::new(),
             _slot: slot,
         }
+    }
+
+    /// A parked connection's new stream around the same socket, with the first bytes of its
+    /// next request already read: its deadline is armed as for a request that has begun.
+    pub(super) fn resumed(
+        inner: Stream,
+        timeout: Duration,
+        slot: ConnectionSlot,
+        first_bytes: Bytes,
+    ) -> ClientStream {
+        let mut stream = ClientStream::new(inner, timeout, slot);
+        stream.read_ahead = first_bytes;
+        stream
+    }
+
+    /// What a parked connection keeps: its place in the count and its client timeout.
+    pub(super) fn into_parts(self) -> (ConnectionSlot, Duration) {
+        (self._slot, Duration::from_millis(self.timeout_ms))
+    }
+
+    pub(super) fn inner(&self) -> &Stream {
+        &self.inner
     }
 
     /// The guarded stream under a request, if it is one (HTTP/1 connections from the gate).

@@ -1,8 +1,9 @@
-//! Abuse limits (`[limits]`): open connections and slow clients ([`connection`]), login
-//! requests per client ([`login_rate`]). Request heads and body sizes: [`crate::request_guard`].
+//! Abuse limits (`[limits]`): open connections and slow clients ([`connection`]), what an idle
+//! keep-alive client costs ([`parking`]), login requests per client ([`login_rate`]). Request heads and body sizes: [`crate::request_guard`].
 
 pub mod connection;
 pub mod login_rate;
+mod parking;
 
 pub use connection::{ClientStream, ConnectionGate};
 pub use login_rate::LoginRate;
