@@ -14,6 +14,13 @@ usage: custodia [run] [--config FILE]     start the local stack (default config/
 #[global_allocator]
 static ALLOCATOR: custodia_proxy::Allocator = custodia_proxy::Allocator;
 
+/// Transparent huge pages off before anything is allocated (see `custodia_proxy::memory`).
+#[cfg(target_os = "linux")]
+#[used]
+#[link_section = ".init_array"]
+static DISABLE_THP: extern "C" fn() =
+    custodia_proxy::memory::disable_transparent_huge_pages_at_load;
+
 fn main() {
     let mut args: Vec<OsString> = std::env::args_os().collect();
     let sub = args.get(1).map(|a| a.to_string_lossy().into_owned());

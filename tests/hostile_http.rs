@@ -667,6 +667,22 @@ fn a_client_idle_long_enough_to_be_parked_keeps_its_address_its_place_and_its_gu
         answered.is_some(),
         "the closed connection's place is usable again"
     );
+
+    // Shutting down closes a parked connection at once, and the proxy does not wait for it.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(parked_gauge(), Some(1.0), "parked again");
+    let mut proxy = proxy;
+    proxy.process.signal(libc::SIGTERM);
+    parked
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut probe = [0u8; 64];
+    let read = std::io::Read::read(&mut parked, &mut probe);
+    assert!(matches!(read, Ok(0)), "closed at shutdown: {read:?}");
+    assert!(
+        proxy.process.wait_exit(Duration::from_secs(15)).is_some(),
+        "the proxy exits with a parked client"
+    );
 }
 
 #[test]

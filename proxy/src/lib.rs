@@ -16,6 +16,7 @@ pub mod error;
 pub mod headers;
 pub mod limits;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod pages;
 pub use custodia_probe as probe;

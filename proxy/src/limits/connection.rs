@@ -127,13 +127,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> ConnectionGate<A> {
                     NextRequest::Park(idle) => match Parked::park(idle, settings, closes_at) {
                         Ok(parked) => {
                             let gate = self.clone();
-                            parking::spawn_waiting(
-                                parked,
-                                shutdown,
-                                move |stream, settings, shutdown| {
-                                    gate.serve_resumed(stream, settings, shutdown)
-                                },
-                            );
+                            parking::wait(parked, shutdown, move |stream, settings, shutdown| {
+                                gate.serve_resumed(stream, settings, shutdown)
+                            });
                             return;
                         }
                         // Not parkable: wait on here.

@@ -1,12 +1,14 @@
 //! Parked keep-alive connections: a client idle for longer than [`PARK_AFTER`] between two
-//! requests keeps only its socket, its place in the connection count and a small waiting task.
+//! requests keeps only its socket, its place in the connection count and a place in its worker
+//! thread's [`lot`].
 //!
 //! A connection waiting in [`super::connection`]'s keep-alive wait still holds Pingora's stream
 //! around its socket (the 1460-byte write buffer, digests, timers) and the task that serves it:
-//! about 7 KB per idle client, where nginx keeps under 1 KB. Parked, the stream is dropped and
-//! the socket waits in a task of its own; when the client's next request arrives, a fresh stream
-//! is built around the same socket and served like a new connection. Clients that come back
-//! within [`PARK_AFTER`] (every busy one) never pay for it.
+//! about 7 KB per idle client, where nginx keeps under 1 KB. Parked, the stream and the task are
+//! dropped and the socket waits in the lot, one task per worker thread for all its parked
+//! connections; when the client's next request arrives, a fresh stream is built around the same
+//! socket and served like a new connection. Clients that come back within [`PARK_AFTER`] (every
+//! busy one) never pay for it.
 //!
 //! The socket outlives the stream through a duplicate descriptor: the stream closes its own
 //! descriptor when dropped, and the connection stays open through the copy.
@@ -32,6 +34,8 @@ use tokio::time::Instant;
 use super::connection::{ClientStream, ConnectionSlot, READ_AHEAD};
 use crate::metrics;
 
+mod lot;
+
 /// How long a keep-alive connection waits, stream and all, before it is parked.
 pub const PARK_AFTER: Duration = Duration::from_secs(1);
 
@@ -40,7 +44,7 @@ pub struct Parked {
     socket: tokio::net::TcpStream,
     slot: ConnectionSlot,
     client_timeout: Duration,
-    /// Boxed: the size of every parked connection's task.
+    /// Boxed: the size of every parked connection's place in the lot.
     settings: Option<Box<HttpPersistentSettings>>,
     /// When the keep-alive wait ends and the connection is closed.
     closes_at: Instant,
@@ -102,34 +106,9 @@ impl Parked {
         })
     }
 
-    /// Wait for the client's next request. `None` when the client closed, the keep-alive wait
-    /// ran out or the server is shutting down: dropping the parked connection closes it.
-    pub async fn next_request(
-        self,
-        shutdown: &ShutdownWatch,
-    ) -> Option<(Stream, Option<HttpPersistentSettings>)> {
-        let mut shutdown = shutdown.clone();
-        if *shutdown.borrow() {
-            return None;
-        }
-        let first_bytes = loop {
-            let readable = tokio::select! {
-                biased;
-                ready = self.socket.readable() => ready.is_ok(),
-                _ = tokio::time::sleep_until(self.closes_at) => false,
-                _ = shutdown.changed() => false,
-            };
-            if !readable {
-                return None;
-            }
-            match read_ahead(&self.socket) {
-                Ok(Some(bytes)) => break bytes,
-                // A spurious wake-up: tokio cleared the readiness, wait again.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                // The client closed, or the socket failed.
-                Ok(None) | Err(_) => return None,
-            }
-        };
+    /// The client's next request has begun with `first_bytes`: a new stream around the same
+    /// socket, guarded as a new connection's.
+    fn resume(self, first_bytes: Bytes) -> (Stream, Option<HttpPersistentSettings>) {
         let Parked {
             socket,
             slot,
@@ -142,7 +121,7 @@ impl Parked {
         // The peer address the request path reads (X-Forwarded-For, access log, login limits).
         stream.set_socket_digest(SocketDigest::from_raw_fd(fd));
         let client = ClientStream::resumed(Box::new(stream), client_timeout, slot, first_bytes);
-        Some((Box::new(client), settings.map(|s| *s)))
+        (Box::new(client), settings.map(|s| *s))
     }
 }
 
@@ -171,29 +150,21 @@ fn read_ahead(socket: &tokio::net::TcpStream) -> io::Result<Option<Bytes>> {
     }
 }
 
-/// The serving of a connection whose next request arrived, boxed: its state must not size the
-/// tasks of the parked connections.
+/// The serving of a connection whose next request arrived, boxed: its state must not size
+/// anything that waits.
 pub type Resume = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// Serve a parked connection once its next request arrives, as its own task.
-pub fn spawn_waiting<F>(parked: Parked, shutdown: &ShutdownWatch, serve: F)
+/// Let `parked` wait in this thread's lot; `serve` runs as a task of its own once the client's
+/// next request arrives. Closed instead when the server is shutting down.
+pub fn wait<F>(parked: Parked, shutdown: &ShutdownWatch, serve: F)
 where
     F: FnOnce(Stream, Option<HttpPersistentSettings>, ShutdownWatch) -> Resume + Send + 'static,
 {
-    tokio::spawn(wait_then_serve(parked, shutdown.clone(), serve));
+    let serve: lot::Serve = Box::new(serve);
+    lot::admit(lot::Waiting { parked, serve }, shutdown);
 }
 
-/// The whole task of a parked connection: its arguments are its state, held once.
-async fn wait_then_serve<F>(parked: Parked, shutdown: ShutdownWatch, serve: F)
-where
-    F: FnOnce(Stream, Option<HttpPersistentSettings>, ShutdownWatch) -> Resume,
-{
-    if let Some((stream, settings)) = parked.next_request(&shutdown).await {
-        serve(stream, settings, shutdown).await;
-    }
-}
-
-/// Ask the allocator, once a second at most per thread, to return the pages freed since.
+/// Ask the allocator, four times a second at most per thread, to return the pages freed since.
 ///
 /// mimalloc keeps freed pages for reuse and gives them back to the system only when the
 /// thread that owns them collects; a worker thread that has just parked thousands of idle
@@ -210,10 +181,12 @@ fn collect_soon() {
     tokio::spawn(async {
         tokio::time::sleep(COLLECT_AFTER).await;
         SCHEDULED.with(|s| s.set(false));
+        // Forced: pages freed in the last few milliseconds are returned too, not kept for the
+        // purge delay with nothing left to run a later collection.
         // SAFETY: `mi_collect` only walks and trims the calling thread's own heap.
-        unsafe { libmimalloc_sys::mi_collect(false) };
+        unsafe { libmimalloc_sys::mi_collect(true) };
     });
 }
 
 /// How long after a park the allocator collects (parks in between share the collection).
-const COLLECT_AFTER: Duration = Duration::from_secs(1);
+const COLLECT_AFTER: Duration = Duration::from_millis(250);
