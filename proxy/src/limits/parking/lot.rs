@@ -159,6 +159,13 @@ impl Lot {
         });
         let generation = self.next_generation;
         self.next_generation += 1;
+        // Deadlines of connections that left stay in the heap until their time; a client that
+        // parks every few seconds would pile them up for a whole keep-alive timeout.
+        if self.deadlines.len() > 2 * self.live() + 64 {
+            let entries = &self.entries;
+            let current = |key: usize, generation: u64| matches!(entries.get(key), Some(Some(e)) if e.generation == generation);
+            retain_current(&mut self.deadlines, current);
+        }
         self.deadlines
             .push(Reverse((waiting.parked.closes_at, key, generation)));
         let waker = Waker::from(Arc::new(SocketWaker {
@@ -172,6 +179,11 @@ impl Lot {
             waker,
         });
         self.poll_socket(key);
+    }
+
+    /// Parked connections now.
+    fn live(&self) -> usize {
+        self.entries.len() - self.vacant.len()
     }
 
     fn is_current(&self, key: usize, generation: u64) -> bool {
@@ -213,6 +225,14 @@ impl Lot {
             tokio::spawn(serve(stream, settings, self.shutdown.clone()));
         }
     }
+}
+
+/// Drop the deadlines whose connection is gone (`current` says which are not).
+fn retain_current(
+    deadlines: &mut BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    current: impl Fn(usize, u64) -> bool,
+) {
+    deadlines.retain(|Reverse((_, key, generation))| current(*key, *generation));
 }
 
 /// Keys of the sockets that reported readiness since the lot last looked.
@@ -264,5 +284,26 @@ impl Wake for SocketWaker {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.ready.push(self.key, self.generation);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_deadlines_are_dropped_and_live_ones_kept_in_order() {
+        let now = Instant::now();
+        let at = |s: u64| now + std::time::Duration::from_secs(s);
+        let mut deadlines = BinaryHeap::new();
+        // Key 1 was reused: generation 7 left, generation 9 is parked now.
+        for (s, key, generation) in [(5, 1, 7), (3, 2, 8), (9, 1, 9), (1, 3, 4)] {
+            deadlines.push(Reverse((at(s), key, generation)));
+        }
+        retain_current(&mut deadlines, |key, generation| {
+            matches!((key, generation), (1, 9) | (2, 8))
+        });
+        let left: Vec<_> = std::iter::from_fn(|| deadlines.pop().map(|Reverse(d)| d)).collect();
+        assert_eq!(left, vec![(at(3), 2, 8), (at(9), 1, 9)]);
     }
 }
