@@ -84,7 +84,6 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Args, String> 
 
 /// Run the binary; returns the process exit status.
 pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
-    crate::memory::disable_transparent_huge_pages();
     let args = match parse_args(args) {
         Ok(args) => args,
         Err(message) => {
