@@ -340,53 +340,13 @@ impl ProxyHttp for Edge {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
-        ctx.client = peer_ip;
-        // Identity headers only ever come from us, also when auth is off: a worker configured
-        // with an assertion key must never see a client's copy.
-        identity_headers::strip_client_identity(upstream_request);
-        let Some(auth) = ctx.runtime.auth.as_ref() else {
-            return headers::set_forwarding(
-                upstream_request,
-                peer_ip,
-                peer_ip,
-                "http",
-                &ctx.request_id,
-            );
-        };
-        // Only trusted proxies (the ngrok agent) may tell us the scheme and the real client.
-        let header = |name: &str| {
-            upstream_request
-                .headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-        };
-        let (client_ip, proto, forwarded_host) = match peer_ip {
-            Some(peer) => (
-                Some(
-                    auth.trusted
-                        .client_ip(peer, header(headers::X_FORWARDED_FOR)),
-                ),
-                auth.trusted
-                    .forwarded_proto(peer, header(headers::X_FORWARDED_PROTO))
-                    .unwrap_or("http"),
-                auth.trusted
-                    .forwarded_host(peer, header(headers::X_FORWARDED_HOST)),
-            ),
-            None => (None, "http", None),
-        };
-        // An untrusted client's X-Forwarded-Host must not reach the workers as if we vouched for it.
-        match forwarded_host {
-            Some(host) => upstream_request.insert_header(headers::X_FORWARDED_HOST, host)?,
-            None => {
-                upstream_request.remove_header(headers::X_FORWARDED_HOST);
-            }
-        }
-        ctx.client = client_ip;
-        identity_headers::remove_custodia_cookies(upstream_request);
-        headers::set_forwarding(upstream_request, peer_ip, client_ip, proto, &ctx.request_id)?;
-        if let Some(identity) = &ctx.identity {
-            headers::set_identity(upstream_request, identity)?;
-        }
+        ctx.client = rewrite_upstream_request(
+            &ctx.runtime,
+            upstream_request,
+            peer_ip,
+            &ctx.request_id,
+            ctx.identity.as_ref(),
+        )?;
         Ok(())
     }
 
@@ -459,50 +419,32 @@ impl ProxyHttp for Edge {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        let total = ctx.started.elapsed();
         let status = match (session.response_written(), e) {
             (Some(header), _) => header.status.as_u16(),
             (None, Some(e)) => status_for(e),
             (None, None) => 0,
         };
-        let req = session.req_header();
-        let (bytes_in, bytes_out) = (
-            session.as_ref().body_bytes_read() as u64,
-            session.as_ref().body_bytes_sent() as u64,
-        );
-        let m = metrics::requests();
-        m.requests(ctx.policy, metrics::method_index(&req.method), status)
-            .inc();
-        m.duration.observe(total.as_secs_f64());
-        m.request_bytes.inc_by(bytes_in);
-        m.response_bytes.inc_by(bytes_out);
-        if ctx.attempts > 1 {
-            m.upstream_retries.inc_by(u64::from(ctx.attempts - 1));
-        }
-        if let (Some(elapsed), Some(lease)) = (ctx.upstream_elapsed, ctx.lease.as_ref()) {
-            lease.slot().observe_response(elapsed);
-        }
-        if ctx.runtime.config.log.access_log {
-            let peer = || {
-                session
-                    .client_addr()
-                    .and_then(|a| a.as_inet())
-                    .map(|a| a.ip())
-            };
-            access_log::emit(&AccessRecord {
-                request_id: ctx.request_id.to_str().unwrap_or(""),
-                client: ctx.client.or_else(peer),
-                method: req.method.as_str(),
-                path: req.uri.path(),
-                status,
-                backend: ctx.lease.as_ref().map(|l| l.slot().label.as_str()),
-                upstream_ms: ctx.upstream_elapsed.map(access_log::millis),
-                total_ms: access_log::millis(total),
-                bytes_in,
-                bytes_out,
-                sub: ctx.identity.as_ref().map(|v| v.session.sub.as_str()),
-            });
-        }
+        let client = ctx.client.or_else(|| {
+            session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip())
+        });
+        record(&Finished {
+            runtime: &ctx.runtime,
+            req: session.req_header(),
+            started: ctx.started,
+            status,
+            policy: ctx.policy,
+            bytes_in: session.as_ref().body_bytes_read() as u64,
+            bytes_out: session.as_ref().body_bytes_sent() as u64,
+            attempts: ctx.attempts,
+            upstream_elapsed: ctx.upstream_elapsed,
+            lease: ctx.lease.as_ref(),
+            request_id: &ctx.request_id,
+            client,
+            identity: ctx.identity.as_ref(),
+        });
         ctx.lease = None;
     }
 
@@ -563,6 +505,112 @@ impl Edge {
     }
 }
 
+/// The headers a request goes upstream with, on either lane: the client's identity headers
+/// and Custodia's cookies removed; X-Forwarded-*, X-Real-IP and X-Request-Id set (the scheme,
+/// host and real client believed only from trusted proxies); the identity headers and the
+/// assertion when signed in. Returns the real client's address, for the access log.
+pub(crate) fn rewrite_upstream_request(
+    runtime: &Runtime,
+    upstream_request: &mut RequestHeader,
+    peer_ip: Option<IpAddr>,
+    request_id: &HeaderValue,
+    identity: Option<&Verified>,
+) -> Result<Option<IpAddr>> {
+    // Identity headers only ever come from us, also when auth is off: a worker configured
+    // with an assertion key must never see a client's copy.
+    identity_headers::strip_client_identity(upstream_request);
+    let Some(auth) = runtime.auth.as_ref() else {
+        headers::set_forwarding(upstream_request, peer_ip, peer_ip, "http", request_id)?;
+        return Ok(peer_ip);
+    };
+    // Only trusted proxies (the ngrok agent) may tell us the scheme and the real client.
+    let header = |name: &str| {
+        upstream_request
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+    };
+    let (client_ip, proto, forwarded_host) = match peer_ip {
+        Some(peer) => (
+            Some(
+                auth.trusted
+                    .client_ip(peer, header(headers::X_FORWARDED_FOR)),
+            ),
+            auth.trusted
+                .forwarded_proto(peer, header(headers::X_FORWARDED_PROTO))
+                .unwrap_or("http"),
+            auth.trusted
+                .forwarded_host(peer, header(headers::X_FORWARDED_HOST)),
+        ),
+        None => (None, "http", None),
+    };
+    // An untrusted client's X-Forwarded-Host must not reach the workers as if we vouched for it.
+    match forwarded_host {
+        Some(host) => upstream_request.insert_header(headers::X_FORWARDED_HOST, host)?,
+        None => {
+            upstream_request.remove_header(headers::X_FORWARDED_HOST);
+        }
+    }
+    identity_headers::remove_custodia_cookies(upstream_request);
+    headers::set_forwarding(upstream_request, peer_ip, client_ip, proto, request_id)?;
+    if let Some(identity) = identity {
+        headers::set_identity(upstream_request, identity)?;
+    }
+    Ok(client_ip)
+}
+
+/// What a finished request leaves behind, on either lane.
+pub(crate) struct Finished<'a> {
+    pub runtime: &'a Runtime,
+    pub req: &'a RequestHeader,
+    /// When the request's headers had been read.
+    pub started: Instant,
+    /// 0: no response was sent.
+    pub status: u16,
+    pub policy: PolicyClass,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub attempts: u32,
+    /// Choice of the last backend → its response headers.
+    pub upstream_elapsed: Option<Duration>,
+    pub lease: Option<&'a Lease>,
+    pub request_id: &'a HeaderValue,
+    pub client: Option<IpAddr>,
+    pub identity: Option<&'a Verified>,
+}
+
+/// Count a finished request in the metrics and write its access-log line.
+pub(crate) fn record(f: &Finished<'_>) {
+    let total = f.started.elapsed();
+    let m = metrics::requests();
+    m.requests(f.policy, metrics::method_index(&f.req.method), f.status)
+        .inc();
+    m.duration.observe(total.as_secs_f64());
+    m.request_bytes.inc_by(f.bytes_in);
+    m.response_bytes.inc_by(f.bytes_out);
+    if f.attempts > 1 {
+        m.upstream_retries.inc_by(u64::from(f.attempts - 1));
+    }
+    if let (Some(elapsed), Some(lease)) = (f.upstream_elapsed, f.lease) {
+        lease.slot().observe_response(elapsed);
+    }
+    if f.runtime.config.log.access_log {
+        access_log::emit(&AccessRecord {
+            request_id: f.request_id.to_str().unwrap_or(""),
+            client: f.client,
+            method: f.req.method.as_str(),
+            path: f.req.uri.path(),
+            status: f.status,
+            backend: f.lease.map(|l| l.slot().label.as_str()),
+            upstream_ms: f.upstream_elapsed.map(access_log::millis),
+            total_ms: access_log::millis(total),
+            bytes_in: f.bytes_in,
+            bytes_out: f.bytes_out,
+            sub: f.identity.map(|v| v.session.sub.as_str()),
+        });
+    }
+}
+
 /// Count a failover against the backend that failed, when the request moves on.
 fn record_failover(ctx: &RequestCtx, e: &Error) {
     if e.retry() {
@@ -572,7 +620,7 @@ fn record_failover(ctx: &RequestCtx, e: &Error) {
     }
 }
 
-fn accepts_html(req: &RequestHeader) -> bool {
+pub(crate) fn accepts_html(req: &RequestHeader) -> bool {
     req.headers
         .get(http::header::ACCEPT)
         .and_then(|v| v.to_str().ok())
