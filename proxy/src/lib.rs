@@ -2,7 +2,8 @@
 //! Pingora, with health checks, failover and nginx-compatible forwarding headers.
 //!
 //! Layout: [`config`] (file → validated model), [`runtime`] (the live snapshot),
-//! [`balancer`] (pool, leases, health), [`edge`] (the request path), [`server`] (process).
+//! [`balancer`] (pool, leases, health), [`edge`] (the request path on Pingora), [`express`]
+//! (the fast path plain requests take), [`server`] (process).
 
 pub mod access_log;
 pub mod admin;
@@ -13,6 +14,7 @@ pub mod config;
 pub mod discovery;
 pub mod edge;
 pub mod error;
+pub mod express;
 pub mod headers;
 pub mod limits;
 pub mod logging;

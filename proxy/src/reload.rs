@@ -184,9 +184,10 @@ pub fn keep_startup_settings(
         ("server.upgrade_sock", old.upgrade_sock != new.upgrade_sock),
     ];
     changed.extend(checks.iter().filter(|(_, c)| *c).map(|(k, _)| *k));
-    // Only the keep-alive timeout of [server] is read per request.
+    // Only the keep-alive timeout and the fast path switch of [server] are read per request.
     fresh.server = config::ServerSettings {
         keepalive_timeout: fresh.server.keepalive_timeout,
+        fast_path: fresh.server.fast_path,
         ..running.server.clone()
     };
     if running.admin != fresh.admin {

@@ -238,3 +238,47 @@ fn record_connection(stream: TcpStream, log: &std::sync::Mutex<Vec<Vec<u8>>>) {
         }
     }
 }
+
+/// Answers each request with what `answer` returns for its request line: the raw response
+/// bytes, and whether to close the connection after them (after a pause, so the close comes
+/// while the proxy holds the connection idle). Health checks get `200 ok`. For framings and
+/// connection behaviour no ordinary worker shows.
+pub struct ScriptedServer {
+    pub addr: SocketAddr,
+    _acceptor: Acceptor,
+}
+
+impl ScriptedServer {
+    pub fn start<F>(answer: F) -> ScriptedServer
+    where
+        F: Fn(&str) -> (Vec<u8>, bool) + Clone + Send + Sync + 'static,
+    {
+        let acceptor = Acceptor::start(move |stream| scripted_connection(stream, &answer));
+        ScriptedServer {
+            addr: acceptor.addr,
+            _acceptor: acceptor,
+        }
+    }
+}
+
+fn scripted_connection(stream: TcpStream, answer: &dyn Fn(&str) -> (Vec<u8>, bool)) {
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut writer = stream;
+    while let Some((request_line, _)) = read_head(&mut reader) {
+        let (bytes, close) = if request_line.starts_with("GET /healthz ") {
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+                false,
+            )
+        } else {
+            answer(&request_line)
+        };
+        if writer.write_all(&bytes).is_err() {
+            return;
+        }
+        if close {
+            std::thread::sleep(Duration::from_millis(50));
+            return;
+        }
+    }
+}

@@ -251,6 +251,8 @@ pub struct ServerSection {
     pub grace_period: HumanDuration,
     /// Idle time after which a downstream keep-alive connection is closed; default 60 s.
     pub keepalive_timeout: HumanDuration,
+    /// Plain `GET`/`HEAD` requests take Custodia's own HTTP/1 path to the workers; default on.
+    pub fast_path: bool,
     /// Pid file, used by `--reload` and upgrades; default `/tmp/custodia-proxy.pid`.
     pub pid_file: String,
     /// Unix socket over which `--upgrade` takes the listeners over; default
@@ -268,6 +270,7 @@ impl Default for ServerSection {
             threads: 0,
             grace_period: HumanDuration(Duration::from_secs(5)),
             keepalive_timeout: HumanDuration(Duration::from_secs(60)),
+            fast_path: true,
             pid_file: "/tmp/custodia-proxy.pid".into(),
             upgrade_sock: "/tmp/custodia-proxy-upgrade.sock".into(),
         }

@@ -144,6 +144,8 @@ pub struct ServerSettings {
     pub threads: usize,
     pub grace_period: Duration,
     pub keepalive_timeout: Duration,
+    /// Plain requests go through [`crate::express`] instead of Pingora's proxy.
+    pub fast_path: bool,
     pub pid_file: PathBuf,
     pub upgrade_sock: PathBuf,
 }

@@ -21,6 +21,7 @@ listen = ["127.0.0.1:8080", "127.0.0.1:8081"]
 threads = 3
 grace_period = "2s"
 keepalive_timeout = "15s"
+fast_path = false
 pid_file = "/tmp/x.pid"
 upgrade_sock = "/tmp/x.sock"
 
@@ -81,6 +82,7 @@ client_timeout = "10s"
             threads: 3,
             grace_period: Duration::from_secs(2),
             keepalive_timeout: Duration::from_secs(15),
+            fast_path: false,
             pid_file: "/tmp/x.pid".into(),
             upgrade_sock: "/tmp/x.sock".into(),
         },

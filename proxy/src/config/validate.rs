@@ -228,6 +228,7 @@ fn into_model(
             threads,
             grace_period: server.grace_period.0,
             keepalive_timeout: server.keepalive_timeout.0,
+            fast_path: server.fast_path,
             pid_file: PathBuf::from(server.pid_file),
             upgrade_sock: PathBuf::from(server.upgrade_sock),
         },

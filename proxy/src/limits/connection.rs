@@ -37,6 +37,7 @@ use pingora_proxy::Session;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::parking::{self, Parked, PARK_AFTER};
+use crate::express;
 use crate::metrics;
 use crate::runtime::SharedRuntime;
 
@@ -149,6 +150,13 @@ impl<A: HttpServerApp + Send + Sync + 'static> ConnectionGate<A> {
         first: bool,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
+        let stream = match express::serve(&self.runtime, stream, shutdown).await {
+            express::Outcome::KeepAlive(stream) => {
+                return Some(ReusedHttpStream::new(stream, settings))
+            }
+            express::Outcome::Close => return None,
+            express::Outcome::Decline(stream) => stream,
+        };
         let mut session = ServerSession::new_http1(stream);
         if first {
             // Until `request_filter` sets ours; none once shutting down.
@@ -379,6 +387,16 @@ impl ClientStream {
             .as_downstream()
             .stream()
             .and_then(|s| s.as_any().downcast_ref::<ClientStream>())
+    }
+
+    /// Bytes already read off the socket and not parsed yet (the next request's start).
+    pub fn take_read_ahead(&mut self) -> Bytes {
+        std::mem::take(&mut self.read_ahead)
+    }
+
+    /// Hand bytes read off the socket back, for whoever parses the next request.
+    pub fn put_back(&mut self, bytes: Bytes) {
+        self.read_ahead = bytes;
     }
 
     /// The request has been read completely: no deadline until the next one starts.

@@ -1,0 +1,758 @@
+//! The fast path: the requests that make up nearly all of the traffic — an HTTP/1.1 `GET` or
+//! `HEAD` without a body on an ordinary route — go to the workers on Custodia's own HTTP/1
+//! path instead of through Pingora's proxy.
+//!
+//! Pingora's proxy costs ~27 µs of user CPU per request on this workload where nginx spends
+//! ~7 µs (BENCHMARKS.md): its request state machine, header maps built twice, a boxed future
+//! per filter, a timer per upstream read and a task per released upstream connection. The fast
+//! path parses the head once, keeps upstream connections in a per-thread pool ([`upstream`])
+//! and writes each answer in one `send` when it is small.
+//!
+//! It decides nothing on its own: the request guard, the route policy and session check, the
+//! balancer, the forwarding and identity headers, the error pages, the metrics and the access
+//! log are the edge's ([`crate::edge`]), called the same way. What it does not take — other
+//! methods, bodies, upgrades, HTTP/1.0, `/login`, `/callback`, `/logout`, a head not yet
+//! complete, anything unusual in the head ([`request`]) — it hands to Pingora untouched, with
+//! the bytes it read. `[server] fast_path = false` sends everything through Pingora.
+//!
+//! ```text
+//!  head in ──▶ plain? ──no──▶ Pingora (same bytes)
+//!                │yes
+//!                ▼
+//!  request guard ──▶ policy + session ──▶ pick ──▶ pooled connection ──▶ head ──▶ body relayed
+//!  (4xx page)        (401 / login         (retry on      (stale one: a new        (lease released,
+//!                     redirect answered)   another)       connection)              connection pooled)
+//! ```
+
+mod chunked;
+mod request;
+mod response;
+mod upstream;
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::HeaderValue;
+use pingora_core::protocols::{GetSocketDigest, Stream};
+use pingora_core::server::ShutdownWatch;
+use pingora_http::RequestHeader;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::auth::flow::{self, AuthResponse, Endpoint, Gate};
+use crate::auth::Verified;
+use crate::balancer::Lease;
+use crate::config::UpstreamSettings;
+use crate::edge::{self, Finished};
+use crate::limits::ClientStream;
+use crate::metrics::{InFlight, PolicyClass};
+use crate::runtime::{Runtime, SharedRuntime};
+use crate::{pages, request_guard};
+
+pub use upstream::idle_count;
+
+/// The most of a request head read in one go: Pingora's initial head buffer.
+const HEAD_READ: usize = 4096;
+/// The most of a response head the fast path waits for.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Body bytes relayed per read.
+const BODY_READ: usize = 16 * 1024;
+
+/// How a request on the fast path ended.
+pub enum Outcome {
+    /// Answered; the connection waits for the next request.
+    KeepAlive(Stream),
+    /// Answered, or failed: the connection is done.
+    Close,
+    /// Not a request for the fast path: Pingora serves it, from the bytes the stream holds.
+    Decline(Stream),
+}
+
+/// Serve the next request on a client connection, if it is one the fast path takes.
+pub async fn serve(runtime: &SharedRuntime, stream: Stream, shutdown: &ShutdownWatch) -> Outcome {
+    if !stream.as_any().is::<ClientStream>() {
+        return Outcome::Decline(stream);
+    }
+    let snapshot = runtime.load_full();
+    if !snapshot.config.server.fast_path {
+        return Outcome::Decline(stream);
+    }
+    let Ok(mut client) = stream.into_any().downcast::<ClientStream>() else {
+        return Outcome::Close;
+    };
+    let (plain, bytes) = match read_head(&mut client).await {
+        Ok(head) => head,
+        Err(Unread::Closed) => return Outcome::Close,
+        Err(Unread::NotPlain(bytes)) => {
+            client.put_back(bytes);
+            return Outcome::Decline(client);
+        }
+    };
+    // A plain request has no body: it is all in.
+    client.request_read();
+    let peer = client
+        .get_socket_digest()
+        .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+    let mut exchange = Exchange {
+        runtime: snapshot,
+        req: plain.header,
+        request_id: HeaderValue::from_static(""),
+        started: Instant::now(),
+        _in_flight: InFlight::start(),
+        policy: PolicyClass::None,
+        identity: None,
+        peer,
+        client_ip: None,
+        lease: None,
+        attempts: 0,
+        upstream_elapsed: None,
+        keepalive: !plain.close && !*shutdown.borrow(),
+        status: 0,
+        bytes_out: 0,
+    };
+    let raw_head = bytes.slice(..plain.head_len);
+    let answered = match exchange.prepare(&raw_head) {
+        Prepared::Forward => exchange.forward(&mut client).await,
+        Prepared::Answer(response) => exchange.answer(&mut client, response).await,
+        Prepared::Refuse(status) => {
+            exchange.keepalive = false;
+            exchange.error_page(&mut client, status).await
+        }
+        Prepared::Decline => {
+            client.put_back(bytes);
+            return Outcome::Decline(client);
+        }
+    };
+    exchange.record();
+    if !(answered && exchange.keepalive) {
+        if answered {
+            let _ = client.shutdown().await;
+        }
+        return Outcome::Close;
+    }
+    // Whatever followed the head is the start of the next request (pipelining).
+    let rest = bytes.slice(plain.head_len..);
+    if !rest.is_empty() {
+        client.put_back(rest);
+    }
+    Outcome::KeepAlive(client)
+}
+
+/// Why no plain request was read.
+enum Unread {
+    /// The client closed or failed (a client timeout included), before or within a head.
+    Closed,
+    /// These bytes start a request for Pingora.
+    NotPlain(Bytes),
+}
+
+/// The next request's head: from the bytes the keep-alive wait read ahead, and from the
+/// socket until the head is complete (under the client timeout) or larger than [`HEAD_READ`].
+async fn read_head(client: &mut ClientStream) -> Result<(request::Plain, Bytes), Unread> {
+    let ahead = client.take_read_ahead();
+    let mut buf = BytesMut::with_capacity(HEAD_READ);
+    if !ahead.is_empty() {
+        match request::parse(&ahead) {
+            Ok(plain) => return Ok((plain, ahead)),
+            Err(request::NotPlain::Other) => return Err(Unread::NotPlain(ahead)),
+            Err(request::NotPlain::Partial) if ahead.len() >= HEAD_READ => {
+                return Err(Unread::NotPlain(ahead))
+            }
+            Err(request::NotPlain::Partial) => buf.extend_from_slice(&ahead),
+        }
+    }
+    loop {
+        // Closed, failed or past the client timeout, also mid-head: Pingora would only close.
+        if client.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+            return Err(Unread::Closed);
+        }
+        let bytes = buf.split().freeze();
+        match request::parse(&bytes) {
+            Ok(plain) => return Ok((plain, bytes)),
+            Err(request::NotPlain::Partial) if bytes.len() < HEAD_READ => {
+                buf.extend_from_slice(&bytes);
+                buf.reserve(HEAD_READ - bytes.len());
+            }
+            Err(_) => return Err(Unread::NotPlain(bytes)),
+        }
+    }
+}
+
+/// What the edge's checks decided before anything goes upstream.
+enum Prepared {
+    Forward,
+    /// The proxy answers (login redirect, 401).
+    Answer(AuthResponse),
+    /// The request guard refused the head with this status; the connection closes after.
+    Refuse(u16),
+    /// A request the fast path does not take after all (`/login`, an odd path): Pingora's.
+    Decline,
+}
+
+/// One request on the fast path: what the edge's `RequestCtx` holds on Pingora's.
+struct Exchange {
+    runtime: Arc<Runtime>,
+    req: RequestHeader,
+    request_id: HeaderValue,
+    started: Instant,
+    _in_flight: InFlight,
+    policy: PolicyClass,
+    identity: Option<Verified>,
+    /// The connection's peer, and the real client behind trusted proxies.
+    peer: Option<IpAddr>,
+    client_ip: Option<IpAddr>,
+    lease: Option<Lease>,
+    attempts: u32,
+    upstream_elapsed: Option<Duration>,
+    keepalive: bool,
+    /// Sent to the client; 0 while nothing was.
+    status: u16,
+    bytes_out: u64,
+}
+
+/// A worker's answer whose head has arrived.
+struct Answer {
+    conn: TcpStream,
+    head: response::Head,
+    /// What was read after the head.
+    body_start: BytesMut,
+}
+
+/// Why an attempt on a worker failed.
+enum Failed {
+    /// Nothing reached the worker.
+    Connect(io::Error),
+    /// The worker did not answer properly; it may have seen the request.
+    Upstream(io::Error),
+}
+
+impl Exchange {
+    /// The edge's `early_request_filter` and `request_filter`, for a plain request.
+    fn prepare(&mut self, raw_head: &[u8]) -> Prepared {
+        let runtime = self.runtime.clone();
+        if let Err(e) = request_guard::check(&self.req, Some(raw_head), &runtime.config.limits) {
+            self.request_id = crate::headers::request_id(&self.req);
+            return Prepared::Refuse(edge::status_for(&e));
+        }
+        let Some(auth) = runtime.auth.as_ref() else {
+            self.request_id = crate::headers::request_id(&self.req);
+            return Prepared::Forward;
+        };
+        let raw_path = self.req.uri.path();
+        let (Some(path), Ok(policy)) = (
+            flow::policy_path(raw_path),
+            auth.routes.policy_for_request(raw_path),
+        ) else {
+            return Prepared::Decline;
+        };
+        if Endpoint::from_path(&path).is_some() {
+            return Prepared::Decline;
+        }
+        self.request_id = crate::headers::request_id(&self.req);
+        self.policy = policy.into();
+        let cookies = self
+            .req
+            .headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .map(|v| v.as_bytes());
+        let target = self.req.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let wants_html = !pages::wants_json(&self.req) && edge::accepts_html(&self.req);
+        match flow::gate(auth, policy, cookies, target, wants_html, flow::now_unix()) {
+            Gate::Forward(identity) => {
+                self.identity = identity;
+                Prepared::Forward
+            }
+            Gate::Respond(response) => Prepared::Answer(response),
+        }
+    }
+
+    /// The edge's upstream callbacks: choose a worker, send the request, retry elsewhere when
+    /// that is safe, relay the answer. `false` when the client connection cannot go on.
+    async fn forward(&mut self, client: &mut ClientStream) -> bool {
+        let runtime = self.runtime.clone();
+        match edge::rewrite_upstream_request(
+            &runtime,
+            &mut self.req,
+            self.peer,
+            &self.request_id,
+            self.identity.as_ref(),
+        ) {
+            Ok(client_ip) => self.client_ip = client_ip,
+            Err(_) => return self.error_page(client, 500).await,
+        }
+        let wire = request::upstream_wire(&self.req);
+        let settings = &runtime.config.upstream;
+        let mut failed: Vec<SocketAddr> = Vec::new();
+        loop {
+            // A retry moves the request: the previous backend's count is released first.
+            self.lease = None;
+            let Some(lease) = runtime.pool.pick(&failed) else {
+                let all_down = runtime.pool.healthy_count() == 0;
+                let status = if failed.is_empty() || all_down {
+                    503
+                } else {
+                    502
+                };
+                return self.error_page(client, status).await;
+            };
+            self.attempts += 1;
+            let chosen = Instant::now();
+            let slot = lease.slot().clone();
+            self.lease = Some(lease);
+            let may_retry = self.attempts <= settings.retries;
+            let client_side = response::ClientSide {
+                head_request: self.req.method == http::Method::HEAD,
+                keepalive: self.keepalive,
+                request_id: &self.request_id,
+            };
+            match attempt(slot.addr, &wire, settings, client_side).await {
+                Ok(answer) => {
+                    let elapsed = chosen.elapsed();
+                    self.upstream_elapsed = Some(elapsed);
+                    slot.observe_latency(elapsed);
+                    return self.relay(client, answer, slot.addr, settings).await;
+                }
+                Err(Failed::Connect(e)) => {
+                    failed.push(slot.addr);
+                    if slot.mark_failed() {
+                        tracing::warn!(backend = %slot.label, error = %e, "cannot connect: backend marked unhealthy");
+                    }
+                    if may_retry {
+                        slot.record_failover();
+                        continue;
+                    }
+                    let status = if runtime.pool.healthy_count() == 0 {
+                        503
+                    } else if e.kind() == io::ErrorKind::TimedOut {
+                        504
+                    } else {
+                        502
+                    };
+                    self.log_failure(&slot.label, &e);
+                    return self.error_page(client, status).await;
+                }
+                Err(Failed::Upstream(e)) => {
+                    slot.penalize_latency(chosen.elapsed());
+                    failed.push(slot.addr);
+                    // A GET or HEAD whose answer has not begun is safe to replay.
+                    if may_retry {
+                        slot.record_failover();
+                        continue;
+                    }
+                    let status = if e.kind() == io::ErrorKind::TimedOut {
+                        504
+                    } else {
+                        502
+                    };
+                    self.log_failure(&slot.label, &e);
+                    return self.error_page(client, status).await;
+                }
+            }
+        }
+    }
+
+    fn log_failure(&self, backend: &str, e: &io::Error) {
+        tracing::error!(
+            backend,
+            error = %e,
+            request_id = self.request_id.to_str().unwrap_or(""),
+            "{} {}: fail to proxy",
+            self.req.method,
+            self.req.uri.path()
+        );
+    }
+
+    /// Pass the worker's answer on. The worker is released once its whole answer is in (as
+    /// the edge does), and its connection pooled when the answer ended cleanly.
+    async fn relay(
+        &mut self,
+        client: &mut ClientStream,
+        answer: Answer,
+        addr: SocketAddr,
+        settings: &UpstreamSettings,
+    ) -> bool {
+        let Answer {
+            mut conn,
+            head,
+            body_start,
+        } = answer;
+        self.status = head.status;
+        let mut out = head.client_head;
+        let mut body = Body::new(head.framing);
+        let mut reusable = head.reusable;
+        let mut data = body_start;
+        loop {
+            let (done, extra) = match body.frame(&data, &mut out) {
+                Ok(step) => step,
+                Err(e) => {
+                    self.log_failure(&addr.to_string(), &e);
+                    // The head may be out already: the client cannot be told; close.
+                    let _ = write_out(client, &out).await;
+                    return false;
+                }
+            };
+            reusable &= !extra;
+            self.bytes_out += body.take_sent();
+            if done {
+                if let Some(lease) = self.lease.as_mut() {
+                    lease.release();
+                }
+                if reusable {
+                    upstream::put(addr, conn, settings.idle_timeout);
+                }
+                return write_out(client, &out).await.is_ok();
+            }
+            if !out.is_empty() {
+                if write_out(client, &out).await.is_err() {
+                    return false;
+                }
+                out.clear();
+            }
+            data.clear();
+            data.reserve(BODY_READ);
+            match read_with_timeout(&mut conn, &mut data, settings.read_timeout).await {
+                Ok(0) if body.ends_at_close() => body.closed(),
+                Ok(0) => {
+                    let e = io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the backend closed mid-answer",
+                    );
+                    self.log_failure(&addr.to_string(), &e);
+                    return false;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.log_failure(&addr.to_string(), &e);
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// An answer of the proxy's own (the edge's `answer`).
+    async fn answer(&mut self, client: &mut ClientStream, response: AuthResponse) -> bool {
+        // A 401 only ever goes to API clients (browsers are redirected to /login).
+        let json = response.status == 401 || pages::wants_json(&self.req);
+        let body = match &response.page {
+            Some(page) => {
+                let id = self.request_id.to_str().unwrap_or("");
+                Some(flow::render(page, response.status, json, id))
+            }
+            None => None,
+        };
+        let mut extra: Vec<(&str, &[u8])> = response
+            .headers
+            .iter()
+            .map(|(name, value)| (*name, value.as_bytes()))
+            .collect();
+        extra.push(("cache-control", b"no-store"));
+        if let Some((content_type, _)) = &body {
+            extra.push(("content-type", content_type.as_bytes()));
+        }
+        let body = body.map(|(_, b)| b).unwrap_or_default();
+        self.send_own(client, response.status, &extra, &body).await
+    }
+
+    /// An error page (the edge's `fail_to_proxy`).
+    async fn error_page(&mut self, client: &mut ClientStream, status: u16) -> bool {
+        if self.request_id.is_empty() {
+            self.request_id = crate::headers::request_id(&self.req);
+        }
+        let json = pages::wants_json(&self.req);
+        let id = self.request_id.to_str().unwrap_or("").to_owned();
+        let Ok(page) = pages::error_page(status, json, &id) else {
+            return false;
+        };
+        let headers: Vec<(String, Vec<u8>)> = page
+            .header
+            .headers
+            .iter()
+            .filter(|(name, _)| *name != http::header::CONTENT_LENGTH)
+            .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
+            .collect();
+        let extra: Vec<(&str, &[u8])> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_slice()))
+            .collect();
+        self.send_own(client, status, &extra, &page.body).await
+    }
+
+    /// Write a complete answer of the proxy's own in one go.
+    async fn send_own(
+        &mut self,
+        client: &mut ClientStream,
+        status: u16,
+        headers: &[(&str, &[u8])],
+        body: &[u8],
+    ) -> bool {
+        let reason = http::StatusCode::from_u16(status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("");
+        let mut out = Vec::with_capacity(256 + body.len());
+        out.put_slice(format!("HTTP/1.1 {status} {reason}\r\n").as_bytes());
+        for (name, value) in headers {
+            put_header(&mut out, name.as_bytes(), value);
+        }
+        put_header(
+            &mut out,
+            b"content-length",
+            body.len().to_string().as_bytes(),
+        );
+        put_header(
+            &mut out,
+            b"date",
+            pingora_core::protocols::http::date::get_cached_date().as_bytes(),
+        );
+        put_header(&mut out, b"x-request-id", self.request_id.as_bytes());
+        let connection: &[u8] = if self.keepalive {
+            b"keep-alive"
+        } else {
+            b"close"
+        };
+        put_header(&mut out, b"connection", connection);
+        out.put_slice(b"\r\n");
+        if self.req.method != http::Method::HEAD {
+            out.put_slice(body);
+            self.bytes_out = body.len() as u64;
+        }
+        self.status = status;
+        write_out(client, &out).await.is_ok()
+    }
+
+    /// Metrics and the access-log line (the edge's `logging`).
+    fn record(&mut self) {
+        edge::record(&Finished {
+            runtime: &self.runtime,
+            req: &self.req,
+            started: self.started,
+            status: self.status,
+            policy: self.policy,
+            bytes_in: 0,
+            bytes_out: self.bytes_out,
+            attempts: self.attempts,
+            upstream_elapsed: self.upstream_elapsed,
+            lease: self.lease.as_ref(),
+            request_id: &self.request_id,
+            client: self.client_ip.or(self.peer),
+            identity: self.identity.as_ref(),
+        });
+        self.lease = None;
+    }
+}
+
+fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.put_slice(name);
+    out.put_slice(b": ");
+    out.put_slice(value);
+    out.put_slice(b"\r\n");
+}
+
+async fn write_out(client: &mut ClientStream, bytes: &[u8]) -> io::Result<()> {
+    client.write_all(bytes).await?;
+    client.flush().await
+}
+
+/// Send the request to `addr` and read the answer's head: on a pooled connection when there is
+/// one, and on a new one when the pooled one turns out closed before answering.
+async fn attempt(
+    addr: SocketAddr,
+    wire: &[u8],
+    settings: &UpstreamSettings,
+    client_side: response::ClientSide<'_>,
+) -> Result<Answer, Failed> {
+    let mut pooled = upstream::take(addr);
+    loop {
+        let (mut conn, reused) = match pooled.take() {
+            Some(conn) => (conn, true),
+            None => (
+                upstream::connect(addr, settings.connect_timeout)
+                    .await
+                    .map_err(Failed::Connect)?,
+                false,
+            ),
+        };
+        match exchange_head(&mut conn, wire, settings, client_side).await {
+            Ok((head, body_start)) => {
+                return Ok(Answer {
+                    conn,
+                    head,
+                    body_start,
+                })
+            }
+            // The worker closed the idle connection before it got the request: a new one.
+            Err(HeadError::Stale(_)) if reused => continue,
+            Err(HeadError::Stale(e) | HeadError::Other(e)) => return Err(Failed::Upstream(e)),
+        }
+    }
+}
+
+enum HeadError {
+    /// The connection failed before a single byte of answer came back.
+    Stale(io::Error),
+    Other(io::Error),
+}
+
+async fn exchange_head(
+    conn: &mut TcpStream,
+    wire: &[u8],
+    settings: &UpstreamSettings,
+    client_side: response::ClientSide<'_>,
+) -> Result<(response::Head, BytesMut), HeadError> {
+    match tokio::time::timeout(settings.send_timeout, conn.write_all(wire)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(HeadError::Stale(e)),
+        Err(_) => return Err(HeadError::Other(timed_out("send_timeout"))),
+    }
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let mut received = false;
+    loop {
+        let read = read_with_timeout(conn, &mut buf, settings.read_timeout).await;
+        match read {
+            Ok(0) if !received => {
+                return Err(HeadError::Stale(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "the backend closed the connection without answering",
+                )))
+            }
+            Ok(0) => {
+                return Err(HeadError::Other(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the backend closed the connection mid-head",
+                )))
+            }
+            Ok(_) => received = true,
+            Err(e) if !received && e.kind() == io::ErrorKind::ConnectionReset => {
+                return Err(HeadError::Stale(e))
+            }
+            Err(e) => return Err(HeadError::Other(e)),
+        }
+        loop {
+            match response::parse(&buf, client_side) {
+                Ok(response::Parsed::Head(head)) => {
+                    buf.advance(head.len);
+                    return Ok((head, buf));
+                }
+                Ok(response::Parsed::Informational(len)) => buf.advance(len),
+                Ok(response::Parsed::Partial) if buf.len() > MAX_RESPONSE_HEAD => {
+                    return Err(HeadError::Other(invalid("response head too large")))
+                }
+                Ok(response::Parsed::Partial) => break,
+                Err(bad) => return Err(HeadError::Other(invalid(bad.0))),
+            }
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(8 * 1024);
+        }
+    }
+}
+
+async fn read_with_timeout(
+    conn: &mut TcpStream,
+    buf: &mut BytesMut,
+    timeout: Duration,
+) -> io::Result<usize> {
+    match tokio::time::timeout(timeout, conn.read_buf(buf)).await {
+        Ok(read) => read,
+        Err(_) => Err(timed_out("read_timeout")),
+    }
+}
+
+fn timed_out(setting: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("the backend did not answer within upstream.{setting}"),
+    )
+}
+
+fn invalid(what: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what)
+}
+
+/// The body of an answer as it passes through.
+struct Body {
+    framing: response::Framing,
+    /// Length framing: bytes still to come.
+    remaining: u64,
+    chunks: chunked::ChunkedEnd,
+    /// Body bytes framed since the last [`Body::take_sent`].
+    sent: u64,
+    /// Until-close framing: the worker closed.
+    closed: bool,
+}
+
+impl Body {
+    fn new(framing: response::Framing) -> Body {
+        Body {
+            framing,
+            remaining: match framing {
+                response::Framing::Length(n) => n,
+                _ => 0,
+            },
+            chunks: chunked::ChunkedEnd::default(),
+            sent: 0,
+            closed: false,
+        }
+    }
+
+    /// Add what arrived (`data`) to `out`, framed for the client: `(done, extra)` where `extra`
+    /// says the worker sent more than its answer (its connection cannot be reused).
+    fn frame(&mut self, data: &[u8], out: &mut Vec<u8>) -> io::Result<(bool, bool)> {
+        use response::Framing;
+        match self.framing {
+            Framing::Empty => Ok((true, !data.is_empty())),
+            Framing::Length(_) => {
+                let take = (data.len() as u64).min(self.remaining);
+                // `take` ≤ data.len().
+                out.put_slice(&data[..take as usize]);
+                self.remaining -= take;
+                self.sent += take;
+                Ok((self.remaining == 0, data.len() as u64 > take))
+            }
+            Framing::Chunked => match self.chunks.feed(data) {
+                Ok(Some(end)) => {
+                    out.put_slice(&data[..end]);
+                    self.sent += end as u64;
+                    Ok((true, end < data.len()))
+                }
+                Ok(None) => {
+                    out.put_slice(data);
+                    self.sent += data.len() as u64;
+                    Ok((false, false))
+                }
+                Err(chunked::Malformed) => Err(invalid("malformed chunked body")),
+            },
+            Framing::UntilClose => {
+                if !data.is_empty() {
+                    out.put_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                    out.put_slice(data);
+                    out.put_slice(b"\r\n");
+                    self.sent += data.len() as u64;
+                }
+                if self.closed {
+                    out.put_slice(b"0\r\n\r\n");
+                }
+                Ok((self.closed, false))
+            }
+        }
+    }
+
+    fn ends_at_close(&self) -> bool {
+        self.framing == response::Framing::UntilClose
+    }
+
+    fn closed(&mut self) {
+        self.closed = true;
+    }
+
+    fn take_sent(&mut self) -> u64 {
+        std::mem::take(&mut self.sent)
+    }
+}
+
+#[cfg(test)]
+mod tests;

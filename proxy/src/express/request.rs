@@ -1,0 +1,229 @@
+//! Which requests the fast path takes, and the request it sends upstream.
+//!
+//! It takes an HTTP/1.1 `GET` or `HEAD` whose whole head is in hand and that has nothing the
+//! fast path would have to interpret: no body framing at all (`Content-Length`,
+//! `Transfer-Encoding`), no `Upgrade`, no `Expect`, one `Host`, an origin-form target, and a
+//! `Connection` header, if any, that says only `keep-alive` or `close`. Anything else is left
+//! to Pingora, which parses the same bytes again. Hop-by-hop headers are not forwarded, as
+//! Pingora does not forward them.
+
+use bytes::{BufMut, Bytes};
+use http::{HeaderValue, Method};
+use pingora_http::RequestHeader;
+
+/// Header lines the fast path reads; a request with more goes to Pingora.
+const MAX_HEADERS: usize = crate::request_guard::MAX_HEADERS;
+
+/// A request the fast path takes.
+#[derive(Debug)]
+pub struct Plain {
+    /// The request as received, without the hop-by-hop headers.
+    pub header: RequestHeader,
+    /// Length of the head in the bytes parsed; what follows belongs to the next request.
+    pub head_len: usize,
+    /// The client asked to close the connection after this request.
+    pub close: bool,
+}
+
+/// Why a request is not taken (yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotPlain {
+    /// The head is not complete in these bytes.
+    Partial,
+    /// Not for the fast path: Pingora's.
+    Other,
+}
+
+/// Look at a request head (and whatever follows it) in `bytes`.
+pub fn parse(bytes: &Bytes) -> Result<Plain, NotPlain> {
+    let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut lines);
+    let head_len = match parsed.parse(bytes) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Err(NotPlain::Partial),
+        Err(_) => return Err(NotPlain::Other),
+    };
+    let method = match parsed.method {
+        Some("GET") => Method::GET,
+        Some("HEAD") => Method::HEAD,
+        _ => return Err(NotPlain::Other),
+    };
+    let (Some(1), Some(path)) = (parsed.version, parsed.path) else {
+        return Err(NotPlain::Other);
+    };
+    if !path.starts_with('/') {
+        return Err(NotPlain::Other);
+    }
+    let Ok(mut header) =
+        RequestHeader::build_no_case(method, path.as_bytes(), Some(parsed.headers.len()))
+    else {
+        return Err(NotPlain::Other);
+    };
+    let mut close = false;
+    let mut hosts = 0;
+    for line in parsed.headers.iter() {
+        let name = line.name.as_bytes();
+        match classify(name) {
+            Kind::Forward => {}
+            Kind::Host => hosts += 1,
+            Kind::HopByHop => continue,
+            Kind::Connection => {
+                match connection_tokens(line.value) {
+                    Some(says_close) => close |= says_close,
+                    None => return Err(NotPlain::Other),
+                }
+                continue;
+            }
+            Kind::NotPlain => return Err(NotPlain::Other),
+        }
+        // Slices of the received bytes: no copies.
+        let Ok(value) = HeaderValue::from_maybe_shared(bytes.slice_ref(line.value)) else {
+            return Err(NotPlain::Other);
+        };
+        if header.append_header(bytes.slice_ref(name), value).is_err() {
+            return Err(NotPlain::Other);
+        }
+    }
+    if hosts != 1 {
+        return Err(NotPlain::Other);
+    }
+    Ok(Plain {
+        header,
+        head_len,
+        close,
+    })
+}
+
+enum Kind {
+    Forward,
+    Host,
+    /// Dropped, as Pingora drops it.
+    HopByHop,
+    Connection,
+    /// Something only Pingora's full HTTP machinery handles.
+    NotPlain,
+}
+
+fn classify(name: &[u8]) -> Kind {
+    // Only names of these lengths are special: most headers are decided by their length.
+    match name.len() {
+        2 | 4 | 6 | 7 | 10 | 14 | 16 | 17 | 19 | 22 => {}
+        _ => return Kind::Forward,
+    }
+    let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
+    if is("host") {
+        Kind::Host
+    } else if is("connection") {
+        Kind::Connection
+    } else if is("content-length") || is("transfer-encoding") || is("upgrade") || is("expect") {
+        Kind::NotPlain
+    } else if is("keep-alive")
+        || is("proxy-connection")
+        || is("proxy-authenticate")
+        || is("proxy-authorization")
+        || is("te")
+        || is("trailer")
+        || is("http2-settings")
+    {
+        Kind::HopByHop
+    } else {
+        Kind::Forward
+    }
+}
+
+/// `Some(close?)` for a `Connection` value of only `keep-alive` / `close` tokens; `None` when
+/// it names other headers (which Pingora removes) or is not text.
+fn connection_tokens(value: &[u8]) -> Option<bool> {
+    let mut close = false;
+    for token in value.split(|&b| b == b',') {
+        let token = token.trim_ascii();
+        if token.eq_ignore_ascii_case(b"close") {
+            close = true;
+        } else if !token.eq_ignore_ascii_case(b"keep-alive") && !token.is_empty() {
+            return None;
+        }
+    }
+    Some(close)
+}
+
+/// The request as the worker gets it: request line, headers, end of head.
+pub fn upstream_wire(req: &RequestHeader) -> Vec<u8> {
+    let mut wire = Vec::with_capacity(512);
+    wire.put_slice(req.method.as_str().as_bytes());
+    wire.put_u8(b' ');
+    wire.put_slice(req.raw_path());
+    wire.put_slice(b" HTTP/1.1\r\n");
+    req.header_to_h1_wire(&mut wire);
+    wire.put_slice(b"\r\n");
+    wire
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plain(raw: &str) -> Plain {
+        parse(&Bytes::copy_from_slice(raw.as_bytes())).unwrap_or_else(|e| panic!("{e:?}: {raw:?}"))
+    }
+
+    fn is_other(raw: &str) -> bool {
+        parse(&Bytes::copy_from_slice(raw.as_bytes())).is_err()
+    }
+
+    #[test]
+    fn takes_a_plain_get_and_forwards_its_headers_without_the_hop_by_hop_ones() {
+        let raw = "GET /api/hello?x=1 HTTP/1.1\r\nHost: a\r\nAccept: */*\r\n\
+                   Connection: keep-alive\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n\
+                   Proxy-Authorization: Basic x\r\n\r\nGET /next";
+        let p = plain(raw);
+        assert_eq!(p.head_len, raw.len() - "GET /next".len());
+        assert!(!p.close);
+        let wire = String::from_utf8(upstream_wire(&p.header)).unwrap();
+        assert!(
+            wire.starts_with("GET /api/hello?x=1 HTTP/1.1\r\n"),
+            "{wire}"
+        );
+        let lower = wire.to_ascii_lowercase();
+        assert!(
+            lower.contains("\r\nhost: a\r\n") && lower.contains("\r\naccept: */*\r\n"),
+            "{wire:?}"
+        );
+        for gone in ["connection", "keep-alive", "te:", "proxy-authorization"] {
+            assert!(
+                !wire.to_ascii_lowercase().contains(gone),
+                "{gone} in {wire}"
+            );
+        }
+        assert!(wire.ends_with("\r\n\r\n"));
+    }
+
+    #[test]
+    fn notes_a_client_that_asks_to_close() {
+        assert!(plain("HEAD / HTTP/1.1\r\nhost: a\r\nconnection: Close\r\n\r\n").close);
+    }
+
+    #[test]
+    fn leaves_everything_else_to_pingora() {
+        for raw in [
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.0\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            "GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: x-forwarded-for\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n",
+        ] {
+            assert!(is_other(raw), "{raw:?}");
+        }
+        let partial = Bytes::from_static(b"GET / HTTP/1.1\r\nHost: a\r\n");
+        assert_eq!(parse(&partial).unwrap_err(), NotPlain::Partial);
+        let many = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\n{}\r\n",
+            "x: y\r\n".repeat(MAX_HEADERS)
+        );
+        assert!(is_other(&many));
+    }
+}

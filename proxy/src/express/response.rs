@@ -1,0 +1,295 @@
+//! A worker's response head, read by the fast path: how its body is framed, whether the
+//! connection can be used again, and the head the client gets.
+//!
+//! The client's head is the worker's with what Pingora changes in it: hop-by-hop headers out,
+//! `Connection: keep-alive` or `close` for the client connection, `X-Request-Id` set, a `Date`
+//! when the worker sent none. A body without a length (read until the worker closes) goes to
+//! the client chunked, so the client connection stays open.
+
+use bytes::BufMut;
+use http::HeaderValue;
+
+/// Header lines read from a worker's response.
+const MAX_HEADERS: usize = 100;
+
+/// How the response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body (`HEAD`, 204, 304).
+    Empty,
+    Length(u64),
+    /// Relayed as it comes, chunk framing and all.
+    Chunked,
+    /// Until the worker closes; re-framed as chunked for the client.
+    UntilClose,
+}
+
+/// A complete response head.
+#[derive(Debug)]
+pub struct Head {
+    pub status: u16,
+    /// Bytes of the head in the buffer it was parsed from.
+    pub len: usize,
+    pub framing: Framing,
+    /// The worker may be sent another request on this connection afterwards.
+    pub reusable: bool,
+    /// The head for the client.
+    pub client_head: Vec<u8>,
+}
+
+/// What the bytes read so far from a worker hold.
+#[derive(Debug)]
+pub enum Parsed {
+    Head(Head),
+    /// A 1xx (other than 101) of this many bytes: skipped; the real response follows.
+    Informational(usize),
+    /// Not complete yet.
+    Partial,
+}
+
+/// A response the proxy cannot pass on: 502.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid response from the backend: {0}")]
+pub struct BadResponse(pub &'static str);
+
+/// How the client connection goes on after this response.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientSide<'a> {
+    pub head_request: bool,
+    pub keepalive: bool,
+    pub request_id: &'a HeaderValue,
+}
+
+pub fn parse(buf: &[u8], client: ClientSide<'_>) -> Result<Parsed, BadResponse> {
+    let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut lines);
+    let len = match response.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
+        Err(_) => return Err(BadResponse("unparseable head")),
+    };
+    let status = response.code.unwrap_or(0);
+    if status == 101 {
+        return Err(BadResponse("101 to a request that asked for no upgrade"));
+    }
+    if (100..200).contains(&status) {
+        return Ok(Parsed::Informational(len));
+    }
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut worker_closes = response.version != Some(1);
+    let mut has_date = false;
+    for line in response.headers.iter() {
+        let name = line.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let value = parse_length(line.value).ok_or(BadResponse("bad Content-Length"))?;
+            if length.is_some_and(|known| known != value) {
+                return Err(BadResponse("conflicting Content-Length"));
+            }
+            length = Some(value);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            if chunked || !line.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                return Err(BadResponse("Transfer-Encoding other than chunked"));
+            }
+            chunked = true;
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            worker_closes |= line
+                .value
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+        } else if name.eq_ignore_ascii_case(b"date") {
+            has_date = true;
+        }
+    }
+    let framing = if client.head_request || status == 204 || status == 304 {
+        Framing::Empty
+    } else if chunked {
+        Framing::Chunked
+    } else if let Some(length) = length {
+        Framing::Length(length)
+    } else {
+        Framing::UntilClose
+    };
+    let reusable = !worker_closes && framing != Framing::UntilClose;
+
+    let mut head = Vec::with_capacity(len + 128);
+    head.put_slice(b"HTTP/1.1 ");
+    head.put_slice(status.to_string().as_bytes());
+    head.put_u8(b' ');
+    head.put_slice(response.reason.unwrap_or("").as_bytes());
+    head.put_slice(b"\r\n");
+    for line in response.headers.iter() {
+        let name = line.name.as_bytes();
+        let dropped = is_hop_by_hop(name)
+            || name.eq_ignore_ascii_case(b"x-request-id")
+            // Chunked framing replaces a length (RFC 9112 §6.3).
+            || (chunked && name.eq_ignore_ascii_case(b"content-length") && framing != Framing::Empty);
+        if dropped {
+            continue;
+        }
+        head.put_slice(name);
+        head.put_slice(b": ");
+        head.put_slice(line.value);
+        head.put_slice(b"\r\n");
+    }
+    if chunked || framing == Framing::UntilClose {
+        head.put_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if !has_date {
+        head.put_slice(b"date: ");
+        head.put_slice(pingora_core::protocols::http::date::get_cached_date().as_bytes());
+        head.put_slice(b"\r\n");
+    }
+    head.put_slice(b"x-request-id: ");
+    head.put_slice(client.request_id.as_bytes());
+    head.put_slice(if client.keepalive {
+        b"\r\nconnection: keep-alive\r\n\r\n"
+    } else {
+        b"\r\nconnection: close\r\n\r\n"
+    });
+    Ok(Parsed::Head(Head {
+        status,
+        len,
+        framing,
+        reusable,
+        client_head: head,
+    }))
+}
+
+/// Headers about one connection, not the message (Transfer-Encoding is written again when the
+/// body is chunked).
+fn is_hop_by_hop(name: &[u8]) -> bool {
+    [
+        &b"connection"[..],
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"upgrade",
+        b"trailer",
+    ]
+    .iter()
+    .any(|h| name.eq_ignore_ascii_case(h))
+}
+
+/// A Content-Length of digits only (at most 18 of them: no overflow).
+fn parse_length(value: &[u8]) -> Option<u64> {
+    let value = value.trim_ascii();
+    if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(value.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn side(keepalive: bool) -> ClientSide<'static> {
+        static ID: HeaderValue = HeaderValue::from_static("rid-1");
+        ClientSide {
+            head_request: false,
+            keepalive,
+            request_id: &ID,
+        }
+    }
+
+    fn head(raw: &str, client: ClientSide<'_>) -> Head {
+        match parse(raw.as_bytes(), client).unwrap() {
+            Parsed::Head(h) => h,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_sized_answer_keeps_its_headers_and_gets_ours() {
+        let raw = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 12\r\n\
+                   Date: Sat, 05 Dec 2026 06:00:00 GMT\r\nConnection: keep-alive\r\n\
+                   Keep-Alive: timeout=5\r\nX-Request-Id: spoofed\r\n\r\n{\"a\":\"bc\"}..";
+        let h = head(raw, side(true));
+        assert_eq!(
+            (h.status, h.framing, h.reusable),
+            (200, Framing::Length(12), true)
+        );
+        assert_eq!(h.len, raw.len() - 12);
+        let out = String::from_utf8(h.client_head).unwrap();
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 12\r\n\
+             Date: Sat, 05 Dec 2026 06:00:00 GMT\r\nx-request-id: rid-1\r\n\
+             connection: keep-alive\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn framing_follows_the_status_the_method_and_the_headers() {
+        let chunked = head(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+            side(false),
+        );
+        assert_eq!(chunked.framing, Framing::Chunked);
+        let out = String::from_utf8(chunked.client_head).unwrap();
+        assert!(out.contains("transfer-encoding: chunked\r\n") && !out.contains("Content-Length"));
+        assert!(out.ends_with("connection: close\r\n\r\n") && out.contains("\r\ndate: "));
+
+        let until_close = head("HTTP/1.1 200 OK\r\n\r\n", side(true));
+        assert_eq!(
+            (until_close.framing, until_close.reusable),
+            (Framing::UntilClose, false)
+        );
+
+        let closing = head(
+            "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+            side(true),
+        );
+        assert_eq!(
+            (closing.framing, closing.reusable),
+            (Framing::Length(0), false)
+        );
+
+        let old = head("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", side(true));
+        assert!(!old.reusable);
+
+        let not_modified = head(
+            "HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+            side(true),
+        );
+        assert_eq!(not_modified.framing, Framing::Empty);
+        let mut for_head = side(true);
+        for_head.head_request = true;
+        let to_head = head("HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", for_head);
+        assert_eq!((to_head.framing, to_head.reusable), (Framing::Empty, true));
+        assert!(String::from_utf8(to_head.client_head)
+            .unwrap()
+            .contains("Content-Length: 9"));
+    }
+
+    #[test]
+    fn informational_answers_are_skipped_and_partial_heads_wait() {
+        assert!(matches!(
+            parse(
+                b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200",
+                side(true)
+            ),
+            Ok(Parsed::Informational(40))
+        ));
+        assert!(matches!(
+            parse(b"HTTP/1.1 200 OK\r\nA: b", side(true)),
+            Ok(Parsed::Partial)
+        ));
+    }
+
+    #[test]
+    fn ambiguous_or_broken_answers_are_refused() {
+        for raw in [
+            "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            "HTTP/1.1 2000 OK\r\n\r\n",
+            "NOT HTTP\r\n\r\n",
+        ] {
+            assert!(parse(raw.as_bytes(), side(true)).is_err(), "{raw:?}");
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! The fast path's keep-alive connections to the workers: one pool per worker thread, as
+//! nginx keeps one per worker process, so taking and returning a connection is a thread-local
+//! push and pop — no lock, no wake-up of another thread, no task per idle connection.
+//!
+//! Idle connections are not watched one by one (Pingora spawns a task per released
+//! connection). Instead, while a thread's pool holds any, a sweeper task on that thread looks
+//! at them every [`SWEEP_EVERY`] with one non-blocking peek each and closes those the worker
+//! closed (no `CLOSE_WAIT` socket lingers) or that were idle longer than
+//! `[upstream] idle_timeout`. One the worker closes between two sweeps fails on its next use
+//! before any answer arrives; the caller then tries a new connection to the same worker, which
+//! is safe for the requests the fast path takes (`GET`, `HEAD`).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+
+/// Idle connections kept per worker and thread (Pingora's pool keeps 128 in all).
+const MAX_IDLE_PER_BACKEND: usize = 64;
+
+/// How often a thread's idle connections are checked.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+struct Idle {
+    stream: TcpStream,
+    expires: Instant,
+}
+
+#[derive(Default)]
+struct Pool {
+    idle: HashMap<SocketAddr, Vec<Idle>>,
+    /// A sweeper task runs on this thread.
+    sweeping: bool,
+}
+
+impl Pool {
+    /// Close the connections that expired or that the worker closed; forget empty lists.
+    fn sweep(&mut self, now: Instant) {
+        self.idle.retain(|_, list| {
+            list.retain(|idle| idle.expires > now && still_open(&idle.stream));
+            !list.is_empty()
+        });
+    }
+}
+
+thread_local! {
+    static POOL: RefCell<Pool> = RefCell::new(Pool::default());
+}
+
+/// The most recently used idle connection to `addr`, unless it expired.
+pub fn take(addr: SocketAddr) -> Option<TcpStream> {
+    POOL.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        let list = pool.idle.get_mut(&addr)?;
+        let idle = list.pop()?;
+        if idle.expires > Instant::now() {
+            return Some(idle.stream);
+        }
+        // The rest are older still.
+        list.clear();
+        None
+    })
+}
+
+/// Keep a connection whose last exchange ended cleanly for the next request to `addr`, for
+/// `idle_timeout` at most.
+pub fn put(addr: SocketAddr, stream: TcpStream, idle_timeout: Duration) {
+    let expires = Instant::now() + idle_timeout;
+    let start_sweeper = POOL.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        let list = pool.idle.entry(addr).or_default();
+        if list.len() >= MAX_IDLE_PER_BACKEND {
+            // The oldest goes; its socket closes.
+            list.remove(0);
+        }
+        list.push(Idle { stream, expires });
+        !std::mem::replace(&mut pool.sweeping, true)
+    });
+    if start_sweeper {
+        // Each proxy worker thread runs its own single-threaded runtime (`server.rs`): the task
+        // runs on this thread and sweeps this thread's pool.
+        tokio::spawn(sweep_while_idle_connections_remain());
+    }
+}
+
+async fn sweep_while_idle_connections_remain() {
+    loop {
+        tokio::time::sleep(SWEEP_EVERY).await;
+        let done = POOL.with(|pool| {
+            let mut pool = pool.borrow_mut();
+            pool.sweep(Instant::now());
+            if pool.idle.is_empty() {
+                pool.sweeping = false;
+            }
+            !pool.sweeping
+        });
+        if done {
+            return;
+        }
+    }
+}
+
+/// Whether the worker still keeps the connection open: no end of stream, no error, and no
+/// bytes it had no request for.
+fn still_open(stream: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    // SAFETY: `recv` writes at most one byte into `byte`, which outlives the call; the fd is
+    // the open socket `stream` owns.
+    let peeked = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            byte.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    peeked < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+}
+
+/// Idle connections to `addr` on this thread (tests).
+pub fn idle_count(addr: SocketAddr) -> usize {
+    POOL.with(|pool| pool.borrow().idle.get(&addr).map_or(0, Vec::len))
+}
+
+/// A new connection to `addr` within `timeout`.
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(connected) => connected?,
+        Err(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "connect timed out (upstream.connect_timeout)",
+            ))
+        }
+    };
+    // Small requests and answers: no Nagle delay.
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}

@@ -1,0 +1,248 @@
+//! The fast path (`[server] fast_path`, on by default): plain GET/HEAD requests forwarded by
+//! Custodia's own HTTP/1 path. It must be indistinguishable from Pingora's path for workers
+//! and clients, survive workers that close idle connections, and relay every body framing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::io::Read;
+use std::time::Duration;
+
+use support::custodia::{client, upstream_section, Proxy};
+use support::echo::{RecordingServer, ScriptedServer};
+use support::process::eventually;
+use support::raw_tcp;
+
+/// The request as the worker got it: request line, then header lines lower-cased and sorted.
+fn normalised(raw: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(raw);
+    let mut lines = text.split("\r\n").filter(|l| !l.is_empty());
+    let request_line = lines.next().unwrap_or("").to_string();
+    let mut headers: Vec<String> = lines
+        .map(|l| {
+            let (name, value) = l.split_once(':').unwrap_or((l, ""));
+            format!("{}: {}", name.trim().to_ascii_lowercase(), value.trim())
+        })
+        .collect();
+    headers.sort();
+    let mut out = vec![request_line];
+    out.extend(headers);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_and_clients_see_the_same_request_and_answer_on_both_paths() {
+    let worker = RecordingServer::start();
+    let upstream = upstream_section("least_conn", &[(worker.addr, 1)]);
+    let fast = Proxy::start_with_server("fast_path = true\n", &upstream);
+    let pingora = Proxy::start_with_server("fast_path = false\n", &upstream);
+    let send = |proxy: &Proxy| {
+        client()
+            .get(proxy.url("/some/path?q=1&r=%20"))
+            .header("host", "custodia.example")
+            .header("x-forwarded-for", "203.0.113.9")
+            .header("x-forwarded-host", "evil.example")
+            .header("x-request-id", "same-id")
+            .header("x-forwarded-user", "spoofed")
+            .header("keep-alive", "timeout=5")
+            .header("proxy-authorization", "Basic eDp5")
+            .header("te", "trailers")
+            .header("x-custom", "kept")
+            .header("cookie", "theme=dark")
+            .header("accept", "application/json")
+            .send()
+    };
+    let via_fast = send(&fast).await.unwrap();
+    let via_pingora = send(&pingora).await.unwrap();
+    let answer = |r: &reqwest::Response| {
+        let mut headers: Vec<String> = r
+            .headers()
+            .iter()
+            .filter(|(name, _)| *name != "date")
+            .map(|(name, value)| format!("{name}: {}", value.to_str().unwrap()))
+            .collect();
+        headers.sort();
+        (r.status(), headers)
+    };
+    assert_eq!(answer(&via_fast), answer(&via_pingora));
+    assert_eq!(
+        via_fast.text().await.unwrap(),
+        via_pingora.text().await.unwrap()
+    );
+
+    let seen = worker.requests();
+    assert_eq!(seen.len(), 2, "one request each");
+    let (first, second) = (normalised(&seen[0]), normalised(&seen[1]));
+    assert_eq!(first, second, "the worker cannot tell the paths apart");
+    assert_eq!(first[0], "GET /some/path?q=1&r=%20 HTTP/1.1");
+    for expected in [
+        "host: custodia.example",
+        "x-forwarded-for: 203.0.113.9, 127.0.0.1",
+        "x-real-ip: 127.0.0.1",
+        "x-request-id: same-id",
+        "x-custom: kept",
+    ] {
+        assert!(
+            first.contains(&expected.to_string()),
+            "{expected} in {first:?}"
+        );
+    }
+    for gone in [
+        "keep-alive",
+        "proxy-authorization",
+        "te",
+        "x-forwarded-user",
+        "connection",
+    ] {
+        assert!(
+            !first.iter().any(|l| l.starts_with(&format!("{gone}:"))),
+            "{gone} forwarded: {first:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_closing_its_idle_connections_costs_no_request() {
+    // Says nothing about closing, then closes each connection 50 ms after answering: the
+    // proxy's pooled connection is dead when the next request comes.
+    let worker = ScriptedServer::start(|_| {
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello".to_vec(),
+            true,
+        )
+    });
+    // No retries: a dead pooled connection must not count as a failed attempt.
+    let upstream =
+        upstream_section("least_conn", &[(worker.addr, 1)]).replace("retries = 2", "retries = 0");
+    let proxy = Proxy::start(&upstream);
+    let client = client();
+    for i in 0..4 {
+        let response = client.get(proxy.url("/api/x")).send().await.unwrap();
+        assert_eq!(response.status(), 200, "request {i}");
+        assert_eq!(response.text().await.unwrap(), "hello");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // And the connections the worker closed do not linger half-closed in the proxy's pool.
+    let half_closed_to_worker = || {
+        proxy
+            .process
+            .tcp_sockets()
+            .into_iter()
+            .filter(|s| s.state == "CLOSE_WAIT" && s.remote == worker.addr)
+            .count()
+    };
+    eventually(
+        "no CLOSE_WAIT socket to the worker",
+        Duration::from_secs(5),
+        || (half_closed_to_worker() == 0).then_some(()),
+    );
+}
+
+/// Read everything until the proxy closes or `patience` passes.
+fn read_for(stream: &mut std::net::TcpStream, patience: Duration) -> String {
+    stream.set_read_timeout(Some(patience)).unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&raw).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_and_unframed_answers_are_relayed_whole_on_a_connection_that_stays_open() {
+    let worker = ScriptedServer::start(|request_line| {
+        if request_line.starts_with("GET /chunked ") {
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+                  5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nx-trailer: t\r\n\r\n"
+                    .to_vec(),
+                false,
+            )
+        } else {
+            // No length, no chunks: the body ends when the worker closes.
+            (
+                b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nuntil close".to_vec(),
+                true,
+            )
+        }
+    });
+    let proxy = Proxy::start(&upstream_section("least_conn", &[(worker.addr, 1)]));
+
+    let reqwest_client = client();
+    let chunked = reqwest_client
+        .get(proxy.url("/chunked"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chunked.text().await.unwrap(), "hello, world");
+    let unframed = reqwest_client
+        .get(proxy.url("/unframed"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unframed.headers()["transfer-encoding"], "chunked");
+    assert_eq!(unframed.text().await.unwrap(), "until close");
+
+    // Both on one client connection, pipelined in one write; then a HEAD.
+    let mut stream = raw_tcp::connect(proxy.addr, None);
+    std::io::Write::write_all(
+        &mut stream,
+        b"GET /unframed HTTP/1.1\r\nHost: a\r\n\r\nGET /chunked HTTP/1.1\r\nHost: a\r\n\r\n\
+          HEAD /chunked HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let all = read_for(&mut stream, Duration::from_secs(5));
+    let answers: Vec<&str> = all.matches("HTTP/1.1 200 OK\r\n").collect();
+    assert_eq!(answers.len(), 3, "three answers in order: {all}");
+    let unframed_at = all.find("b\r\nuntil close\r\n0\r\n\r\n").expect(&all);
+    let chunked_at = all
+        .find("5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nx-trailer: t\r\n\r\n")
+        .expect(&all);
+    assert!(unframed_at < chunked_at);
+    let head_answer = &all[all.rfind("HTTP/1.1 200 OK").unwrap()..];
+    assert!(
+        head_answer.ends_with("\r\n\r\n"),
+        "no body after a HEAD: {head_answer}"
+    );
+    assert!(head_answer
+        .to_ascii_lowercase()
+        .contains("connection: close"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_answers_become_a_502_and_requests_it_does_not_take_still_work() {
+    let worker = ScriptedServer::start(|request_line| {
+        if request_line.starts_with("GET /conflict ") {
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nxx".to_vec(),
+                true,
+            )
+        } else {
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+                false,
+            )
+        }
+    });
+    let upstream =
+        upstream_section("least_conn", &[(worker.addr, 1)]).replace("retries = 2", "retries = 0");
+    let proxy = Proxy::start(&upstream);
+    let client = client();
+    let broken = client.get(proxy.url("/conflict")).send().await.unwrap();
+    assert_eq!(broken.status(), 502);
+    // A POST and an HTTP/1.0 GET go through Pingora's path, to the same worker.
+    let post = client
+        .post(proxy.url("/x"))
+        .body("data")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.text().await.unwrap(), "ok");
+    let old = raw_tcp::send(proxy.addr, b"GET /x HTTP/1.0\r\nHost: a\r\n\r\n");
+    assert_eq!(old.status(), Some(200));
+}
