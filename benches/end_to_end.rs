@@ -2,7 +2,8 @@
 //!
 //! Three `custodia app` workers; in front of them, with the same workers: Custodia with the
 //! session check off, Custodia with it on (`/api/` requires a session, every request carries a
-//! real sealed cookie), and nginx (`least_conn`, upstream keep-alive, 2 worker processes); plus
+//! real sealed cookie), the same with `[server] fast_path = false` (every request through
+//! Pingora's proxy), and nginx (`least_conn`, upstream keep-alive, 2 worker processes); plus
 //! straight to one worker as the floor; and bare Pingora (what Custodia is built on, with
 //! nothing of ours), the floor of any Pingora proxy. Each is driven at fixed concurrency
 //! (HTTP/1.1 keep-alive) for a warm-up and a measured window, targets interleaved so that noise
@@ -229,6 +230,13 @@ fn throughput(knobs: &Knobs, nginx: Option<&str>, report: &mut Report) {
     let cookie = session_cookie();
     let auth_off = procs::start_custodia("custodia auth off", &workers, Balance::LeastConn, false);
     let auth_on = procs::start_custodia("custodia auth on", &workers, Balance::LeastConn, true);
+    let auth_on_pingora = procs::start_custodia_with(
+        "custodia auth on, pingora path",
+        &workers,
+        Balance::LeastConn,
+        true,
+        false,
+    );
     let nginx_proxy = nginx.map(|bin| procs::start_nginx("nginx", bin, &workers));
     let bare_pingora = procs::start_pingora_baseline(&workers);
 
@@ -236,6 +244,7 @@ fn throughput(knobs: &Knobs, nginx: Option<&str>, report: &mut Report) {
     preflight(bare_pingora.addr, None, false);
     preflight(auth_off.addr, None, false);
     preflight(auth_on.addr, Some(&cookie), true);
+    preflight(auth_on_pingora.addr, Some(&cookie), true);
     if let Some(n) = &nginx_proxy {
         preflight(n.addr, None, false);
     }
@@ -258,6 +267,13 @@ fn throughput(knobs: &Knobs, nginx: Option<&str>, report: &mut Report) {
         Target {
             name: report::AUTH_ON,
             proxy: Some(&auth_on),
+            addr: None,
+            cookie: Some(cookie.clone()),
+            missing: None,
+        },
+        Target {
+            name: report::AUTH_ON_PINGORA_PATH,
+            proxy: Some(&auth_on_pingora),
             addr: None,
             cookie: Some(cookie.clone()),
             missing: None,

@@ -1,6 +1,7 @@
 //! `cargo bench`: the cost of the proxy as a ratio. One request through proxy → worker next to
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-//! the same request sent straight to a worker (HTTP/1.1 keep-alive, concurrency 1), plus the
+//! the same request sent straight to a worker (HTTP/1.1 keep-alive, concurrency 1), through the
+//! fast path and through Pingora's path (`[server] fast_path = false`), plus the
 //! per-request pieces of the edge on their own, in memory: the session check, the
 //! least-connections pick (alone and with a second thread picking at once), the least_time
 //! pick, the route policy match and the request header rewrite.
@@ -123,25 +124,33 @@ fn end_to_end(c: &mut Criterion) {
 
     let dir = std::env::temp_dir().join(format!("custodia-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let listen = free_addr();
-    let config = dir.join("bench.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"{listen}\"\nthreads = 1\npid_file = \"{}\"\nupgrade_sock = \"{}\"\n\
-             [upstream]\nbackends = [\"{worker}\"]\n",
-            dir.join("p.pid").display(),
-            dir.join("u.sock").display()
-        ),
-    )
-    .expect("write config");
-    let _proxy = spawn(&["proxy", "--config", config.to_str().expect("utf-8 path")]);
-    wait_for(listen);
+    // The same proxy twice: the fast path (the default) and every request through Pingora.
+    let start_proxy = |name: &str, fast_path: bool| {
+        let listen = free_addr();
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"{listen}\"\nthreads = 1\nfast_path = {fast_path}\n\
+                 pid_file = \"{}\"\nupgrade_sock = \"{}\"\n\
+                 [upstream]\nbackends = [\"{worker}\"]\n",
+                dir.join(format!("{name}.pid")).display(),
+                dir.join(format!("{name}.sock")).display()
+            ),
+        )
+        .expect("write config");
+        let proxy = spawn(&["proxy", "--config", config.to_str().expect("utf-8 path")]);
+        wait_for(listen);
+        (proxy, listen)
+    };
+    let (_fast, fast) = start_proxy("fast", true);
+    let (_pingora, pingora) = start_proxy("pingora", false);
 
     let mut group = c.benchmark_group("GET /api/hello, keep-alive, concurrency 1");
     for (name, addr) in [
         ("direct to worker", worker),
-        ("through custodia-proxy", listen),
+        ("through custodia-proxy", fast),
+        ("through custodia-proxy, pingora path", pingora),
     ] {
         let mut client = KeepAlive::connect(addr, "/api/hello");
         group.bench_function(name, |b| b.iter(|| client.get()));

@@ -108,13 +108,24 @@ const MAX_CONNECTIONS: usize = 40_000;
 /// Custodia with 2 threads, access log off, the given workers; with `auth`, `/api/` requires a
 /// session (the issuer is an unreachable loopback URL: sealed sessions need no IdP).
 pub fn start_custodia(name: &str, workers: &[&Worker], balance: Balance, auth: bool) -> Proxy {
+    start_custodia_with(name, workers, balance, auth, true)
+}
+
+/// [`start_custodia`] with the fast path on or off (`[server] fast_path`).
+pub fn start_custodia_with(
+    name: &str,
+    workers: &[&Worker],
+    balance: Balance,
+    auth: bool,
+    fast_path: bool,
+) -> Proxy {
     let dir = TempDir::new("bench-custodia");
     let listen = free_addr();
     let admin = free_addr();
     let backends: Vec<String> = workers.iter().map(|w| format!("\"{}\"", w.addr)).collect();
     let balance = balance.as_str();
     let mut toml = format!(
-        "[server]\nlisten = \"{listen}\"\nthreads = 2\ngrace_period = \"1s\"\n\
+        "[server]\nlisten = \"{listen}\"\nthreads = 2\ngrace_period = \"1s\"\nfast_path = {fast_path}\n\
          keepalive_timeout = \"{CLIENT_KEEPALIVE}\"\npid_file = \"{pid}\"\nupgrade_sock = \"{sock}\"\n\n\
          [upstream]\nbalance = \"{balance}\"\nbackends = [{backends}]\n\n\
          [log]\nlevel = \"error\"\naccess_log = false\n\n[admin]\nlisten = \"{admin}\"\n\n\

@@ -11,6 +11,8 @@ use crate::load::LoadResult;
 pub const DIRECT: &str = "direct to a worker";
 pub const AUTH_OFF: &str = "custodia, session check off";
 pub const AUTH_ON: &str = "custodia, session check on";
+/// The same with `[server] fast_path = false`: every request through Pingora's proxy.
+pub const AUTH_ON_PINGORA_PATH: &str = "custodia, session check on, pingora path";
 pub const NGINX: &str = "nginx least_conn";
 pub const PINGORA: &str = "bare pingora round_robin";
 pub const SLOW_LEAST: &str = "custodia least_conn";
@@ -193,13 +195,14 @@ impl Report {
             }
             let _ = writeln!(
                 out,
-                "\n### The Pingora floor: bare Pingora / nginx, and Custodia / bare Pingora\n"
+                "\n### The Pingora floor: bare Pingora / nginx, Custodia / bare Pingora, and the fast path\n"
             );
             let _ = writeln!(
                 out,
                 "Bare Pingora is pingora-proxy with nothing of Custodia's (round robin, defaults): \
                  what any proxy built on Pingora 0.9 starts from. Custodia / bare Pingora is what \
-                 Custodia's edge costs on top of it.\n"
+                 Custodia's edge costs on top of it. The pingora path is Custodia with \
+                 `[server] fast_path = false`: every request through Pingora's proxy.\n"
             );
             let _ = writeln!(
                 out,
@@ -216,6 +219,16 @@ impl Report {
                         pingora,
                     ),
                     ("custodia on / bare pingora", self.find(AUTH_ON, c), pingora),
+                    (
+                        "custodia on, pingora path / bare pingora",
+                        self.find(AUTH_ON_PINGORA_PATH, c),
+                        pingora,
+                    ),
+                    (
+                        "custodia on: fast path / pingora path",
+                        self.find(AUTH_ON, c),
+                        self.find(AUTH_ON_PINGORA_PATH, c),
+                    ),
                 ] {
                     ratio_row(&mut out, c, label, over, under);
                 }
@@ -321,8 +334,15 @@ impl Report {
     /// Two panels side by side: throughput and p99 against concurrency (log scale), one line per
     /// target.
     pub fn plot(&self, path: &Path) -> Result<(), String> {
-        let targets = [DIRECT, AUTH_OFF, AUTH_ON, NGINX, PINGORA];
-        let colors = [BLACK, BLUE, GREEN, RED, MAGENTA];
+        let targets = [
+            DIRECT,
+            AUTH_OFF,
+            AUTH_ON,
+            AUTH_ON_PINGORA_PATH,
+            NGINX,
+            PINGORA,
+        ];
+        let colors = [BLACK, BLUE, GREEN, CYAN, RED, MAGENTA];
         let series = |f: &dyn Fn(&Measured) -> f64| -> Vec<Vec<(f64, f64)>> {
             targets
                 .iter()
