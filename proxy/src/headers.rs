@@ -45,17 +45,22 @@ pub fn set_forwarding(
     proto: &'static str,
     request_id: &HeaderValue,
 ) -> pingora_core::Result<()> {
+    let peer = peer_ip.map(|ip| ip.to_string());
     if let Some(client) = client_ip {
-        upstream.insert_header(X_REAL_IP, client.to_string())?;
+        // Usually the peer itself: formatted once.
+        let client = match &peer {
+            Some(peer) if peer_ip == Some(client) => peer.clone(),
+            _ => client.to_string(),
+        };
+        upstream.insert_header(X_REAL_IP, client)?;
     }
-    if let Some(ip) = peer_ip {
-        let ip = ip.to_string();
+    if let Some(ip) = peer {
         let forwarded_for = match upstream.headers.get(X_FORWARDED_FOR) {
             Some(prior) => match prior.to_str() {
                 Ok(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
-                _ => ip.clone(),
+                _ => ip,
             },
-            None => ip.clone(),
+            None => ip,
         };
         upstream.insert_header(X_FORWARDED_FOR, forwarded_for)?;
     }

@@ -6,6 +6,8 @@
 //! when the worker sent none. A body without a length (read until the worker closes) goes to
 //! the client chunked, so the client connection stays open.
 
+use std::mem::MaybeUninit;
+
 use bytes::BufMut;
 use http::HeaderValue;
 
@@ -61,9 +63,15 @@ pub struct ClientSide<'a> {
 }
 
 pub fn parse(buf: &[u8], client: ClientSide<'_>) -> Result<Parsed, BadResponse> {
-    let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut lines);
-    let len = match response.parse(buf) {
+    // Left uninitialised: the parser writes the lines it finds.
+    let mut lines = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        buf,
+        &mut lines,
+    );
+    let len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
         Err(_) => return Err(BadResponse("unparseable head")),
@@ -114,7 +122,12 @@ pub fn parse(buf: &[u8], client: ClientSide<'_>) -> Result<Parsed, BadResponse> 
 
     let mut head = Vec::with_capacity(len + 128);
     head.put_slice(b"HTTP/1.1 ");
-    head.put_slice(status.to_string().as_bytes());
+    // httparse reads exactly three digits.
+    head.put_slice(&[
+        b'0' + (status / 100 % 10) as u8,
+        b'0' + (status / 10 % 10) as u8,
+        b'0' + (status % 10) as u8,
+    ]);
     head.put_u8(b' ');
     head.put_slice(response.reason.unwrap_or("").as_bytes());
     head.put_slice(b"\r\n");
