@@ -182,10 +182,7 @@ impl ProxyHttp for Edge {
         };
         let req = session.req_header();
         let raw_path = req.uri.path();
-        let (Some(path), Ok(policy)) = (
-            flow::policy_path(raw_path),
-            auth.routes.policy_for_request(raw_path),
-        ) else {
+        let Ok((policy, path)) = auth.routes.policy_and_path(raw_path) else {
             // A path we cannot normalise cannot be matched to a policy safely.
             let page = flow::Page {
                 title: "Bad request",

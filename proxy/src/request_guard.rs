@@ -238,9 +238,7 @@ fn check_framing(req: &RequestHeader, raw_head: Option<&[u8]>) -> Result<bool, B
 }
 
 fn has_bare_lf(raw: &[u8]) -> bool {
-    raw.iter()
-        .enumerate()
-        .any(|(i, &b)| b == b'\n' && (i == 0 || raw[i - 1] != b'\r'))
+    memchr::memchr_iter(b'\n', raw).any(|i| i == 0 || raw[i - 1] != b'\r')
 }
 
 /// Whether a header line of the raw head starts with `name` followed by `:` (any case).

@@ -14,7 +14,7 @@ use super::keys::SecretKeys;
 use super::login_state::{open_login_state, seal_login_state, LoginState, LOGIN_STATE_TTL};
 use super::logout_hint::{open_logout_hint, seal_logout_hint};
 use super::oidc::{OidcError, OidcProvider, VerifiedUser};
-use super::policy::{normalise_path, Policy, RouteTable};
+use super::policy::{Policy, RouteTable};
 use super::redirect::safe_return_target;
 use super::session::{open_session, seal_session, Session, SessionError};
 use super::session_cache::{SessionCache, Verified};
@@ -502,11 +502,6 @@ pub fn logout<'a>(
         tracing::info!(sub = %s.sub, "signed out");
     }
     response
-}
-
-/// Normalise a request path for policy lookup; `None` for paths no policy can judge safely.
-pub fn policy_path(raw_path: &str) -> Option<String> {
-    normalise_path(raw_path).ok()
 }
 
 /// How long the identity assertion sent to workers is valid.

@@ -204,9 +204,16 @@ impl RouteTable {
     /// policies of its normalised form and of its decoded-but-unresolved form (see the module
     /// notes). Errors are those of [`normalise_path`].
     pub fn policy_for_request(&self, raw_path: &str) -> Result<Policy, PathError> {
-        let resolved = self.policy_for(&normalise_path(raw_path)?);
+        self.policy_and_path(raw_path).map(|(policy, _)| policy)
+    }
+
+    /// [`RouteTable::policy_for_request`] and the normalised path it judged (which names the
+    /// proxy's own endpoints), normalised once.
+    pub fn policy_and_path(&self, raw_path: &str) -> Result<(Policy, String), PathError> {
+        let normalised = normalise_path(raw_path)?;
+        let resolved = self.policy_for(&normalised);
         let unresolved = self.policy_for(&unresolved_path(raw_path)?);
-        Ok(resolved.max(unresolved))
+        Ok((resolved.max(unresolved), normalised))
     }
 
     /// The configured prefixes, longest first.

@@ -242,10 +242,7 @@ impl Exchange {
             return Prepared::Forward;
         };
         let raw_path = self.req.uri.path();
-        let (Some(path), Ok(policy)) = (
-            flow::policy_path(raw_path),
-            auth.routes.policy_for_request(raw_path),
-        ) else {
+        let Ok((policy, path)) = auth.routes.policy_and_path(raw_path) else {
             return Prepared::Decline;
         };
         if Endpoint::from_path(&path).is_some() {
