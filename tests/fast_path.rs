@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use support::custodia::{client, upstream_section, Proxy};
 use support::echo::{RecordingServer, ScriptedServer};
-use support::process::eventually;
+use support::process::{eventually, eventually_async};
 use support::raw_tcp;
 
 /// The request as the worker got it: request line, then header lines lower-cased and sorted.
@@ -245,4 +245,91 @@ async fn broken_answers_become_a_502_and_requests_it_does_not_take_still_work() 
     assert_eq!(post.text().await.unwrap(), "ok");
     let old = raw_tcp::send(proxy.addr, b"GET /x HTTP/1.0\r\nHost: a\r\n\r\n");
     assert_eq!(old.status(), Some(200));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_past_read_timeout_gets_a_504_or_the_request_moves_to_another() {
+    // Answers /slow after 3 s, past the proxy's 1 s read timeout.
+    let answer = |request_line: &str| {
+        if request_line.starts_with("GET /slow ") {
+            std::thread::sleep(Duration::from_secs(3));
+        }
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+            false,
+        )
+    };
+    let slow = ScriptedServer::start(answer);
+    let upstream = |backends: &[(std::net::SocketAddr, u32)], retries: u32| {
+        upstream_section("least_conn", backends)
+            .replace("read_timeout = \"5s\"", "read_timeout = \"1s\"")
+            .replace("retries = 2", &format!("retries = {retries}"))
+    };
+    let alone = Proxy::start(&upstream(&[(slow.addr, 1)], 0));
+    let timed_out = client()
+        .get(alone.url("/slow"))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(timed_out.status(), 504);
+    let id = timed_out.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let page: serde_json::Value = timed_out.json().await.unwrap();
+    assert_eq!(page["status"], 504);
+    assert_eq!(page["request_id"], id.as_str());
+
+    // With a second worker and a retry, the GET is replayed there.
+    let quick = ScriptedServer::start(|_| {
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nquick".to_vec(),
+            false,
+        )
+    });
+    let pair = Proxy::start(&upstream(&[(slow.addr, 1), (quick.addr, 1)], 1));
+    // Ties go to each worker in turn: some of these go to the slow one first.
+    for _ in 0..4 {
+        let response = client().get(pair.url("/slow")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.text().await.unwrap(), "quick");
+    }
+    let retries: f64 = pair
+        .metric("custodia_upstream_retries_total")
+        .await
+        .iter()
+        .map(|(_, v)| v)
+        .sum();
+    assert!(retries >= 1.0, "no request was replayed: {retries}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_opened_before_a_reload_sends_its_first_request_to_the_new_set() {
+    let answering = |body: &'static str| {
+        move |_: &str| {
+            let response = format!("HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n{body}");
+            (response.into_bytes(), false)
+        }
+    };
+    let old = ScriptedServer::start(answering("old"));
+    let new = ScriptedServer::start(answering("new"));
+    let proxy = Proxy::start(&upstream_section("least_conn", &[(old.addr, 1)]));
+    // Accepted and waiting for its first request while the configuration changes.
+    let mut early = raw_tcp::connect(proxy.addr, None);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.rewrite(&upstream_section("least_conn", &[(new.addr, 1)]));
+    proxy.sighup();
+    eventually_async("the reload is in", Duration::from_secs(10), || async {
+        let generation = proxy.metric("custodia_config_generation").await;
+        generation.iter().any(|(_, v)| *v == 2.0).then_some(())
+    })
+    .await;
+    std::io::Write::write_all(
+        &mut early,
+        b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let answer = read_for(&mut early, Duration::from_secs(5));
+    assert!(answer.ends_with("\r\n\r\nnew"), "{answer}");
 }

@@ -76,8 +76,7 @@ pub async fn serve(runtime: &SharedRuntime, stream: Stream, shutdown: &ShutdownW
     if !stream.as_any().is::<ClientStream>() {
         return Outcome::Decline(stream);
     }
-    let snapshot = runtime.load_full();
-    if !snapshot.config.server.fast_path {
+    if !runtime.load().config.server.fast_path {
         return Outcome::Decline(stream);
     }
     let Ok(mut client) = stream.into_any().downcast::<ClientStream>() else {
@@ -91,6 +90,13 @@ pub async fn serve(runtime: &SharedRuntime, stream: Stream, shutdown: &ShutdownW
             return Outcome::Decline(client);
         }
     };
+    // The configuration the request arrived under: a connection can wait for its first request
+    // across a reload, and from the swap on new requests must see only the new one.
+    let snapshot = runtime.load_full();
+    if !snapshot.config.server.fast_path {
+        client.put_back(bytes);
+        return Outcome::Decline(client);
+    }
     // A plain request has no body: it is all in.
     client.request_read();
     let peer = client
