@@ -82,7 +82,7 @@ pub async fn serve(runtime: &SharedRuntime, stream: Stream, shutdown: &ShutdownW
     let Ok(mut client) = stream.into_any().downcast::<ClientStream>() else {
         return Outcome::Close;
     };
-    let (plain, bytes) = match read_head(&mut client).await {
+    let (plain, bytes) = match read_head(&mut client, shutdown).await {
         Ok(head) => head,
         Err(Unread::Closed) => return Outcome::Close,
         Err(Unread::NotPlain(bytes)) => {
@@ -157,9 +157,14 @@ enum Unread {
 
 /// The next request's head: from the bytes the keep-alive wait read ahead, and from the
 /// socket until the head is complete (under the client timeout) or larger than [`HEAD_READ`].
-async fn read_head(client: &mut ClientStream) -> Result<(request::Plain, Bytes), Unread> {
+/// Waiting for the first byte of a new connection's first request ends at shutdown, as
+/// Pingora's wait does.
+async fn read_head(
+    client: &mut ClientStream,
+    shutdown: &ShutdownWatch,
+) -> Result<(request::Plain, Bytes), Unread> {
     let ahead = client.take_read_ahead();
-    let mut buf = BytesMut::with_capacity(HEAD_READ);
+    let mut buf = BytesMut::new();
     if !ahead.is_empty() {
         match request::parse(&ahead) {
             Ok(plain) => return Ok((plain, ahead)),
@@ -170,9 +175,23 @@ async fn read_head(client: &mut ClientStream) -> Result<(request::Plain, Bytes),
             Err(request::NotPlain::Partial) => buf.extend_from_slice(&ahead),
         }
     }
+    buf.reserve(HEAD_READ - buf.len());
     loop {
+        let read = if buf.is_empty() {
+            if *shutdown.borrow() {
+                return Err(Unread::Closed);
+            }
+            let mut shutdown = shutdown.clone();
+            tokio::select! {
+                biased;
+                read = client.read_buf(&mut buf) => read,
+                _ = shutdown.changed() => return Err(Unread::Closed),
+            }
+        } else {
+            client.read_buf(&mut buf).await
+        };
         // Closed, failed or past the client timeout, also mid-head: Pingora would only close.
-        if client.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+        if read.unwrap_or(0) == 0 {
             return Err(Unread::Closed);
         }
         let bytes = buf.split().freeze();
