@@ -21,6 +21,10 @@
 //!
 //! `logging` runs last for every request, also those the proxy answered itself: it counts the
 //! request metrics and writes the access-log line ([`crate::access_log`]).
+//!
+//! Plain `GET`/`HEAD` requests usually take the fast path instead ([`crate::express`]), which
+//! calls the same pieces: the request guard, [`gate_request`], [`rewrite_upstream_request`],
+//! the error pages and [`record`].
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -35,8 +39,9 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::access_log::{self, AccessRecord};
-use crate::auth::flow::{self, AuthResponse, Endpoint, Gate};
+use crate::auth::flow::{self, AuthResponse, AuthRuntime, Endpoint, Gate};
 use crate::auth::identity_headers;
+use crate::auth::policy::Policy;
 use crate::auth::Verified;
 use crate::balancer::Lease;
 use crate::headers;
@@ -226,23 +231,13 @@ impl ProxyHttp for Edge {
                 .await
             }
             Some(Endpoint::Logout) => flow::logout(auth, cookies(), now),
-            None => {
-                let target = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
-                match flow::gate(
-                    auth,
-                    policy,
-                    cookies(),
-                    target,
-                    !pages::wants_json(req) && accepts_html(req),
-                    now,
-                ) {
-                    Gate::Forward(identity) => {
-                        ctx.identity = identity;
-                        return Ok(false);
-                    }
-                    Gate::Respond(response) => response,
+            None => match gate_request(auth, policy, req, now) {
+                Gate::Forward(identity) => {
+                    ctx.identity = identity;
+                    return Ok(false);
                 }
-            }
+                Gate::Respond(response) => response,
+            },
         };
         self.answer(session, ctx, response).await
     }
@@ -502,7 +497,26 @@ impl Edge {
     }
 }
 
-/// The headers a request goes upstream with, on either lane: the client's identity headers
+/// The session check of an ordinary request (no proxy endpoint) under its route's policy, on
+/// either path: forward (with the identity when signed in), or answer with a login redirect
+/// (browsers) or a 401.
+pub(crate) fn gate_request(
+    auth: &AuthRuntime,
+    policy: Policy,
+    req: &RequestHeader,
+    now: u64,
+) -> Gate {
+    let cookies = req
+        .headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .map(|v| v.as_bytes());
+    let target = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let wants_html = !pages::wants_json(req) && accepts_html(req);
+    flow::gate(auth, policy, cookies, target, wants_html, now)
+}
+
+/// The headers a request goes upstream with, on either path: the client's identity headers
 /// and Custodia's cookies removed; X-Forwarded-*, X-Real-IP and X-Request-Id set (the scheme,
 /// host and real client believed only from trusted proxies); the identity headers and the
 /// assertion when signed in. Returns the real client's address, for the access log.
@@ -556,7 +570,7 @@ pub(crate) fn rewrite_upstream_request(
     Ok(client_ip)
 }
 
-/// What a finished request leaves behind, on either lane.
+/// What a finished request leaves behind, on either path.
 pub(crate) struct Finished<'a> {
     pub runtime: &'a Runtime,
     pub req: &'a RequestHeader,
@@ -617,7 +631,7 @@ fn record_failover(ctx: &RequestCtx, e: &Error) {
     }
 }
 
-pub(crate) fn accepts_html(req: &RequestHeader) -> bool {
+fn accepts_html(req: &RequestHeader) -> bool {
     req.headers
         .get(http::header::ACCEPT)
         .and_then(|v| v.to_str().ok())

@@ -275,15 +275,7 @@ impl Exchange {
         }
         self.request_id = crate::headers::request_id(&self.req);
         self.policy = policy.into();
-        let cookies = self
-            .req
-            .headers
-            .get_all(http::header::COOKIE)
-            .iter()
-            .map(|v| v.as_bytes());
-        let target = self.req.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let wants_html = !pages::wants_json(&self.req) && edge::accepts_html(&self.req);
-        match flow::gate(auth, policy, cookies, target, wants_html, flow::now_unix()) {
+        match edge::gate_request(auth, policy, &self.req, flow::now_unix()) {
             Gate::Forward(identity) => {
                 self.identity = identity;
                 Prepared::Forward
