@@ -44,7 +44,7 @@ use tokio::net::TcpStream;
 
 use crate::auth::flow::{self, AuthResponse, Endpoint, Gate};
 use crate::auth::Verified;
-use crate::balancer::Lease;
+use crate::balancer::{BackendSlot, Lease};
 use crate::config::UpstreamSettings;
 use crate::edge::{self, Finished};
 use crate::limits::ClientStream;
@@ -323,49 +323,40 @@ impl Exchange {
                 keepalive: self.keepalive,
                 request_id: &self.request_id,
             };
-            match attempt(slot.addr, &wire, settings, client_side).await {
+            let (e, connect_failed) = match attempt(slot.addr, &wire, settings, client_side).await {
                 Ok(answer) => {
                     let elapsed = chosen.elapsed();
                     self.upstream_elapsed = Some(elapsed);
                     slot.observe_latency(elapsed);
-                    return self.relay(client, answer, slot.addr, settings).await;
+                    return self.relay(client, answer, &slot, settings).await;
                 }
                 Err(Failed::Connect(e)) => {
-                    failed.push(slot.addr);
                     if slot.mark_failed() {
                         tracing::warn!(backend = %slot.label, error = %e, "cannot connect: backend marked unhealthy");
                     }
-                    if may_retry {
-                        slot.record_failover();
-                        continue;
-                    }
-                    let status = if runtime.pool.healthy_count() == 0 {
-                        503
-                    } else if e.kind() == io::ErrorKind::TimedOut {
-                        504
-                    } else {
-                        502
-                    };
-                    self.log_failure(&slot.label, &e);
-                    return self.error_page(client, status).await;
+                    (e, true)
                 }
                 Err(Failed::Upstream(e)) => {
                     slot.penalize_latency(chosen.elapsed());
-                    failed.push(slot.addr);
-                    // A GET or HEAD whose answer has not begun is safe to replay.
-                    if may_retry {
-                        slot.record_failover();
-                        continue;
-                    }
-                    let status = if e.kind() == io::ErrorKind::TimedOut {
-                        504
-                    } else {
-                        502
-                    };
-                    self.log_failure(&slot.label, &e);
-                    return self.error_page(client, status).await;
+                    (e, false)
                 }
+            };
+            failed.push(slot.addr);
+            // Nothing of the answer has reached the client, and a GET or HEAD is safe to replay
+            // (a failed connect never reached the worker at all).
+            if may_retry {
+                slot.record_failover();
+                continue;
             }
+            let status = if connect_failed && runtime.pool.healthy_count() == 0 {
+                503
+            } else if e.kind() == io::ErrorKind::TimedOut {
+                504
+            } else {
+                502
+            };
+            self.log_failure(&slot.label, &e);
+            return self.error_page(client, status).await;
         }
     }
 
@@ -386,7 +377,7 @@ impl Exchange {
         &mut self,
         client: &mut ClientStream,
         answer: Answer,
-        addr: SocketAddr,
+        slot: &BackendSlot,
         settings: &UpstreamSettings,
     ) -> bool {
         let Answer {
@@ -403,7 +394,7 @@ impl Exchange {
             let (done, extra) = match body.frame(&data, &mut out) {
                 Ok(step) => step,
                 Err(e) => {
-                    self.log_failure(&addr.to_string(), &e);
+                    self.log_failure(&slot.label, &e);
                     // The head may be out already: the client cannot be told; close.
                     let _ = write_out(client, &out).await;
                     return false;
@@ -416,7 +407,7 @@ impl Exchange {
                     lease.release();
                 }
                 if reusable {
-                    upstream::put(addr, conn, settings.idle_timeout);
+                    upstream::put(slot.addr, conn, settings.idle_timeout);
                 }
                 return write_out(client, &out).await.is_ok();
             }
@@ -435,12 +426,12 @@ impl Exchange {
                         io::ErrorKind::UnexpectedEof,
                         "the backend closed mid-answer",
                     );
-                    self.log_failure(&addr.to_string(), &e);
+                    self.log_failure(&slot.label, &e);
                     return false;
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    self.log_failure(&addr.to_string(), &e);
+                    self.log_failure(&slot.label, &e);
                     return false;
                 }
             }
@@ -481,16 +472,13 @@ impl Exchange {
         let Ok(page) = pages::error_page(status, json, &id) else {
             return false;
         };
-        let headers: Vec<(String, Vec<u8>)> = page
+        // Content-Length is written with the body.
+        let extra: Vec<(&str, &[u8])> = page
             .header
             .headers
             .iter()
             .filter(|(name, _)| *name != http::header::CONTENT_LENGTH)
-            .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
-            .collect();
-        let extra: Vec<(&str, &[u8])> = headers
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_slice()))
+            .map(|(name, value)| (name.as_str(), value.as_bytes()))
             .collect();
         self.send_own(client, status, &extra, &page.body).await
     }
