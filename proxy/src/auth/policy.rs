@@ -12,6 +12,7 @@
 //!   `/api/x/../../public` to the API, so the stronger of the resolved and the unresolved reading
 //!   is used.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use serde::Deserialize;
@@ -138,6 +139,31 @@ fn decode(raw_path: &str) -> Result<String, PathError> {
     Ok(text)
 }
 
+/// The path before any `?`, when [`normalise_path`] and [`unresolved_path`] would both return
+/// it unchanged: printable ASCII without `%` or `\`, no repeated `/`, no `.` or `..` segment.
+/// Nearly every request's path is; the full normalisation allocates and copies.
+fn already_normal(raw_path: &str) -> Option<&str> {
+    let path = raw_path.split('?').next().unwrap_or_default();
+    let bytes = path.as_bytes();
+    if bytes.first() != Some(&b'/') {
+        return None;
+    }
+    let plain = |b: &u8| matches!(b, 0x21..=0x7e) && !matches!(b, b'%' | b'\\');
+    if !bytes.iter().all(plain) {
+        return None;
+    }
+    let dot_segment = |s: &[u8]| s == b"." || s == b"..";
+    // An empty segment is a repeated '/', unless it is the last one (a trailing '/').
+    let mut segments = bytes[1..].split(|&b| b == b'/').peekable();
+    while let Some(segment) = segments.next() {
+        let last = segments.peek().is_none();
+        if dot_segment(segment) || (segment.is_empty() && !last) {
+            return None;
+        }
+    }
+    Some(path)
+}
+
 fn join(segments: &[&str], trailing_slash: bool) -> String {
     let mut out = String::with_capacity(segments.iter().map(|s| s.len() + 1).sum::<usize>() + 1);
     for segment in segments {
@@ -209,11 +235,18 @@ impl RouteTable {
 
     /// [`RouteTable::policy_for_request`] and the normalised path it judged (which names the
     /// proxy's own endpoints), normalised once.
-    pub fn policy_and_path(&self, raw_path: &str) -> Result<(Policy, String), PathError> {
+    pub fn policy_and_path<'a>(
+        &self,
+        raw_path: &'a str,
+    ) -> Result<(Policy, Cow<'a, str>), PathError> {
+        if let Some(path) = already_normal(raw_path) {
+            // Both forms are the path itself: nothing to decode, collapse or resolve.
+            return Ok((self.policy_for(path), Cow::Borrowed(path)));
+        }
         let normalised = normalise_path(raw_path)?;
         let resolved = self.policy_for(&normalised);
         let unresolved = self.policy_for(&unresolved_path(raw_path)?);
-        Ok((resolved.max(unresolved), normalised))
+        Ok((resolved.max(unresolved), Cow::Owned(normalised)))
     }
 
     /// The configured prefixes, longest first.
@@ -229,6 +262,35 @@ impl RouteTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_path_found_already_normal_is_what_the_full_normalisation_gives() {
+        for path in [
+            "/",
+            "/api/hello",
+            "/api/",
+            "/static/app.v2.js",
+            "/a/.b/...",
+            "/x?q=/../",
+        ] {
+            assert!(already_normal(path).is_some(), "{path}");
+        }
+        // Every path of up to 6 characters over an alphabet of the troublemakers.
+        let alphabet = ['/', 'a', '.', '%', '2', 'f', '\\', '?', ' '];
+        let mut paths = vec![String::from("/")];
+        let mut checked = 0;
+        while let Some(path) = paths.pop() {
+            if let Some(fast) = already_normal(&path) {
+                assert_eq!(normalise_path(&path).as_deref(), Ok(fast), "{path:?}");
+                assert_eq!(unresolved_path(&path).as_deref(), Ok(fast), "{path:?}");
+                checked += 1;
+            }
+            if path.len() < 6 {
+                paths.extend(alphabet.iter().map(|c| format!("{path}{c}")));
+            }
+        }
+        assert!(checked > 1000, "only {checked} paths took the quick way");
+    }
 
     fn table() -> RouteTable {
         RouteTable::new(
