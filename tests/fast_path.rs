@@ -102,6 +102,96 @@ async fn workers_and_clients_see_the_same_request_and_answer_on_both_paths() {
     }
 }
 
+/// A signed-in request: the session cookie comes off, the client's identity headers and
+/// X-Forwarded-Host are replaced by the proxy's own, the same on both paths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_in_request_reaches_the_worker_alike_on_both_paths() {
+    use custodia_proxy::auth::{seal_session, CookieSettings, SecretKeys, Session};
+
+    let worker = RecordingServer::start();
+    let app_secret = "fast-path-test-0123456789abcdef0123456789abcdef";
+    let env = [
+        ("APP_SECRET_KEY", app_secret),
+        ("AUTH0_CLIENT_SECRET", "fast-path-client-secret"),
+    ];
+    // Nothing listens at the issuer: sealed sessions are checked without the IdP. The test
+    // client (loopback) is not a trusted proxy.
+    let sections = format!(
+        "{}\n[auth]\nissuer = \"http://127.0.0.1:9/\"\nclient_id = \"custodia-test\"\n\
+         public_url = \"http://127.0.0.1:9\"\ndefault_policy = \"required\"\n\
+         trusted_proxies = [\"10.0.0.0/8\"]\n",
+        upstream_section("least_conn", &[(worker.addr, 1)])
+    );
+    let fast = Proxy::start_with_server_env("fast_path = true\n", &sections, &env);
+    let pingora = Proxy::start_with_server_env("fast_path = false\n", &sections, &env);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let session = Session {
+        sub: "auth0|fast-path".into(),
+        email: Some("fast@example.test".into()),
+        name: Some("Fast Path".into()),
+        picture: None,
+        iat: now,
+        exp: now + 3600,
+    };
+    let keys = SecretKeys::from_secrets(app_secret, &[]).unwrap();
+    let sealed = seal_session(&keys, &session);
+    let cookie_name = CookieSettings { secure: false }.session_cookie_name();
+    let send = |proxy: &Proxy| {
+        client()
+            .get(proxy.url("/api/hello"))
+            .header(
+                "cookie",
+                format!("theme=dark; {cookie_name}={sealed}; lang=en"),
+            )
+            .header("x-forwarded-user", "spoofed")
+            .header("X-Forwarded-Email", "spoofed@example.test")
+            .header("host", "custodia.example")
+            .header("x-request-id", "signed-in")
+            .header("x-forwarded-for", "203.0.113.9")
+            .header("x-forwarded-host", "evil.example")
+            .header("x-custodia-identity", "forged")
+            .header("accept", "application/json")
+            .send()
+    };
+    assert_eq!(send(&fast).await.unwrap().status(), 200);
+    assert_eq!(send(&pingora).await.unwrap().status(), 200);
+
+    let seen = worker.requests();
+    assert_eq!(seen.len(), 2, "one request each");
+    // The assertion is signed for the second it is made in: compare it apart.
+    let split = |raw: &[u8]| {
+        let lines = normalised(raw);
+        let (assertions, rest): (Vec<String>, Vec<String>) = lines
+            .into_iter()
+            .partition(|l| l.starts_with("x-custodia-identity:"));
+        (assertions, rest)
+    };
+    let ((fast_assertion, first), (pingora_assertion, second)) = (split(&seen[0]), split(&seen[1]));
+    assert_eq!(first, second, "the worker cannot tell the paths apart");
+    for expected in [
+        "cookie: theme=dark; lang=en",
+        "x-forwarded-user: auth0|fast-path",
+        "x-forwarded-email: fast@example.test",
+        "x-real-ip: 127.0.0.1",
+    ] {
+        assert!(
+            first.contains(&expected.to_string()),
+            "{expected} in {first:?}"
+        );
+    }
+    assert!(
+        !first.iter().any(|l| l.starts_with("x-forwarded-host:")),
+        "an untrusted X-Forwarded-Host was forwarded: {first:?}"
+    );
+    for assertion in [&fast_assertion, &pingora_assertion] {
+        assert_eq!(assertion.len(), 1, "one assertion: {assertion:?}");
+        assert!(!assertion[0].ends_with("forged"), "{assertion:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_closing_its_idle_connections_costs_no_request() {
     // Says nothing about closing, then closes each connection 50 ms after answering: the

@@ -50,6 +50,7 @@ use crate::metrics::{self, InFlight, PolicyClass};
 use crate::pages;
 use crate::request_guard;
 use crate::runtime::{Runtime, SharedRuntime};
+use crate::upstream_head::UpstreamHead;
 
 /// The proxy service (one per worker thread; see [`crate::server`]).
 pub struct Edge {
@@ -522,7 +523,7 @@ pub(crate) fn gate_request(
 /// assertion when signed in. Returns the real client's address, for the access log.
 pub(crate) fn rewrite_upstream_request(
     runtime: &Runtime,
-    upstream_request: &mut RequestHeader,
+    upstream_request: &mut impl UpstreamHead,
     peer_ip: Option<IpAddr>,
     request_id: &HeaderValue,
     identity: Option<&Verified>,
@@ -535,12 +536,8 @@ pub(crate) fn rewrite_upstream_request(
         return Ok(peer_ip);
     };
     // Only trusted proxies (the ngrok agent) may tell us the scheme and the real client.
-    let header = |name: &str| {
-        upstream_request
-            .headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-    };
+    let received = upstream_request.headers();
+    let header = |name: &str| received.get(name).and_then(|v| v.to_str().ok());
     let (client_ip, proto, forwarded_host) = match peer_ip {
         Some(peer) => (
             Some(
@@ -551,16 +548,16 @@ pub(crate) fn rewrite_upstream_request(
                 .forwarded_proto(peer, header(headers::X_FORWARDED_PROTO))
                 .unwrap_or("http"),
             auth.trusted
-                .forwarded_host(peer, header(headers::X_FORWARDED_HOST)),
+                .forwarded_host(peer, header(headers::X_FORWARDED_HOST))
+                // Text of a received header value: valid as one.
+                .and_then(|host| HeaderValue::try_from(host).ok()),
         ),
         None => (None, "http", None),
     };
     // An untrusted client's X-Forwarded-Host must not reach the workers as if we vouched for it.
     match forwarded_host {
-        Some(host) => upstream_request.insert_header(headers::X_FORWARDED_HOST, host)?,
-        None => {
-            upstream_request.remove_header(headers::X_FORWARDED_HOST);
-        }
+        Some(host) => upstream_request.insert(headers::X_FORWARDED_HOST_NAME, host)?,
+        None => upstream_request.remove(&headers::X_FORWARDED_HOST_NAME),
     }
     identity_headers::remove_custodia_cookies(upstream_request);
     headers::set_forwarding(upstream_request, peer_ip, client_ip, proto, request_id)?;

@@ -26,6 +26,7 @@ pub mod reload;
 pub mod request_guard;
 pub mod runtime;
 pub mod server;
+pub mod upstream_head;
 
 pub use error::ProxyError;
 

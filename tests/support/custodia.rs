@@ -172,7 +172,12 @@ impl Proxy {
 
     /// Like [`Proxy::start`], with `server` lines added to the generated `[server]` section.
     pub fn start_with_server(server: &str, sections: &str) -> Proxy {
-        Proxy::launch_with(free_addr(), server, sections, &[], false)
+        Proxy::start_with_server_env(server, sections, &[])
+    }
+
+    /// [`Proxy::start_with_server`] with environment variables.
+    pub fn start_with_server_env(server: &str, sections: &str, env: &[(&str, &str)]) -> Proxy {
+        Proxy::launch_with(free_addr(), server, sections, env, false)
     }
 
     fn launch(addr: SocketAddr, sections: &str, env: &[(&str, &str)], capture: bool) -> Proxy {

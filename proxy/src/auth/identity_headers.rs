@@ -3,7 +3,8 @@
 
 use http::header::{CONNECTION, COOKIE};
 use http::{HeaderName, HeaderValue};
-use pingora_http::RequestHeader;
+
+use crate::upstream_head::UpstreamHead;
 
 use super::cookies::{
     cookie_part_name, cookie_parts, is_custodia_cookie_name, strip_custodia_cookie_bytes,
@@ -40,28 +41,28 @@ fn is_identity_header(name: &str) -> bool {
 /// Also removes those names from the `Connection` header (dropping the header if nothing is
 /// left): a hop-by-hop listing like `Connection: close, X-Forwarded-User` would otherwise make a
 /// later hop delete the identity header the proxy sets.
-pub fn strip_client_identity(req: &mut RequestHeader) {
+pub fn strip_client_identity(req: &mut impl UpstreamHead) {
     let doomed: Vec<HeaderName> = req
-        .headers
+        .headers()
         .keys()
         .filter(|name| is_identity_header(name.as_str()))
         .cloned()
         .collect();
-    for name in &doomed {
-        req.remove_header(name);
-    }
-
-    let connection: Vec<HeaderValue> = req.headers.get_all(CONNECTION).iter().cloned().collect();
     let names_identity = |value: &HeaderValue| {
         value
             .as_bytes()
             .split(|&b| b == b',')
             .any(|token| std::str::from_utf8(token).is_ok_and(|t| is_identity_header(t.trim())))
     };
+    // Read before any edit (see `UpstreamHead`).
+    let connection: Vec<HeaderValue> = req.headers().get_all(CONNECTION).iter().cloned().collect();
+    for name in &doomed {
+        req.remove(name);
+    }
     if !connection.iter().any(names_identity) {
         return;
     }
-    req.remove_header(&CONNECTION);
+    req.remove(&CONNECTION);
     for value in connection {
         let kept: Vec<&[u8]> = value
             .as_bytes()
@@ -76,7 +77,7 @@ pub fn strip_client_identity(req: &mut RequestHeader) {
         let joined = kept.join(&b", "[..]);
         if let Ok(value) = HeaderValue::from_bytes(&joined) {
             // Appending a valid name and value cannot fail.
-            let _ = req.append_header(CONNECTION, value);
+            let _ = req.append(CONNECTION, value);
         }
     }
 }
@@ -84,8 +85,8 @@ pub fn strip_client_identity(req: &mut RequestHeader) {
 /// Remove our session and login-state cookies from every `Cookie` header (see
 /// [`super::cookies::strip_custodia_cookies`]); a header left empty is removed. Requests
 /// without our cookies are not touched.
-pub fn remove_custodia_cookies(req: &mut RequestHeader) {
-    let has_ours = req.headers.get_all(COOKIE).iter().any(|value| {
+pub fn remove_custodia_cookies(req: &mut impl UpstreamHead) {
+    let has_ours = req.headers().get_all(COOKIE).iter().any(|value| {
         cookie_parts(value.as_bytes())
             .any(|part| cookie_part_name(part).is_some_and(is_custodia_cookie_name))
     });
@@ -93,16 +94,16 @@ pub fn remove_custodia_cookies(req: &mut RequestHeader) {
         return;
     }
     let kept: Vec<Vec<u8>> = req
-        .headers
+        .headers()
         .get_all(COOKIE)
         .iter()
         .filter_map(|value| strip_custodia_cookie_bytes(value.as_bytes()))
         .collect();
-    req.remove_header(&COOKIE);
+    req.remove(&COOKIE);
     for value in kept {
         if let Ok(value) = HeaderValue::from_bytes(&value) {
             // Appending a valid name and value cannot fail.
-            let _ = req.append_header(COOKIE, value);
+            let _ = req.append(COOKIE, value);
         }
     }
 }
@@ -110,6 +111,7 @@ pub fn remove_custodia_cookies(req: &mut RequestHeader) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pingora_http::RequestHeader;
 
     fn req(headers: &[(&str, &str)]) -> RequestHeader {
         let mut r = RequestHeader::build("GET", b"/api/me", None).unwrap();

@@ -50,6 +50,7 @@ use crate::edge::{self, Finished};
 use crate::limits::ClientStream;
 use crate::metrics::{InFlight, PolicyClass};
 use crate::runtime::{Runtime, SharedRuntime};
+use crate::upstream_head::Overlay;
 use crate::{pages, request_guard};
 
 pub use upstream::idle_count;
@@ -288,17 +289,20 @@ impl Exchange {
     /// that is safe, relay the answer. `false` when the client connection cannot go on.
     async fn forward(&mut self, client: &mut ClientStream) -> bool {
         let runtime = self.runtime.clone();
-        match edge::rewrite_upstream_request(
+        // The head stays as received; the edits go on the wire with it.
+        let mut upstream = Overlay::new(&self.req);
+        let rewritten = edge::rewrite_upstream_request(
             &runtime,
-            &mut self.req,
+            &mut upstream,
             self.peer,
             &self.request_id,
             self.identity.as_ref(),
-        ) {
+        );
+        let wire = upstream.wire();
+        match rewritten {
             Ok(client_ip) => self.client_ip = client_ip,
             Err(_) => return self.error_page(client, 500).await,
         }
-        let wire = request::upstream_wire(&self.req);
         let settings = &runtime.config.upstream;
         let mut failed: Vec<SocketAddr> = Vec::new();
         loop {

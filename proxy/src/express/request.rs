@@ -1,4 +1,5 @@
-//! Which requests the fast path takes, and the request it sends upstream.
+//! Which requests the fast path takes (their head, as received, is what goes upstream, with the
+//! edge's edits: [`crate::upstream_head::Overlay`]).
 //!
 //! It takes an HTTP/1.1 `GET` or `HEAD` whose whole head is in hand and that has nothing the
 //! fast path would have to interpret: no body framing at all (`Content-Length`,
@@ -9,7 +10,7 @@
 
 use std::mem::MaybeUninit;
 
-use bytes::{BufMut, Bytes};
+use bytes::Bytes;
 use http::{HeaderValue, Method};
 use pingora_http::RequestHeader;
 
@@ -149,21 +150,10 @@ fn connection_tokens(value: &[u8]) -> Option<bool> {
     Some(close)
 }
 
-/// The request as the worker gets it: request line, headers, end of head.
-pub fn upstream_wire(req: &RequestHeader) -> Vec<u8> {
-    let mut wire = Vec::with_capacity(512);
-    wire.put_slice(req.method.as_str().as_bytes());
-    wire.put_u8(b' ');
-    wire.put_slice(req.raw_path());
-    wire.put_slice(b" HTTP/1.1\r\n");
-    req.header_to_h1_wire(&mut wire);
-    wire.put_slice(b"\r\n");
-    wire
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream_head::Overlay;
 
     fn plain(raw: &str) -> Plain {
         parse(&Bytes::copy_from_slice(raw.as_bytes())).unwrap_or_else(|e| panic!("{e:?}: {raw:?}"))
@@ -181,7 +171,7 @@ mod tests {
         let p = plain(raw);
         assert_eq!(p.head_len, raw.len() - "GET /next".len());
         assert!(!p.close);
-        let wire = String::from_utf8(upstream_wire(&p.header)).unwrap();
+        let wire = String::from_utf8(Overlay::new(&p.header).wire()).unwrap();
         assert!(
             wire.starts_with("GET /api/hello?x=1 HTTP/1.1\r\n"),
             "{wire}"
