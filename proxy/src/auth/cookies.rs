@@ -13,6 +13,7 @@
 //!   `/logout`), never `Domain`.
 //!   `SameSite=Lax` still sends the login cookie on the IdP's top-level GET redirect to /callback.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -143,6 +144,17 @@ impl CookieSettings {
         &self,
         cookie_headers: impl Iterator<Item = &'a [u8]>,
     ) -> Option<String> {
+        let found = self.find_session(cookie_headers)?;
+        cookie_text(&found).map(str::to_owned)
+    }
+
+    /// [`CookieSettings::read_session`] before its octet check: the value as sent (chunks
+    /// joined), at most [`MAX_SESSION_VALUE_LEN`] bytes. Pass it through [`cookie_text`]
+    /// before reading it; the session memo compares it with values that passed, first.
+    pub fn find_session<'a>(
+        &self,
+        cookie_headers: impl Iterator<Item = &'a [u8]>,
+    ) -> Option<Cow<'a, [u8]>> {
         let name = self.session_cookie_name().as_bytes();
         let mut plain: Option<&[u8]> = None;
         let mut chunks: [Option<&[u8]>; MAX_CHUNKS] = [None; MAX_CHUNKS];
@@ -158,7 +170,7 @@ impl CookieSettings {
             }
         }
         if let Some(value) = plain.filter(|v| !v.is_empty()) {
-            return owned_value(value);
+            return (value.len() <= MAX_SESSION_VALUE_LEN).then_some(Cow::Borrowed(value));
         }
         let count = chunks
             .iter()
@@ -172,14 +184,9 @@ impl CookieSettings {
         if total > MAX_SESSION_VALUE_LEN {
             return None;
         }
-        let mut out = String::with_capacity(total);
-        for chunk in present {
-            if !is_cookie_value(chunk) {
-                return None;
-            }
-            out.push_str(std::str::from_utf8(chunk).ok()?);
-        }
-        Some(out)
+        Some(Cow::Owned(
+            present.copied().collect::<Vec<&[u8]>>().concat(),
+        ))
     }
 
     /// `custodia_login_<id>` (`__Host-` prefixed when secure), where `id` is the first 16
@@ -282,7 +289,7 @@ pub fn read_cookie<'a>(
             return if value.is_empty() {
                 None
             } else {
-                owned_value(value)
+                cookie_text(value).map(str::to_owned)
             };
         }
     }
@@ -422,11 +429,13 @@ const COOKIE_OCTETS: [bool; 256] = {
     table
 };
 
-fn owned_value(value: &[u8]) -> Option<String> {
+/// A cookie value (e.g. one found by [`CookieSettings::find_session`]) as text, if it is all
+/// cookie octets (RFC 6265) and at most [`MAX_SESSION_VALUE_LEN`] bytes; `None` otherwise.
+pub fn cookie_text(value: &[u8]) -> Option<&str> {
     if value.len() > MAX_SESSION_VALUE_LEN || !is_cookie_value(value) {
         return None;
     }
-    std::str::from_utf8(value).ok().map(str::to_owned)
+    std::str::from_utf8(value).ok()
 }
 
 #[cfg(test)]

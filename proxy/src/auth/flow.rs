@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::HeaderValue;
 use openidconnect::url::form_urlencoded;
 
-use super::cookies::CookieSettings;
+use super::cookies::{cookie_text, CookieSettings};
 use super::keys::SecretKeys;
 use super::login_state::{open_login_state, seal_login_state, LoginState, LOGIN_STATE_TTL};
 use super::logout_hint::{open_logout_hint, seal_logout_hint};
@@ -179,12 +179,17 @@ pub fn check_session<'a>(
     now: u64,
 ) -> Result<Verified, SessionError> {
     let m = metrics::auth();
-    let result = match auth.cookies.read_session(cookie_headers) {
+    let result = match auth.cookies.find_session(cookie_headers) {
         None => Err(SessionError::Absent),
-        Some(sealed) => auth.sessions.verify(
-            &sealed,
+        // The memo first: a value it knows passed the octet check below when it was stored.
+        Some(found) => auth.sessions.verify(
+            &found,
             now,
-            || open_session(&auth.keys, &sealed, now),
+            || match cookie_text(&found) {
+                Some(sealed) => open_session(&auth.keys, sealed, now),
+                // Not cookie octets: as if there were no session cookie.
+                None => Err(SessionError::Absent),
+            },
             |session, now| sign_assertion(auth.settings.assertion_key.0.as_bytes(), session, now),
         ),
     };

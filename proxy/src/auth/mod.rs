@@ -29,7 +29,7 @@ pub mod session;
 pub mod session_cache;
 pub mod trusted;
 
-pub use cookies::{read_cookie, strip_custodia_cookies, CookieError, CookieSettings};
+pub use cookies::{cookie_text, read_cookie, strip_custodia_cookies, CookieError, CookieSettings};
 pub use identity_headers::{remove_custodia_cookies, strip_client_identity, STRIPPED_HEADERS};
 pub use keys::{KeyError, SecretKeys};
 pub use login_state::{

@@ -29,6 +29,9 @@ use super::session::{Session, SessionError};
 /// few hundred KiB per thread (a sealed cookie, a session and an assertion each).
 pub const SLOTS: usize = 256;
 
+/// Bytes of a sealed value that choose its slot (see [`Memo::slot_of`]).
+const HASHED_TAIL: usize = 32;
+
 /// A signed-in request, verified: whose it is, and the assertion that tells the workers.
 #[derive(Clone, Debug)]
 pub struct Verified {
@@ -54,7 +57,7 @@ static GENERATIONS: AtomicU64 = AtomicU64::new(1);
 
 struct Entry {
     generation: u64,
-    sealed: Box<str>,
+    sealed: Box<[u8]>,
     session: Arc<Session>,
     /// The second `assertion` was signed for.
     signed_for: u64,
@@ -85,7 +88,7 @@ impl SessionCache {
     /// a given second. Each is called only when the memo cannot answer.
     pub fn verify(
         &self,
-        sealed: &str,
+        sealed: &[u8],
         now: u64,
         open: impl FnOnce() -> Result<Session, SessionError>,
         sign: impl Fn(&Session, u64) -> HeaderValue,
@@ -140,8 +143,7 @@ impl SessionCache {
 /// Equal, without an early exit: how long a mismatch takes must not tell a client how much of
 /// another client's cookie it guessed. (`subtle`'s byte-at-a-time compare costs ~0.5 µs over a
 /// sealed cookie; this OR-fold vectorises.)
-fn same_bytes(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
@@ -150,8 +152,12 @@ fn same_bytes(a: &str, b: &str) -> bool {
 }
 
 impl Memo {
-    fn slot_of(&self, sealed: &str) -> usize {
-        (self.hasher.hash_one(sealed) % SLOTS as u64) as usize
+    /// The slot of a sealed value: by its last [`HASHED_TAIL`] bytes, the end of the
+    /// ciphertext and the AEAD tag, as random as the whole and a tenth of the work to hash
+    /// (the full comparison decides).
+    fn slot_of(&self, sealed: &[u8]) -> usize {
+        let tail = &sealed[sealed.len().saturating_sub(HASHED_TAIL)..];
+        (self.hasher.hash_one(tail) % SLOTS as u64) as usize
     }
 }
 
@@ -191,17 +197,17 @@ mod tests {
             Ok(session("alice"))
         };
         let first = cache
-            .verify("sealed-alice", NOW, open, sign_counting(&signed))
+            .verify(b"sealed-alice", NOW, open, sign_counting(&signed))
             .unwrap();
         let again = cache
-            .verify("sealed-alice", NOW, open, sign_counting(&signed))
+            .verify(b"sealed-alice", NOW, open, sign_counting(&signed))
             .unwrap();
         assert_eq!((opened.get(), signed.get()), (1, 1));
         assert_eq!(*again.session, *first.session);
         assert_eq!(again.assertion, "alice@1800000000");
 
         let next_second = cache
-            .verify("sealed-alice", NOW + 1, open, sign_counting(&signed))
+            .verify(b"sealed-alice", NOW + 1, open, sign_counting(&signed))
             .unwrap();
         assert_eq!((opened.get(), signed.get()), (1, 2));
         assert_eq!(next_second.assertion, "alice@1800000001");
@@ -217,15 +223,15 @@ mod tests {
             Ok(session("bob"))
         };
         assert!(cache
-            .verify("sealed-bob", NOW, open, sign_counting(&signed))
+            .verify(b"sealed-bob", NOW, open, sign_counting(&signed))
             .is_ok());
         let exp = session("bob").exp;
         assert!(cache
-            .verify("sealed-bob", exp - 1, open, sign_counting(&signed))
+            .verify(b"sealed-bob", exp - 1, open, sign_counting(&signed))
             .is_ok());
         assert_eq!(
             cache
-                .verify("sealed-bob", exp, open, sign_counting(&signed))
+                .verify(b"sealed-bob", exp, open, sign_counting(&signed))
                 .unwrap_err(),
             SessionError::Expired
         );
@@ -242,11 +248,11 @@ mod tests {
             Ok(session("carol"))
         };
         assert!(old
-            .verify("sealed-carol", NOW, open_ok, sign_counting(&signed))
+            .verify(b"sealed-carol", NOW, open_ok, sign_counting(&signed))
             .is_ok());
         // Under the new generation's keys the same bytes no longer open.
         let refused = new.verify(
-            "sealed-carol",
+            b"sealed-carol",
             NOW,
             || Err(SessionError::Invalid),
             sign_counting(&signed),
@@ -262,7 +268,7 @@ mod tests {
         let tries = Cell::new(0);
         for _ in 0..3 {
             let refused = cache.verify(
-                "tampered",
+                b"tampered",
                 NOW,
                 || {
                     tries.set(tries.get() + 1);
@@ -277,14 +283,15 @@ mod tests {
 
     #[test]
     fn cookies_match_only_byte_for_byte() {
-        let sealed = "v1.AbCdEfGhIjKlMnOpQrStUvWxYz0123456789-_";
-        let copy = String::from(sealed);
-        assert!(same_bytes(sealed, copy.as_str()));
-        let last_differs = format!("{}A", &sealed[..sealed.len() - 1]);
+        let sealed: &[u8] = b"v1.AbCdEfGhIjKlMnOpQrStUvWxYz0123456789-_";
+        let copy = sealed.to_vec();
+        assert!(same_bytes(sealed, &copy));
+        let mut last_differs = sealed.to_vec();
+        *last_differs.last_mut().unwrap() = b'A';
         assert!(!same_bytes(sealed, &last_differs));
         assert!(!same_bytes(sealed, &sealed[..sealed.len() - 1]));
-        assert!(!same_bytes(sealed, &format!("{sealed}_")));
-        assert!(!same_bytes(sealed, ""));
+        assert!(!same_bytes(sealed, &[sealed, b"_"].concat()));
+        assert!(!same_bytes(sealed, b""));
     }
 
     #[test]
@@ -297,7 +304,7 @@ mod tests {
                 let sub = format!("user{i}");
                 let verified = cache
                     .verify(
-                        &format!("sealed-{i}"),
+                        format!("sealed-{i}").as_bytes(),
                         NOW,
                         || Ok(session(&sub)),
                         sign_counting(&signed),
