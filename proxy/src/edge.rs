@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use pingora_core::modules::http::HttpModules;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::{Error, ErrorSource, ErrorType, Result};
@@ -537,18 +537,18 @@ pub(crate) fn rewrite_upstream_request(
     };
     // Only trusted proxies (the ngrok agent) may tell us the scheme and the real client.
     let received = upstream_request.headers();
-    let header = |name: &str| received.get(name).and_then(|v| v.to_str().ok());
+    let header = |name: &HeaderName| received.get(name).and_then(|v| v.to_str().ok());
     let (client_ip, proto, forwarded_host) = match peer_ip {
         Some(peer) => (
             Some(
                 auth.trusted
-                    .client_ip(peer, header(headers::X_FORWARDED_FOR)),
+                    .client_ip(peer, header(&headers::X_FORWARDED_FOR_NAME)),
             ),
             auth.trusted
-                .forwarded_proto(peer, header(headers::X_FORWARDED_PROTO))
+                .forwarded_proto(peer, header(&headers::X_FORWARDED_PROTO_NAME))
                 .unwrap_or("http"),
             auth.trusted
-                .forwarded_host(peer, header(headers::X_FORWARDED_HOST))
+                .forwarded_host(peer, header(&headers::X_FORWARDED_HOST_NAME))
                 // Text of a received header value: valid as one.
                 .and_then(|host| HeaderValue::try_from(host).ok()),
         ),

@@ -17,7 +17,7 @@ pub const X_FORWARDED_HOST: &str = "x-forwarded-host";
 
 /// The client's id if it is a sane token (1–64 of `[A-Za-z0-9._-]`), else a fresh random one.
 pub fn request_id(req: &RequestHeader) -> HeaderValue {
-    if let Some(given) = req.headers.get(X_REQUEST_ID) {
+    if let Some(given) = req.headers.get(&X_REQUEST_ID_NAME) {
         let bytes = given.as_bytes();
         let valid = (1..=64).contains(&bytes.len())
             && bytes
@@ -42,7 +42,8 @@ fn generate_request_id() -> HeaderValue {
     HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
-/// Names of the headers the edge sets (lower case, as `http` keeps them).
+/// Names of the headers the edge sets and reads (lower case, as `http` keeps them); looking a
+/// header up by one of these skips parsing the name each time.
 pub const X_REAL_IP_NAME: HeaderName = HeaderName::from_static(X_REAL_IP);
 pub const X_FORWARDED_FOR_NAME: HeaderName = HeaderName::from_static(X_FORWARDED_FOR);
 pub const X_FORWARDED_PROTO_NAME: HeaderName = HeaderName::from_static(X_FORWARDED_PROTO);
@@ -63,7 +64,7 @@ pub fn set_forwarding(
     request_id: &HeaderValue,
 ) -> pingora_core::Result<()> {
     // Read before any edit (see `UpstreamHead`).
-    let prior = upstream.headers().get(X_FORWARDED_FOR).cloned();
+    let prior = upstream.headers().get(&X_FORWARDED_FOR_NAME).cloned();
     let peer = peer_ip.map(ip_value);
     if let Some(client) = client_ip {
         // Usually the peer itself.
