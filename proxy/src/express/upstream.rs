@@ -32,7 +32,9 @@ struct Idle {
 
 #[derive(Default)]
 struct Pool {
-    idle: HashMap<SocketAddr, Vec<Idle>>,
+    /// Keyed by the configured backends' addresses, never a client's: foldhash (~0.2k
+    /// instructions less per `take` and `put` than SipHash).
+    idle: HashMap<SocketAddr, Vec<Idle>, foldhash::fast::RandomState>,
     /// A sweeper task runs on this thread.
     sweeping: bool,
 }
