@@ -9,7 +9,7 @@ mod support;
 use std::io::Read;
 use std::time::Duration;
 
-use support::custodia::{client, upstream_section, Proxy};
+use support::custodia::{client, upstream_section, Proxy, Worker};
 use support::echo::{RecordingServer, ScriptedServer};
 use support::process::{eventually, eventually_async};
 use support::raw_tcp;
@@ -302,6 +302,29 @@ async fn chunked_and_unframed_answers_are_relayed_whole_on_a_connection_that_sta
     assert!(head_answer
         .to_ascii_lowercase()
         .contains("connection: close"));
+}
+
+/// A pipelined request whose head arrives in two pieces, the first with the request before
+/// it, the second while the first is still at the worker: the piece that came early is not
+/// lost when the rest comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_head_split_across_reads_is_put_together() {
+    let worker = Worker::start_slow("slow", 300);
+    let proxy = Proxy::start(&upstream_section("least_conn", &[(worker.addr, 1)]));
+    let mut stream = raw_tcp::connect(proxy.addr, None);
+    std::io::Write::write_all(
+        &mut stream,
+        b"GET /api/hello HTTP/1.1\r\nHost: a\r\n\r\nGET /api/hello?second HTTP/1.1\r\nHo",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    std::io::Write::write_all(&mut stream, b"st: a\r\nConnection: close\r\n\r\n").unwrap();
+    let all = read_for(&mut stream, Duration::from_secs(5));
+    assert_eq!(
+        all.matches("HTTP/1.1 200 OK\r\n").count(),
+        2,
+        "two answers: {all}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

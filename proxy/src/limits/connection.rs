@@ -17,7 +17,6 @@
 
 use std::fmt;
 use std::io;
-use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -25,7 +24,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream, ServerApp};
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::raw_connect::ProxyDigest;
@@ -192,7 +191,13 @@ enum NextRequest {
 }
 
 /// Wait for the first bytes of the next request on a keep-alive connection until `closes_at`,
-/// or for [`PARK_AFTER`] when there is more time than that left.
+/// or for [`PARK_AFTER`] when there is more time than that left, and read them into the
+/// stream's read-ahead for the parser.
+///
+/// One read through tokio, as nginx reads: tokio forgets a socket's readiness after a short
+/// read, so the wait costs no system call and the read that ends it takes the whole head
+/// (a 1-byte peek, then the parser's read, were two, and a non-blocking read before the
+/// wait a third when the client had not spoken yet, as it mostly has not under load).
 async fn next_request_arrives(
     stream: Stream,
     closes_at: tokio::time::Instant,
@@ -201,85 +206,49 @@ async fn next_request_arrives(
     if *shutdown.borrow() {
         return NextRequest::Close;
     }
-    // A busy client's next request is usually in already: no wait, and no second read for it.
-    let mut stream = match read_ahead(stream) {
-        ReadAhead::Request(stream) => return NextRequest::Arrived(stream),
-        ReadAhead::Closed => return NextRequest::Close,
-        ReadAhead::Nothing(stream) => stream,
+    if !stream.as_any().is::<ClientStream>() {
+        // Every stream the gate serves is a ClientStream; were one not, the parser waits.
+        return NextRequest::Arrived(stream);
+    }
+    let Ok(mut client) = stream.into_any().downcast::<ClientStream>() else {
+        return NextRequest::Close;
     };
+    if !client.read_ahead.is_empty() {
+        // Pipelined: the next request has begun already.
+        return NextRequest::Arrived(client);
+    }
     let park_at = tokio::time::Instant::now() + PARK_AFTER;
     let wait_until = park_at.min(closes_at);
     let mut shutdown = shutdown.clone();
-    let mut first = [0u8; 1];
-    let arrived = tokio::select! {
+    let mut head = BytesMut::with_capacity(READ_AHEAD);
+    let waited = tokio::select! {
         biased;
-        // `Ok(false)`: the stream cannot peek; the parser will wait instead.
-        peeked = stream.try_peek(&mut first) => peeked.is_ok(),
-        _ = tokio::time::sleep_until(wait_until) => false,
-        _ = shutdown.changed() => return NextRequest::Close,
+        read = client.read_buf(&mut head) => Waited::Read(read.is_ok_and(|n| n > 0)),
+        _ = tokio::time::sleep_until(wait_until) => Waited::Idle,
+        _ = shutdown.changed() => Waited::Read(false),
     };
-    if arrived {
-        NextRequest::Arrived(stream)
-    } else if park_at < closes_at {
-        NextRequest::Park(stream)
-    } else {
-        NextRequest::Close
+    match waited {
+        Waited::Read(true) => {
+            client.read_ahead = head.freeze();
+            NextRequest::Arrived(client)
+        }
+        // Closed, failed, or the server is shutting down.
+        Waited::Read(false) => NextRequest::Close,
+        Waited::Idle if park_at < closes_at => NextRequest::Park(client),
+        Waited::Idle => NextRequest::Close,
     }
+}
+
+/// How [`next_request_arrives`]'s wait ended.
+enum Waited {
+    /// A read ended it: `true` when it brought bytes.
+    Read(bool),
+    /// Nothing came before the wait's end.
+    Idle,
 }
 
 /// The most a keep-alive wait reads ahead: Pingora's initial request-head buffer.
 pub(super) const READ_AHEAD: usize = 4096;
-
-/// What one non-blocking read found between two requests.
-enum ReadAhead {
-    /// The next request's first bytes, handed to the stream for the parser to read.
-    Request(Stream),
-    /// Nothing yet, or nothing this can tell (an error, not our stream): wait the slow way.
-    Nothing(Stream),
-    /// The client closed the connection.
-    Closed,
-}
-
-/// Read what the client has already sent, without waiting, into the stream's read-ahead: the
-/// parser then takes it from there instead of asking the socket again (one system call per
-/// request instead of a peek and a read).
-///
-/// The read goes straight to the socket, past tokio: tokio may still believe the socket
-/// readable, and its next read then finds it empty (`EWOULDBLOCK`) and waits, as it must.
-fn read_ahead(stream: Stream) -> ReadAhead {
-    if !stream.as_any().is::<ClientStream>() {
-        return ReadAhead::Nothing(stream);
-    }
-    // Not cleared: only the bytes `recv` writes are read back (4 KiB of stores saved per request).
-    let mut buf = MaybeUninit::<[u8; READ_AHEAD]>::uninit();
-    // SAFETY: `recv` writes at most `READ_AHEAD` bytes into `buf`, which outlives the call; a
-    // bad or foreign fd makes it fail (EBADF/ENOTSOCK), it cannot touch other memory.
-    let read = unsafe {
-        libc::recv(
-            stream.id(),
-            buf.as_mut_ptr().cast(),
-            READ_AHEAD,
-            libc::MSG_DONTWAIT,
-        )
-    };
-    let Ok(read) = usize::try_from(read) else {
-        // EWOULDBLOCK (nothing yet) or an error, which the slow path's read will report.
-        return ReadAhead::Nothing(stream);
-    };
-    if read == 0 {
-        return ReadAhead::Closed;
-    }
-    // SAFETY: `recv` initialised the first `read` bytes (`read` ≤ `READ_AHEAD`).
-    let received = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), read) };
-    match stream.into_any().downcast::<ClientStream>() {
-        Ok(mut client) => {
-            client.read_ahead = Bytes::copy_from_slice(received);
-            ReadAhead::Request(client)
-        }
-        // Checked above; were it to happen, the bytes read belong to no stream: close.
-        Err(_) => ReadAhead::Closed,
-    }
-}
 
 /// Answer 503 without forwarding anything. The request is read briefly first so closing does
 /// not reset the connection before the client has our answer.
@@ -341,8 +310,8 @@ pub struct ClientStream {
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Upgraded (e.g. WebSocket): the bytes are no longer requests; no deadlines.
     tunnel: AtomicBool,
-    /// Bytes the keep-alive wait read off the socket ([`read_ahead`]) and not yet handed to
-    /// the parser. Empty (no allocation) the rest of the time.
+    /// Bytes the keep-alive wait read off the socket ([`next_request_arrives`]) and not yet
+    /// handed to the parser. Empty (no allocation) the rest of the time.
     read_ahead: Bytes,
     _slot: ConnectionSlot,
 }
