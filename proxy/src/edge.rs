@@ -539,19 +539,20 @@ pub(crate) fn rewrite_upstream_request(
     let received = upstream_request.headers();
     let header = |name: &HeaderName| received.get(name).and_then(|v| v.to_str().ok());
     let (client_ip, proto, forwarded_host) = match peer_ip {
-        Some(peer) => (
-            Some(
-                auth.trusted
-                    .client_ip(peer, header(&headers::X_FORWARDED_FOR_NAME)),
+        Some(peer) => match auth.trusted.vouch_for(peer) {
+            Some(trusted) => (
+                Some(trusted.client_ip(header(&headers::X_FORWARDED_FOR_NAME))),
+                trusted
+                    .forwarded_proto(header(&headers::X_FORWARDED_PROTO_NAME))
+                    .unwrap_or("http"),
+                trusted
+                    .forwarded_host(header(&headers::X_FORWARDED_HOST_NAME))
+                    // Text of a received header value: valid as one.
+                    .and_then(|host| HeaderValue::try_from(host).ok()),
             ),
-            auth.trusted
-                .forwarded_proto(peer, header(&headers::X_FORWARDED_PROTO_NAME))
-                .unwrap_or("http"),
-            auth.trusted
-                .forwarded_host(peer, header(&headers::X_FORWARDED_HOST_NAME))
-                // Text of a received header value: valid as one.
-                .and_then(|host| HeaderValue::try_from(host).ok()),
-        ),
+            // Nothing an untrusted peer says about the client is believed.
+            None => (Some(peer.to_canonical()), "http", None),
+        },
         None => (None, "http", None),
     };
     // An untrusted client's X-Forwarded-Host must not reach the workers as if we vouched for it.

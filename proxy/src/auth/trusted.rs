@@ -60,9 +60,10 @@ impl TrustedProxies {
 
     pub fn contains(&self, ip: IpAddr) -> bool {
         let canonical = ip.to_canonical();
+        // An IPv4-mapped IPv6 peer matches an IPv4 network as well as a mapped one.
         self.0
             .iter()
-            .any(|net| net.contains(&ip) || net.contains(&canonical))
+            .any(|net| net.contains(&ip) || (canonical != ip && net.contains(&canonical)))
     }
 
     /// The client's address. From an untrusted peer, the peer itself. From a trusted peer, walk
@@ -71,10 +72,45 @@ impl TrustedProxies {
     /// leftmost. An entry that is not an address (`ip`, `ip:port`, `[v6]:port`) stops the walk:
     /// nothing to its left can be believed, so the last address reached is returned.
     pub fn client_ip(&self, peer: IpAddr, x_forwarded_for: Option<&str>) -> IpAddr {
-        let mut client = peer.to_canonical();
-        if !self.contains(peer) {
-            return client;
+        match self.vouch_for(peer) {
+            Some(trusted) => trusted.client_ip(x_forwarded_for),
+            None => peer.to_canonical(),
         }
+    }
+
+    /// `"http"` or `"https"` from `X-Forwarded-Proto`, only from a trusted peer and only when the
+    /// header is exactly one of those (ASCII case-insensitive, surrounding spaces allowed).
+    pub fn forwarded_proto(&self, peer: IpAddr, header: Option<&str>) -> Option<&'static str> {
+        self.vouch_for(peer)?.forwarded_proto(header)
+    }
+
+    /// `X-Forwarded-Host`, only from a trusted peer and only if it is one `host[:port]` (a DNS
+    /// name, an IPv4 address or a bracketed IPv6 address); returned lowercased.
+    pub fn forwarded_host(&self, peer: IpAddr, header: Option<&str>) -> Option<String> {
+        self.vouch_for(peer)?.forwarded_host(header)
+    }
+
+    /// `peer`, if it is a trusted proxy: what it says about the client can then be read with
+    /// one membership check for all of it.
+    pub fn vouch_for(&self, peer: IpAddr) -> Option<TrustedPeer<'_>> {
+        self.contains(peer).then_some(TrustedPeer {
+            proxies: self,
+            peer,
+        })
+    }
+}
+
+/// A peer found in [`TrustedProxies`] ([`TrustedProxies::vouch_for`]).
+#[derive(Debug, Clone, Copy)]
+pub struct TrustedPeer<'a> {
+    proxies: &'a TrustedProxies,
+    peer: IpAddr,
+}
+
+impl TrustedPeer<'_> {
+    /// See [`TrustedProxies::client_ip`].
+    pub fn client_ip(&self, x_forwarded_for: Option<&str>) -> IpAddr {
+        let mut client = self.peer.to_canonical();
         let Some(header) = x_forwarded_for else {
             return client;
         };
@@ -87,19 +123,15 @@ impl TrustedProxies {
                 return client;
             };
             client = ip.to_canonical();
-            if !self.contains(ip) {
+            if !self.proxies.contains(ip) {
                 return client;
             }
         }
         client
     }
 
-    /// `"http"` or `"https"` from `X-Forwarded-Proto`, only from a trusted peer and only when the
-    /// header is exactly one of those (ASCII case-insensitive, surrounding spaces allowed).
-    pub fn forwarded_proto(&self, peer: IpAddr, header: Option<&str>) -> Option<&'static str> {
-        if !self.contains(peer) {
-            return None;
-        }
+    /// See [`TrustedProxies::forwarded_proto`].
+    pub fn forwarded_proto(&self, header: Option<&str>) -> Option<&'static str> {
         let value = header?.trim();
         if value.eq_ignore_ascii_case("https") {
             Some("https")
@@ -110,12 +142,8 @@ impl TrustedProxies {
         }
     }
 
-    /// `X-Forwarded-Host`, only from a trusted peer and only if it is one `host[:port]` (a DNS
-    /// name, an IPv4 address or a bracketed IPv6 address); returned lowercased.
-    pub fn forwarded_host(&self, peer: IpAddr, header: Option<&str>) -> Option<String> {
-        if !self.contains(peer) {
-            return None;
-        }
+    /// See [`TrustedProxies::forwarded_host`].
+    pub fn forwarded_host(&self, header: Option<&str>) -> Option<String> {
         let value = header?.trim();
         is_host_and_port(value).then(|| value.to_ascii_lowercase())
     }
