@@ -513,7 +513,7 @@ pub(crate) fn gate_request(
         .iter()
         .map(|v| v.as_bytes());
     let target = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let wants_html = !pages::wants_json(req) && accepts_html(req);
+    let wants_html = || !pages::wants_json(req) && accepts_html(req);
     flow::gate(auth, policy, cookies, target, wants_html, now)
 }
 

@@ -220,13 +220,15 @@ pub fn sign_assertion(assertion_key: &[u8], session: &Session, now: u64) -> Head
     }
 }
 
-/// The per-request decision for a normalised path under its route policy.
+/// The per-request decision for a normalised path under its route policy. `wants_html` (a
+/// browser, to be sent to the login page, rather than an API client, to get a 401) is asked
+/// only when a required session is missing: a signed-in request never looks at `Accept`.
 pub fn gate<'a>(
     auth: &AuthRuntime,
     policy: Policy,
     cookie_headers: impl Iterator<Item = &'a [u8]>,
     original_target: &str,
-    wants_html: bool,
+    wants_html: impl FnOnce() -> bool,
     now: u64,
 ) -> Gate {
     if policy == Policy::Public {
@@ -235,7 +237,7 @@ pub fn gate<'a>(
     match check_session(auth, cookie_headers, now) {
         Ok(session) => Gate::Forward(Some(session)),
         Err(_) if policy == Policy::Optional => Gate::Forward(None),
-        Err(_) if wants_html => {
+        Err(_) if wants_html() => {
             let rd = safe_return_target(original_target).unwrap_or_else(|| "/".into());
             let query: String = form_urlencoded::Serializer::new(String::new())
                 .append_pair("rd", &rd)
@@ -606,7 +608,7 @@ mod tests {
             Policy::Required,
             no_cookies(),
             "/api/me?x=1",
-            true,
+            || true,
             1,
         ) {
             Gate::Respond(r) => {
@@ -618,16 +620,23 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        match gate(&auth, Policy::Required, no_cookies(), "/api/me", false, 1) {
+        match gate(
+            &auth,
+            Policy::Required,
+            no_cookies(),
+            "/api/me",
+            || false,
+            1,
+        ) {
             Gate::Respond(r) => assert_eq!(r.status, 401),
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            gate(&auth, Policy::Optional, no_cookies(), "/", true, 1),
+            gate(&auth, Policy::Optional, no_cookies(), "/", || true, 1),
             Gate::Forward(None)
         ));
         assert!(matches!(
-            gate(&auth, Policy::Public, no_cookies(), "/", true, 1),
+            gate(&auth, Policy::Public, no_cookies(), "/", || true, 1),
             Gate::Forward(None)
         ));
 
@@ -641,7 +650,7 @@ mod tests {
         };
         let cookie = format!("custodia_session={}", seal_session(&auth.keys, &session));
         let cookies = || std::iter::once(cookie.as_bytes());
-        match gate(&auth, Policy::Required, cookies(), "/api/me", false, 50) {
+        match gate(&auth, Policy::Required, cookies(), "/api/me", || false, 50) {
             Gate::Forward(Some(verified)) => {
                 assert_eq!(verified.session.sub, "u1");
                 let vouched = custodia_identity::verify_assertion(
@@ -656,7 +665,7 @@ mod tests {
         }
         assert!(
             matches!(
-                gate(&auth, Policy::Required, cookies(), "/api/me", false, 100),
+                gate(&auth, Policy::Required, cookies(), "/api/me", || false, 100),
                 Gate::Respond(_)
             ),
             "expired"
