@@ -103,15 +103,12 @@ fn ip_value(ip: IpAddr) -> HeaderValue {
         _ => None,
     });
     recalled.unwrap_or_else(|| {
-        let value = ip_value_of(&ip.to_string());
+        // An address's text form (digits, hex, `.` and `:`) is always a valid value.
+        let value =
+            HeaderValue::from_str(&ip.to_string()).unwrap_or_else(|_| HeaderValue::from_static(""));
         LAST_IP.with(|last| *last.borrow_mut() = Some((ip, value.clone())));
         value
     })
-}
-
-/// An address's text form as a header value (always valid: digits, hex, `.` and `:`).
-fn ip_value_of(text: &str) -> HeaderValue {
-    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 pub const X_FORWARDED_USER: &str = "x-forwarded-user";

@@ -184,9 +184,11 @@ impl CookieSettings {
         if total > MAX_SESSION_VALUE_LEN {
             return None;
         }
-        Some(Cow::Owned(
-            present.copied().collect::<Vec<&[u8]>>().concat(),
-        ))
+        let mut joined = Vec::with_capacity(total);
+        for chunk in present {
+            joined.extend_from_slice(chunk);
+        }
+        Some(Cow::Owned(joined))
     }
 
     /// `custodia_login_<id>` (`__Host-` prefixed when secure), where `id` is the first 16

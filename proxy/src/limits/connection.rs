@@ -223,17 +223,19 @@ async fn next_request_arrives(
     let mut head = BytesMut::with_capacity(READ_AHEAD);
     let waited = tokio::select! {
         biased;
-        read = client.read_buf(&mut head) => Waited::Read(read.is_ok_and(|n| n > 0)),
+        read = client.read_buf(&mut head) => match read {
+            Ok(n) if n > 0 => Waited::Bytes,
+            _ => Waited::Closed,
+        },
         _ = tokio::time::sleep_until(wait_until) => Waited::Idle,
-        _ = shutdown.changed() => Waited::Read(false),
+        _ = shutdown.changed() => Waited::Closed,
     };
     match waited {
-        Waited::Read(true) => {
+        Waited::Bytes => {
             client.read_ahead = head.freeze();
             NextRequest::Arrived(client)
         }
-        // Closed, failed, or the server is shutting down.
-        Waited::Read(false) => NextRequest::Close,
+        Waited::Closed => NextRequest::Close,
         Waited::Idle if park_at < closes_at => NextRequest::Park(client),
         Waited::Idle => NextRequest::Close,
     }
@@ -241,8 +243,10 @@ async fn next_request_arrives(
 
 /// How [`next_request_arrives`]'s wait ended.
 enum Waited {
-    /// A read ended it: `true` when it brought bytes.
-    Read(bool),
+    /// The next request's first bytes came.
+    Bytes,
+    /// The client closed or failed, or the server is shutting down.
+    Closed,
     /// Nothing came before the wait's end.
     Idle,
 }
