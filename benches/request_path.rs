@@ -311,7 +311,7 @@ fn least_time_pick(c: &mut Criterion) {
         let pool = pool_balanced(&registry, n, Balance::LeastTime);
         for (i, member) in pool.members().iter().enumerate() {
             let time = std::time::Duration::from_micros(500 + 10 * i as u64);
-            member.slot.observe_latency(time);
+            member.slot.observe_latency(time, std::time::Instant::now());
         }
         group.bench_with_input(BenchmarkId::from_parameter(n), &pool, |b, pool| {
             b.iter(|| pool.pick(&[]).map(|lease| lease.slot().addr))

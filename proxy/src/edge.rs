@@ -349,9 +349,12 @@ impl ProxyHttp for Edge {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
+        let arrived = Instant::now();
+        ctx.upstream_elapsed = ctx
+            .upstream_started
+            .map(|t| arrived.saturating_duration_since(t));
         if let (Some(elapsed), Some(lease)) = (ctx.upstream_elapsed, ctx.lease.as_ref()) {
-            lease.slot().observe_latency(elapsed);
+            lease.slot().observe_latency(elapsed, arrived);
         }
         if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
             // A tunnel from now on: the client deadline no longer applies.
@@ -427,6 +430,7 @@ impl ProxyHttp for Edge {
             runtime: &ctx.runtime,
             req: session.req_header(),
             started: ctx.started,
+            ended: Instant::now(),
             status,
             policy: ctx.policy,
             bytes_in: session.as_ref().body_bytes_read() as u64,
@@ -574,6 +578,8 @@ pub(crate) struct Finished<'a> {
     pub req: &'a RequestHeader,
     /// When the request's headers had been read.
     pub started: Instant,
+    /// When the answer had gone out (or failed to).
+    pub ended: Instant,
     /// 0: no response was sent.
     pub status: u16,
     pub policy: PolicyClass,
@@ -590,7 +596,7 @@ pub(crate) struct Finished<'a> {
 
 /// Count a finished request in the metrics and write its access-log line.
 pub(crate) fn record(f: &Finished<'_>) {
-    let total = f.started.elapsed();
+    let total = f.ended.saturating_duration_since(f.started);
     let m = metrics::requests();
     m.requests(f.policy, metrics::method_index(&f.req.method), f.status)
         .inc();

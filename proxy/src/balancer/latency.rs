@@ -31,9 +31,14 @@ pub struct LatencyEstimate {
 
 /// Nanoseconds since the first call in this process: a clock that fits in an atomic.
 pub fn now() -> u64 {
+    nanos_at(Instant::now())
+}
+
+/// `instant` on [`now`]'s clock, for a caller that read the clock already.
+pub fn nanos_at(instant: Instant) -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let elapsed = EPOCH.get_or_init(Instant::now).elapsed();
-    u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX - 1)
+    let epoch = *EPOCH.get_or_init(|| instant);
+    u64::try_from(instant.saturating_duration_since(epoch).as_nanos()).unwrap_or(u64::MAX - 1)
 }
 
 impl Default for LatencyEstimate {

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::latency::{self, LatencyEstimate};
 
@@ -70,9 +70,9 @@ impl BackendSlot {
         self.response_seconds.observe(elapsed.as_secs_f64());
     }
 
-    /// The backend's response headers arrived `elapsed` after it was chosen.
-    pub fn observe_latency(&self, elapsed: Duration) {
-        self.latency.observe(elapsed, latency::now());
+    /// The backend's response headers arrived `elapsed` after it was chosen, at `arrived`.
+    pub fn observe_latency(&self, elapsed: Duration, arrived: Instant) {
+        self.latency.observe(elapsed, latency::nanos_at(arrived));
     }
 
     /// An attempt on the backend failed `elapsed` after it was chosen.

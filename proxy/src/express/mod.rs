@@ -64,8 +64,8 @@ const BODY_READ: usize = 16 * 1024;
 
 /// How a request on the fast path ended.
 pub enum Outcome {
-    /// Answered; the connection waits for the next request.
-    KeepAlive(Stream),
+    /// Answered at the instant given; the connection waits for the next request from then.
+    KeepAlive(Stream, Instant),
     /// Answered, or failed: the connection is done.
     Close,
     /// Not a request for the fast path: Pingora serves it, from the bytes the stream holds.
@@ -133,7 +133,7 @@ pub async fn serve(runtime: &SharedRuntime, stream: Stream, shutdown: &ShutdownW
             return Outcome::Decline(client);
         }
     };
-    exchange.record();
+    let ended = exchange.record();
     if !(answered && exchange.keepalive) {
         if answered {
             let _ = client.shutdown().await;
@@ -145,7 +145,7 @@ pub async fn serve(runtime: &SharedRuntime, stream: Stream, shutdown: &ShutdownW
     if !rest.is_empty() {
         client.put_back(rest);
     }
-    Outcome::KeepAlive(client)
+    Outcome::KeepAlive(client, ended)
 }
 
 /// Why no plain request was read.
@@ -245,6 +245,8 @@ struct Answer {
     head: response::Head,
     /// What was read after the head.
     body_start: BytesMut,
+    /// When the head was complete.
+    arrived: Instant,
 }
 
 /// Why an attempt on a worker failed.
@@ -327,11 +329,13 @@ impl Exchange {
                 keepalive: self.keepalive,
                 request_id: &self.request_id,
             };
-            let (e, connect_failed) = match attempt(slot.addr, &wire, settings, client_side).await {
+            let (e, connect_failed) = match attempt(slot.addr, &wire, settings, client_side, chosen)
+                .await
+            {
                 Ok(answer) => {
-                    let elapsed = chosen.elapsed();
+                    let elapsed = answer.arrived.saturating_duration_since(chosen);
                     self.upstream_elapsed = Some(elapsed);
-                    slot.observe_latency(elapsed);
+                    slot.observe_latency(elapsed, answer.arrived);
                     return self.relay(client, answer, &slot, settings).await;
                 }
                 Err(Failed::Connect(e)) => {
@@ -388,6 +392,7 @@ impl Exchange {
             mut conn,
             head,
             body_start,
+            arrived,
         } = answer;
         self.status = head.status;
         let mut out = head.client_head;
@@ -411,7 +416,9 @@ impl Exchange {
                     lease.release();
                 }
                 if reusable {
-                    upstream::put(slot.addr, conn, settings.idle_timeout);
+                    // Idle since its answer's head, or a little later for a longer body: the
+                    // sooner expiry is the safe side of the worker's own keep-alive timeout.
+                    upstream::put(slot.addr, conn, arrived + settings.idle_timeout);
                 }
                 return write_out(client, &out).await.is_ok();
             }
@@ -530,12 +537,14 @@ impl Exchange {
         write_out(client, &out).await.is_ok()
     }
 
-    /// Metrics and the access-log line (the edge's `logging`).
-    fn record(&mut self) {
+    /// Metrics and the access-log line (the edge's `logging`); when the request ended.
+    fn record(&mut self) -> Instant {
+        let ended = Instant::now();
         edge::record(&Finished {
             runtime: &self.runtime,
             req: &self.req,
             started: self.started,
+            ended,
             status: self.status,
             policy: self.policy,
             bytes_in: 0,
@@ -548,6 +557,7 @@ impl Exchange {
             identity: self.identity.as_ref(),
         });
         self.lease = None;
+        ended
     }
 }
 
@@ -564,30 +574,35 @@ async fn write_out(client: &mut ClientStream, bytes: &[u8]) -> io::Result<()> {
 }
 
 /// Send the request to `addr` and read the answer's head: on a pooled connection when there is
-/// one, and on a new one when the pooled one turns out closed before answering.
+/// one, and on a new one when the pooled one turns out closed before answering. `chosen` is
+/// the clock read when `addr` was chosen, a moment ago.
 async fn attempt(
     addr: SocketAddr,
     wire: &[u8],
     settings: &UpstreamSettings,
     client_side: response::ClientSide<'_>,
+    chosen: Instant,
 ) -> Result<Answer, Failed> {
-    let mut pooled = upstream::take(addr);
+    let mut pooled = upstream::take(addr, chosen);
     loop {
-        let (mut conn, reused) = match pooled.take() {
-            Some(conn) => (conn, true),
+        // A pooled connection is used at once: the choice's clock reading times its exchange.
+        let (mut conn, now) = match pooled.take() {
+            Some(conn) => (conn, Some(chosen)),
             None => (
                 upstream::connect(addr, settings.connect_timeout)
                     .await
                     .map_err(Failed::Connect)?,
-                false,
+                None,
             ),
         };
-        match exchange_head(&mut conn, wire, settings, client_side).await {
-            Ok((head, body_start)) => {
+        let reused = now.is_some();
+        match exchange_head(&mut conn, wire, settings, client_side, now).await {
+            Ok((head, body_start, arrived)) => {
                 return Ok(Answer {
                     conn,
                     head,
                     body_start,
+                    arrived,
                 })
             }
             // The worker closed the idle connection before it got the request: a new one.
@@ -603,21 +618,44 @@ enum HeadError {
     Other(io::Error),
 }
 
+/// Send the request and read the answer's head, and when the head was complete. `now` is a
+/// reading of the clock taken just before, if there is one.
+///
+/// The clock is read only where a timeout has to start from it (~40 ns a reading here): a
+/// head sent whole at once, as a small head on a connection with room always is, starts
+/// `read_timeout` from `now`, as nginx times with the clock it reads once per turn of its
+/// event loop.
 async fn exchange_head(
     conn: &mut TcpStream,
     wire: &[u8],
     settings: &UpstreamSettings,
     client_side: response::ClientSide<'_>,
-) -> Result<(response::Head, BytesMut), HeadError> {
-    match tokio::time::timeout(settings.send_timeout, conn.write_all(wire)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(HeadError::Stale(e)),
-        Err(_) => return Err(HeadError::Other(timed_out("send_timeout"))),
+    now: Option<Instant>,
+) -> Result<(response::Head, BytesMut, Instant), HeadError> {
+    let written = match conn.try_write(wire) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(HeadError::Stale(e)),
+    };
+    let mut sent = now;
+    if written < wire.len() {
+        let rest = &wire[written..];
+        match tokio::time::timeout(settings.send_timeout, conn.write_all(rest)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(HeadError::Stale(e)),
+            Err(_) => return Err(HeadError::Other(timed_out("send_timeout"))),
+        }
+        sent = None;
     }
+    let mut read_from = sent.unwrap_or_else(Instant::now);
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let mut received = false;
     loop {
-        let read = read_with_timeout(conn, &mut buf, settings.read_timeout).await;
+        let deadline = tokio::time::Instant::from_std(read_from + settings.read_timeout);
+        let read = match tokio::time::timeout_at(deadline, conn.read_buf(&mut buf)).await {
+            Ok(read) => read,
+            Err(_) => Err(timed_out("read_timeout")),
+        };
         match read {
             Ok(0) if !received => {
                 return Err(HeadError::Stale(io::Error::new(
@@ -641,7 +679,7 @@ async fn exchange_head(
             match response::parse(&buf, client_side) {
                 Ok(response::Parsed::Head(head)) => {
                     buf.advance(head.len);
-                    return Ok((head, buf));
+                    return Ok((head, buf, Instant::now()));
                 }
                 Ok(response::Parsed::Informational(len)) => buf.advance(len),
                 Ok(response::Parsed::Partial) if buf.len() > MAX_RESPONSE_HEAD => {
@@ -654,6 +692,8 @@ async fn exchange_head(
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(8 * 1024);
         }
+        // The head is not complete: `read_timeout` runs between two reads, as nginx's.
+        read_from = Instant::now();
     }
 }
 

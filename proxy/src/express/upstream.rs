@@ -53,13 +53,13 @@ thread_local! {
     static POOL: RefCell<Pool> = RefCell::new(Pool::default());
 }
 
-/// The most recently used idle connection to `addr`, unless it expired.
-pub fn take(addr: SocketAddr) -> Option<TcpStream> {
+/// The most recently used idle connection to `addr`, unless it expired by `now`.
+pub fn take(addr: SocketAddr, now: Instant) -> Option<TcpStream> {
     POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
         let list = pool.idle.get_mut(&addr)?;
         let idle = list.pop()?;
-        if idle.expires > Instant::now() {
+        if idle.expires > now {
             return Some(idle.stream);
         }
         // The rest are older still.
@@ -68,10 +68,9 @@ pub fn take(addr: SocketAddr) -> Option<TcpStream> {
     })
 }
 
-/// Keep a connection whose last exchange ended cleanly for the next request to `addr`, for
-/// `idle_timeout` at most.
-pub fn put(addr: SocketAddr, stream: TcpStream, idle_timeout: Duration) {
-    let expires = Instant::now() + idle_timeout;
+/// Keep a connection whose last exchange ended cleanly for the next request to `addr`, until
+/// `expires` at most.
+pub fn put(addr: SocketAddr, stream: TcpStream, expires: Instant) {
     let start_sweeper = POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
         let list = pool.idle.entry(addr).or_default();
