@@ -28,7 +28,7 @@
 //! (looking for bare LF); nothing is allocated.
 
 use http::header::{CONTENT_LENGTH, COOKIE, HOST, TRANSFER_ENCODING};
-use http::Version;
+use http::{HeaderValue, Version};
 use pingora_core::{Error, ErrorType};
 use pingora_http::RequestHeader;
 
@@ -69,9 +69,9 @@ pub fn check(
         return refuse(400, Reason::Malformed, "HTTP/0.9 is not supported");
     }
     check_target(req)?;
-    check_headers(req)?;
-    let chunked = check_framing(req, raw_head)?;
-    let declared = match req.headers.get(CONTENT_LENGTH) {
+    let framing = check_headers(req)?;
+    let chunked = check_framing(&framing, raw_head)?;
+    let declared = match framing.content_length {
         // Pingora has already refused lengths that are not numbers or disagree.
         Some(v) => v
             .to_str()
@@ -132,7 +132,8 @@ fn check_target(req: &RequestHeader) -> Result<(), Box<Error>> {
             "only origin-form request targets are accepted",
         );
     }
-    if !target.iter().all(|b| (0x21..=0x7e).contains(b)) || !req.raw_path_is_utf8() {
+    // Visible ASCII is UTF-8 too, as the rest of the proxy reads the path.
+    if !target.iter().all(|b| (0x21..=0x7e).contains(b)) {
         return refuse(
             400,
             Reason::Malformed,
@@ -159,12 +160,34 @@ fn has_encoded_control(path: &[u8]) -> bool {
     })
 }
 
-fn check_headers(req: &RequestHeader) -> Result<(), Box<Error>> {
+/// The headers the guard reads besides sizes, noted in the pass that checks the sizes: three
+/// lookups by name would each hash it.
+#[derive(Default)]
+struct Framing<'a> {
+    /// The first value of each, and how many there are.
+    host: Option<&'a HeaderValue>,
+    hosts: usize,
+    content_length: Option<&'a HeaderValue>,
+    transfer_encoding: Option<&'a HeaderValue>,
+    transfer_encodings: usize,
+}
+
+fn check_headers(req: &RequestHeader) -> Result<Framing<'_>, Box<Error>> {
     if req.headers.len() > MAX_HEADERS {
         return refuse(431, Reason::TooLarge, "too many header fields");
     }
+    let mut framing = Framing::default();
     let mut total = 0;
     for (name, value) in &req.headers {
+        if name == HOST {
+            framing.hosts += 1;
+            framing.host.get_or_insert(value);
+        } else if name == CONTENT_LENGTH {
+            framing.content_length.get_or_insert(value);
+        } else if name == TRANSFER_ENCODING {
+            framing.transfer_encodings += 1;
+            framing.transfer_encoding.get_or_insert(value);
+        }
         let line = name.as_str().len() + value.len();
         let max = if name == COOKIE {
             MAX_COOKIE_LINE
@@ -179,17 +202,16 @@ fn check_headers(req: &RequestHeader) -> Result<(), Box<Error>> {
     if total > MAX_HEAD {
         return refuse(431, Reason::TooLarge, "header section too large");
     }
-    if req.version != Version::HTTP_10 || req.headers.contains_key(HOST) {
-        let mut hosts = req.headers.get_all(HOST).iter();
-        let valid = match (hosts.next(), hosts.next()) {
-            (Some(host), None) => valid_host(host.as_bytes()),
+    if req.version != Version::HTTP_10 || framing.hosts > 0 {
+        let valid = match (framing.host, framing.hosts) {
+            (Some(host), 1) => valid_host(host.as_bytes()),
             _ => false,
         };
         if !valid {
             return refuse(400, Reason::Malformed, "missing or malformed Host");
         }
     }
-    Ok(())
+    Ok(framing)
 }
 
 /// `host`, `host:port`, `[v6]:port`: the characters of a reg-name or IP literal, no userinfo.
@@ -202,17 +224,16 @@ fn valid_host(host: &[u8]) -> bool {
 }
 
 /// Returns whether the body is chunked.
-fn check_framing(req: &RequestHeader, raw_head: Option<&[u8]>) -> Result<bool, Box<Error>> {
+fn check_framing(framing: &Framing<'_>, raw_head: Option<&[u8]>) -> Result<bool, Box<Error>> {
     if let Some(raw) = raw_head {
         if has_bare_lf(raw) {
             return refuse(400, Reason::Malformed, "bare LF in the request head");
         }
     }
-    let mut encodings = req.headers.get_all(TRANSFER_ENCODING).iter();
-    let Some(first) = encodings.next() else {
+    let Some(first) = framing.transfer_encoding else {
         return Ok(false);
     };
-    let plain_chunked = encodings.next().is_none()
+    let plain_chunked = framing.transfer_encodings == 1
         && first
             .to_str()
             .is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
@@ -225,7 +246,7 @@ fn check_framing(req: &RequestHeader, raw_head: Option<&[u8]>) -> Result<bool, B
     }
     // Pingora removes Content-Length when Transfer-Encoding is present; the raw head still
     // shows whether the client sent both, which is how request smuggling starts.
-    let had_length = req.headers.contains_key(CONTENT_LENGTH)
+    let had_length = framing.content_length.is_some()
         || raw_head.is_some_and(|raw| has_header_named(raw, b"content-length"));
     if had_length {
         return refuse(
