@@ -3,7 +3,8 @@
 //! Three `custodia app` workers; in front of them, with the same workers: Custodia with the
 //! session check off, Custodia with it on (`/api/` requires a session, every request carries a
 //! real sealed cookie), the same with `[server] fast_path = false` (every request through
-//! Pingora's proxy), and nginx (`least_conn`, upstream keep-alive, 2 worker processes); plus
+//! Pingora's proxy), and nginx (`least_conn`, upstream keep-alive, 2 worker processes) sent the
+//! requests of either (with and without the cookie, which it passes on to the workers); plus
 //! straight to one worker as the floor; and bare Pingora (what Custodia is built on, with
 //! nothing of ours), the floor of any Pingora proxy. Each is driven at fixed concurrency
 //! (HTTP/1.1 keep-alive) for a warm-up and a measured window, targets interleaved so that noise
@@ -247,6 +248,7 @@ fn throughput(knobs: &Knobs, nginx: Option<&str>, report: &mut Report) {
     preflight(auth_on_pingora.addr, Some(&cookie), true);
     if let Some(n) = &nginx_proxy {
         preflight(n.addr, None, false);
+        preflight(n.addr, Some(&cookie), false);
     }
 
     let targets = [
@@ -283,6 +285,15 @@ fn throughput(knobs: &Knobs, nginx: Option<&str>, report: &mut Report) {
             proxy: nginx_proxy.as_ref(),
             addr: None,
             cookie: None,
+            missing: nginx.is_none().then_some(NGINX_MISSING),
+        },
+        // What a signed-in user's browser sends nginx in the seed's stack: the same requests
+        // as the session-check-on rows, cookie included.
+        Target {
+            name: report::NGINX_COOKIE,
+            proxy: nginx_proxy.as_ref(),
+            addr: None,
+            cookie: Some(cookie.clone()),
             missing: nginx.is_none().then_some(NGINX_MISSING),
         },
         Target {

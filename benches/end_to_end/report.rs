@@ -14,6 +14,8 @@ pub const AUTH_ON: &str = "custodia, session check on";
 /// The same with `[server] fast_path = false`: every request through Pingora's proxy.
 pub const AUTH_ON_PINGORA_PATH: &str = "custodia, session check on, pingora path";
 pub const NGINX: &str = "nginx least_conn";
+/// nginx sent the requests of the session-check-on rows: the same session cookie on each.
+pub const NGINX_COOKIE: &str = "nginx least_conn, with the session cookie";
 pub const PINGORA: &str = "bare pingora round_robin";
 pub const SLOW_LEAST: &str = "custodia least_conn";
 pub const SLOW_LEAST_TIME: &str = "custodia least_time";
@@ -184,13 +186,30 @@ impl Report {
             );
             let _ = writeln!(
                 out,
+                "Each row compares the two proxies on the same requests: with the session check on, \
+                 every request carries the session cookie, and nginx is sent it too (as a \
+                 signed-in user's browser sends it in the seed's stack). The last row per \
+                 concurrency compares those requests with nginx's figures for requests without \
+                 the cookie.\n"
+            );
+            let _ = writeln!(
+                out,
                 "| concurrency | session check | throughput | p99 | CPU per request |"
             );
             let _ = writeln!(out, "|---:|---|---:|---:|---:|");
             for &c in &self.concurrency {
-                let nginx = self.find(NGINX, c);
-                for (label, target) in [("on", AUTH_ON), ("off", AUTH_OFF)] {
-                    ratio_row(&mut out, c, label, self.find(target, c), nginx);
+                for (label, target, nginx) in [
+                    ("on", AUTH_ON, NGINX_COOKIE),
+                    ("off", AUTH_OFF, NGINX),
+                    ("on, against nginx without the cookie", AUTH_ON, NGINX),
+                ] {
+                    ratio_row(
+                        &mut out,
+                        c,
+                        label,
+                        self.find(target, c),
+                        self.find(nginx, c),
+                    );
                 }
             }
             let _ = writeln!(
@@ -340,9 +359,18 @@ impl Report {
             AUTH_ON,
             AUTH_ON_PINGORA_PATH,
             NGINX,
+            NGINX_COOKIE,
             PINGORA,
         ];
-        let colors = [BLACK, BLUE, GREEN, CYAN, RED, MAGENTA];
+        let colors = [
+            BLACK,
+            BLUE,
+            GREEN,
+            CYAN,
+            RED,
+            RGBColor(230, 120, 0),
+            MAGENTA,
+        ];
         let series = |f: &dyn Fn(&Measured) -> f64| -> Vec<Vec<(f64, f64)>> {
             targets
                 .iter()
