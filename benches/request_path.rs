@@ -20,8 +20,8 @@ use criterion::BatchSize;
 use custodia_proxy::auth::flow::sign_assertion;
 use custodia_proxy::auth::{
     cookie_text, open_session, remove_custodia_cookies, seal, seal_session, strip_client_identity,
-    CookieSettings, Policy, Purpose, RouteTable, SecretKeys, Session, SessionCache, SessionError,
-    Verified,
+    CookieSettings, ForwardedIdentity, Policy, Purpose, RouteTable, SecretKeys, Session,
+    SessionCache, SessionError, Verified,
 };
 use custodia_proxy::balancer::{Member, Pool, SlotRegistry};
 use custodia_proxy::config::Balance;
@@ -269,6 +269,7 @@ fn header_rewrite(c: &mut Criterion) {
         .expect("cookie");
     let verified = Verified {
         assertion: sign(&session, 1_900_000_000),
+        forwarded: ForwardedIdentity::of(&session),
         session: std::sync::Arc::new(session),
     };
     group.bench_function(

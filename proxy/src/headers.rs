@@ -4,7 +4,7 @@ use std::cell::RefCell;
 use std::net::IpAddr;
 
 use http::{HeaderName, HeaderValue};
-use pingora_core::{ErrorType, OrErr};
+use pingora_core::{Error, ErrorType};
 use pingora_http::RequestHeader;
 
 use crate::upstream_head::UpstreamHead;
@@ -120,15 +120,15 @@ pub fn set_identity(
     upstream: &mut impl UpstreamHead,
     verified: &crate::auth::Verified,
 ) -> pingora_core::Result<()> {
-    let session = &verified.session;
-    let value = |text: &str| {
-        HeaderValue::from_str(text).explain_err(ErrorType::InvalidHTTPHeader, |_| {
-            "identity header value".to_string()
-        })
+    let Some(forwarded) = &verified.forwarded else {
+        return Error::e_explain(
+            ErrorType::InvalidHTTPHeader,
+            "identity header value: the session's subject or email",
+        );
     };
-    upstream.insert(X_FORWARDED_USER_NAME, value(&session.sub)?)?;
-    if let Some(email) = &session.email {
-        upstream.insert(X_FORWARDED_EMAIL_NAME, value(email)?)?;
+    upstream.insert(X_FORWARDED_USER_NAME, forwarded.user.clone())?;
+    if let Some(email) = &forwarded.email {
+        upstream.insert(X_FORWARDED_EMAIL_NAME, email.clone())?;
     }
     upstream.insert(IDENTITY_HEADER_NAME, verified.assertion.clone())?;
     Ok(())
@@ -184,6 +184,54 @@ mod tests {
             assert_eq!(r.headers["x-real-ip"], text);
             assert_eq!(r.headers["x-forwarded-for"], text);
             assert_eq!(r.headers["x-forwarded-proto"], "https");
+        }
+    }
+
+    fn verified(sub: &str, email: Option<&str>) -> crate::auth::Verified {
+        let session = crate::auth::Session {
+            sub: sub.into(),
+            email: email.map(str::to_owned),
+            name: None,
+            picture: None,
+            iat: 1,
+            exp: 2,
+        };
+        crate::auth::Verified {
+            forwarded: crate::auth::ForwardedIdentity::of(&session),
+            session: std::sync::Arc::new(session),
+            assertion: HeaderValue::from_static("signed"),
+        }
+    }
+
+    #[test]
+    fn the_identity_replaces_what_the_client_sent() {
+        let mut r = req(&[
+            ("x-forwarded-user", "mallory"),
+            ("x-forwarded-email", "m@x"),
+        ]);
+        set_identity(&mut r, &verified("auth0|alice", Some("alice@example.test"))).unwrap();
+        assert_eq!(r.headers["x-forwarded-user"], "auth0|alice");
+        assert_eq!(r.headers["x-forwarded-email"], "alice@example.test");
+        assert_eq!(r.headers.get_all("x-forwarded-user").iter().count(), 1);
+        assert_eq!(r.headers[IDENTITY_HEADER_NAME], "signed");
+
+        let mut r = req(&[]);
+        set_identity(&mut r, &verified("auth0|bob", None)).unwrap();
+        assert_eq!(r.headers["x-forwarded-user"], "auth0|bob");
+        assert!(r.headers.get("x-forwarded-email").is_none());
+    }
+
+    #[test]
+    fn an_identity_that_cannot_be_a_header_value_fails_the_request() {
+        for (sub, email) in [
+            ("auth0|a\nX-Admin: 1", None),
+            ("auth0|b", Some("b\r@example.test")),
+        ] {
+            let mut r = req(&[]);
+            assert!(
+                set_identity(&mut r, &verified(sub, email)).is_err(),
+                "{sub:?} {email:?}"
+            );
         }
     }
 }

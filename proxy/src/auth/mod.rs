@@ -40,5 +40,5 @@ pub use policy::{normalise_path, PathError, Policy, RouteError, RouteTable};
 pub use redirect::safe_return_target;
 pub use seal::{seal, unseal, Purpose, SealError};
 pub use session::{open_session, seal_session, Session, SessionError};
-pub use session_cache::{SessionCache, Verified};
+pub use session_cache::{ForwardedIdentity, SessionCache, Verified};
 pub use trusted::{TrustedProxies, TrustedProxyError};

@@ -34,6 +34,29 @@ pub struct Verified {
     pub session: Arc<Session>,
     /// The signed identity assertion for this second (`custodia_identity::IDENTITY_HEADER`).
     pub assertion: HeaderValue,
+    /// The session's subject and email as header values, made once per session seen (a
+    /// value is checked and copied when made); `None` when either cannot be one.
+    pub forwarded: Option<ForwardedIdentity>,
+}
+
+/// What `X-Forwarded-User` and `X-Forwarded-Email` say for a session.
+#[derive(Clone, Debug)]
+pub struct ForwardedIdentity {
+    pub user: HeaderValue,
+    pub email: Option<HeaderValue>,
+}
+
+impl ForwardedIdentity {
+    /// `None` when the subject or the email is not a valid header value.
+    pub fn of(session: &Session) -> Option<ForwardedIdentity> {
+        Some(ForwardedIdentity {
+            user: HeaderValue::from_str(&session.sub).ok()?,
+            email: match &session.email {
+                Some(email) => Some(HeaderValue::from_str(email).ok()?),
+                None => None,
+            },
+        })
+    }
 }
 
 /// The memo of one config generation (see the module docs).
@@ -58,6 +81,7 @@ struct Entry {
     /// The second `assertion` was signed for.
     signed_for: u64,
     assertion: HeaderValue,
+    forwarded: Option<ForwardedIdentity>,
 }
 
 struct Memo {
@@ -108,6 +132,7 @@ impl SessionCache {
             Some(Ok(Verified {
                 session: entry.session.clone(),
                 assertion: entry.assertion.clone(),
+                forwarded: entry.forwarded.clone(),
             }))
         });
         if let Ok(Some(answer)) = recalled {
@@ -115,9 +140,11 @@ impl SessionCache {
         }
         let session = Arc::new(open()?);
         let assertion = sign(&session, now);
+        let forwarded = ForwardedIdentity::of(&session);
         let verified = Verified {
             session: session.clone(),
             assertion: assertion.clone(),
+            forwarded: forwarded.clone(),
         };
         let _ = MEMO.try_with(|memo| {
             if let Ok(mut memo) = memo.try_borrow_mut() {
@@ -129,6 +156,7 @@ impl SessionCache {
                         session,
                         signed_for: now,
                         assertion,
+                        forwarded,
                     });
                 }
             }
