@@ -168,6 +168,8 @@ fn connections_above_the_cap_get_503() {
         "{}\n[limits]\nmax_connections = 2\n",
         upstream_section("least_conn", &[(upstream.addr, 1)])
     ));
+    // The startup probe's connection must not hold one of the two places.
+    proxy.wait_until_no_client_connections();
     let addr: SocketAddr = proxy.addr;
     // Two open keep-alive connections take the two places.
     let mut held = Vec::new();
@@ -177,6 +179,11 @@ fn connections_above_the_cap_get_503() {
         assert_eq!(outcome.status(), Some(200), "{outcome:?}");
         held.push(stream);
     }
+    assert_eq!(
+        proxy.sample_blocking("custodia_connections_open"),
+        Some(2.0),
+        "operators see the two places taken"
+    );
     let refused = raw_tcp::send(addr, b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n");
     assert_eq!(refused.status(), Some(503), "{refused:?}");
     assert_eq!(refused.header("retry-after"), Some("1"));

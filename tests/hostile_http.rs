@@ -583,6 +583,8 @@ fn a_client_idle_long_enough_to_be_parked_keeps_its_address_its_place_and_its_gu
         "{}\n[limits]\nclient_timeout = \"2s\"\nmax_connections = 2\n",
         upstream_section("least_conn", &[(upstream.addr, 1)])
     ));
+    // The startup probe's connection must not hold one of the two places.
+    proxy.wait_until_no_client_connections();
     let source: std::net::IpAddr = "127.0.0.3".parse().unwrap();
     let mut parked = raw_tcp::connect(proxy.addr, Some(source));
     let mut trickler = raw_tcp::connect(proxy.addr, None);

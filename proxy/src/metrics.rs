@@ -381,6 +381,18 @@ pub fn parked_connections() -> &'static IntGauge {
     })
 }
 
+/// Client connections open, parked ones included: what `[limits] max_connections` caps.
+pub fn open_connections() -> &'static IntGauge {
+    static OPEN: std::sync::OnceLock<IntGauge> = std::sync::OnceLock::new();
+    OPEN.get_or_init(|| {
+        IntGauge::new(
+            "custodia_connections_open",
+            "Client connections open, parked ones included (capped by [limits] max_connections).",
+        )
+        .unwrap_or_else(|e| unreachable!("constant metric descriptor: {e}"))
+    })
+}
+
 /// Builds the registry served on `/metrics`.
 pub fn registry(runtime: SharedRuntime) -> Registry {
     let registry = Registry::new();
@@ -389,6 +401,7 @@ pub fn registry(runtime: SharedRuntime) -> Registry {
     requests().register(&registry);
     let _ = registry.register(Box::new(rejections().rejections.clone()));
     let _ = registry.register(Box::new(parked_connections().clone()));
+    let _ = registry.register(Box::new(open_connections().clone()));
     // Registration only fails on duplicate or inconsistent descriptors, which these are not.
     let _ = registry.register(Box::new(PoolCollector::new(runtime)));
     #[cfg(target_os = "linux")]

@@ -269,6 +269,41 @@ impl Proxy {
         format!("http://{}{}", self.admin, path)
     }
 
+    /// Wait (10 s at most) until the proxy holds no client connection: the probes that found
+    /// its port open are closed on its side too, so they no longer count against
+    /// `max_connections` (`custodia_connections_open`).
+    pub fn wait_until_no_client_connections(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut last = None;
+        while std::time::Instant::now() < deadline {
+            last = self.sample_blocking("custodia_connections_open");
+            if last == Some(0.0) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("custodia_connections_open still {last:?} after 10 s");
+    }
+
+    /// The first sample of `name`, scraped without an async runtime.
+    pub fn sample_blocking(&self, name: &str) -> Option<f64> {
+        let body = self.scrape_blocking()?;
+        parse_samples(&body, name).first().map(|(_, v)| *v)
+    }
+
+    /// `/metrics` read without an async runtime, or `None` if the admin listener failed.
+    fn scrape_blocking(&self) -> Option<String> {
+        use std::io::{Read, Write};
+        let mut admin = std::net::TcpStream::connect(self.admin).ok()?;
+        admin.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        admin
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        let mut body = String::new();
+        admin.read_to_string(&mut body).ok()?;
+        Some(body)
+    }
+
     /// Scrape `/metrics` and return every sample of `name` as (labels text, value).
     pub async fn metric(&self, name: &str) -> Vec<(String, f64)> {
         let body = reqwest::get(format!("http://{}/metrics", self.admin))

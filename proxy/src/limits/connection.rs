@@ -302,7 +302,10 @@ impl ConnectionSlot {
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             ) {
-                Ok(_) => return Some(ConnectionSlot(open.clone())),
+                Ok(_) => {
+                    metrics::open_connections().inc();
+                    return Some(ConnectionSlot(open.clone()));
+                }
                 Err(now) => current = now,
             }
         }
@@ -311,6 +314,7 @@ impl ConnectionSlot {
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
+        metrics::open_connections().dec();
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
