@@ -373,11 +373,10 @@ pub fn rejections() -> &'static RejectionMetrics {
 pub fn parked_connections() -> &'static IntGauge {
     static PARKED: std::sync::OnceLock<IntGauge> = std::sync::OnceLock::new();
     PARKED.get_or_init(|| {
-        IntGauge::new(
+        gauge(
             "custodia_connections_parked",
             "Idle keep-alive client connections parked down to their socket (idle over 1 s).",
         )
-        .unwrap_or_else(|e| unreachable!("constant metric descriptor: {e}"))
     })
 }
 
@@ -385,12 +384,15 @@ pub fn parked_connections() -> &'static IntGauge {
 pub fn open_connections() -> &'static IntGauge {
     static OPEN: std::sync::OnceLock<IntGauge> = std::sync::OnceLock::new();
     OPEN.get_or_init(|| {
-        IntGauge::new(
+        gauge(
             "custodia_connections_open",
             "Client connections open, parked ones included (capped by [limits] max_connections).",
         )
-        .unwrap_or_else(|e| unreachable!("constant metric descriptor: {e}"))
     })
+}
+
+fn gauge(name: &str, help: &str) -> IntGauge {
+    IntGauge::new(name, help).unwrap_or_else(|e| unreachable!("constant metric descriptor: {e}"))
 }
 
 /// Builds the registry served on `/metrics`.
