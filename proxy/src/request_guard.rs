@@ -69,9 +69,9 @@ pub fn check(
         return refuse(400, Reason::Malformed, "HTTP/0.9 is not supported");
     }
     check_target(req)?;
-    let framing = check_headers(req)?;
-    let chunked = check_framing(&framing, raw_head)?;
-    let declared = match framing.content_length {
+    let seen = check_headers(req)?;
+    let chunked = check_framing(&seen, raw_head)?;
+    let declared = match seen.content_length {
         // Pingora has already refused lengths that are not numbers or disagree.
         Some(v) => v
             .to_str()
@@ -163,7 +163,7 @@ fn has_encoded_control(path: &[u8]) -> bool {
 /// The headers the guard reads besides sizes, noted in the pass that checks the sizes: three
 /// lookups by name would each hash it.
 #[derive(Default)]
-struct Framing<'a> {
+struct KeyHeaders<'a> {
     /// The first value of each, and how many there are.
     host: Option<&'a HeaderValue>,
     hosts: usize,
@@ -172,21 +172,21 @@ struct Framing<'a> {
     transfer_encodings: usize,
 }
 
-fn check_headers(req: &RequestHeader) -> Result<Framing<'_>, Box<Error>> {
+fn check_headers(req: &RequestHeader) -> Result<KeyHeaders<'_>, Box<Error>> {
     if req.headers.len() > MAX_HEADERS {
         return refuse(431, Reason::TooLarge, "too many header fields");
     }
-    let mut framing = Framing::default();
+    let mut seen = KeyHeaders::default();
     let mut total = 0;
     for (name, value) in &req.headers {
         if name == HOST {
-            framing.hosts += 1;
-            framing.host.get_or_insert(value);
+            seen.hosts += 1;
+            seen.host.get_or_insert(value);
         } else if name == CONTENT_LENGTH {
-            framing.content_length.get_or_insert(value);
+            seen.content_length.get_or_insert(value);
         } else if name == TRANSFER_ENCODING {
-            framing.transfer_encodings += 1;
-            framing.transfer_encoding.get_or_insert(value);
+            seen.transfer_encodings += 1;
+            seen.transfer_encoding.get_or_insert(value);
         }
         let line = name.as_str().len() + value.len();
         let max = if name == COOKIE {
@@ -202,8 +202,8 @@ fn check_headers(req: &RequestHeader) -> Result<Framing<'_>, Box<Error>> {
     if total > MAX_HEAD {
         return refuse(431, Reason::TooLarge, "header section too large");
     }
-    if req.version != Version::HTTP_10 || framing.hosts > 0 {
-        let valid = match (framing.host, framing.hosts) {
+    if req.version != Version::HTTP_10 || seen.hosts > 0 {
+        let valid = match (seen.host, seen.hosts) {
             (Some(host), 1) => valid_host(host.as_bytes()),
             _ => false,
         };
@@ -211,7 +211,7 @@ fn check_headers(req: &RequestHeader) -> Result<Framing<'_>, Box<Error>> {
             return refuse(400, Reason::Malformed, "missing or malformed Host");
         }
     }
-    Ok(framing)
+    Ok(seen)
 }
 
 /// `host`, `host:port`, `[v6]:port`: the characters of a reg-name or IP literal, no userinfo.
@@ -224,16 +224,16 @@ fn valid_host(host: &[u8]) -> bool {
 }
 
 /// Returns whether the body is chunked.
-fn check_framing(framing: &Framing<'_>, raw_head: Option<&[u8]>) -> Result<bool, Box<Error>> {
+fn check_framing(seen: &KeyHeaders<'_>, raw_head: Option<&[u8]>) -> Result<bool, Box<Error>> {
     if let Some(raw) = raw_head {
         if has_bare_lf(raw) {
             return refuse(400, Reason::Malformed, "bare LF in the request head");
         }
     }
-    let Some(first) = framing.transfer_encoding else {
+    let Some(first) = seen.transfer_encoding else {
         return Ok(false);
     };
-    let plain_chunked = framing.transfer_encodings == 1
+    let plain_chunked = seen.transfer_encodings == 1
         && first
             .to_str()
             .is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
@@ -246,7 +246,7 @@ fn check_framing(framing: &Framing<'_>, raw_head: Option<&[u8]>) -> Result<bool,
     }
     // Pingora removes Content-Length when Transfer-Encoding is present; the raw head still
     // shows whether the client sent both, which is how request smuggling starts.
-    let had_length = framing.content_length.is_some()
+    let had_length = seen.content_length.is_some()
         || raw_head.is_some_and(|raw| has_header_named(raw, b"content-length"));
     if had_length {
         return refuse(

@@ -585,17 +585,17 @@ async fn attempt(
 ) -> Result<Answer, Failed> {
     let mut pooled = upstream::take(addr, chosen);
     loop {
-        // A pooled connection is used at once: the choice's clock reading times its exchange.
-        let (mut conn, now) = match pooled.take() {
-            Some(conn) => (conn, Some(chosen)),
+        let (mut conn, reused) = match pooled.take() {
+            Some(conn) => (conn, true),
             None => (
                 upstream::connect(addr, settings.connect_timeout)
                     .await
                     .map_err(Failed::Connect)?,
-                None,
+                false,
             ),
         };
-        let reused = now.is_some();
+        // A pooled connection is used at once: the choice's clock reading times its exchange.
+        let now = reused.then_some(chosen);
         match exchange_head(&mut conn, wire, settings, client_side, now).await {
             Ok((head, body_start, arrived)) => {
                 return Ok(Answer {
