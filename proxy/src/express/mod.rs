@@ -430,7 +430,8 @@ impl Exchange {
             }
             data.clear();
             data.reserve(BODY_READ);
-            match read_with_timeout(&mut conn, &mut data, settings.read_timeout).await {
+            let deadline = Instant::now() + settings.read_timeout;
+            match read_by(&mut conn, &mut data, deadline).await {
                 Ok(0) if body.ends_at_close() => body.closed(),
                 Ok(0) => {
                     let e = io::Error::new(
@@ -651,11 +652,7 @@ async fn exchange_head(
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let mut received = false;
     loop {
-        let deadline = tokio::time::Instant::from_std(read_from + settings.read_timeout);
-        let read = match tokio::time::timeout_at(deadline, conn.read_buf(&mut buf)).await {
-            Ok(read) => read,
-            Err(_) => Err(timed_out("read_timeout")),
-        };
+        let read = read_by(conn, &mut buf, read_from + settings.read_timeout).await;
         match read {
             Ok(0) if !received => {
                 return Err(HeadError::Stale(io::Error::new(
@@ -697,12 +694,10 @@ async fn exchange_head(
     }
 }
 
-async fn read_with_timeout(
-    conn: &mut TcpStream,
-    buf: &mut BytesMut,
-    timeout: Duration,
-) -> io::Result<usize> {
-    match tokio::time::timeout(timeout, conn.read_buf(buf)).await {
+/// Read what the worker sent, failing with `read_timeout` at `deadline`.
+async fn read_by(conn: &mut TcpStream, buf: &mut BytesMut, deadline: Instant) -> io::Result<usize> {
+    let deadline = tokio::time::Instant::from_std(deadline);
+    match tokio::time::timeout_at(deadline, conn.read_buf(buf)).await {
         Ok(read) => read,
         Err(_) => Err(timed_out("read_timeout")),
     }
