@@ -511,11 +511,7 @@ pub(crate) fn gate_request(
     req: &RequestHeader,
     now: u64,
 ) -> Gate {
-    let cookies = req
-        .headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .map(|v| v.as_bytes());
+    let cookies = headers::values(&req.headers, &http::header::COOKIE).map(|v| v.as_bytes());
     let target = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
     let wants_html = || !pages::wants_json(req) && accepts_html(req);
     flow::gate(auth, policy, cookies, target, wants_html, now)
@@ -541,7 +537,7 @@ pub(crate) fn rewrite_upstream_request(
     };
     // Only trusted proxies (the ngrok agent) may tell us the scheme and the real client.
     let received = upstream_request.headers();
-    let header = |name: &HeaderName| received.get(name).and_then(|v| v.to_str().ok());
+    let header = |name: &HeaderName| headers::first(received, name).and_then(|v| v.to_str().ok());
     let (client_ip, proto, forwarded_host) = match peer_ip {
         Some(peer) => match auth.trusted.vouch_for(peer) {
             Some(trusted) => (
@@ -636,8 +632,7 @@ fn record_failover(ctx: &RequestCtx, e: &Error) {
 }
 
 fn accepts_html(req: &RequestHeader) -> bool {
-    req.headers
-        .get(http::header::ACCEPT)
+    headers::first(&req.headers, &http::header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("text/html"))
 }

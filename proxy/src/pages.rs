@@ -6,9 +6,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 
 /// Whether the client asked for JSON rather than a page.
 pub fn wants_json(req: &RequestHeader) -> bool {
-    let accept = req
-        .headers
-        .get(http::header::ACCEPT)
+    let accept = crate::headers::first(&req.headers, &http::header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     accept.contains("json") && !accept.contains("text/html")

@@ -4,6 +4,7 @@
 use http::header::{CONNECTION, COOKIE};
 use http::{HeaderName, HeaderValue};
 
+use crate::headers::values;
 use crate::upstream_head::UpstreamHead;
 
 use super::cookies::{
@@ -55,7 +56,7 @@ pub fn strip_client_identity(req: &mut impl UpstreamHead) {
             .any(|token| std::str::from_utf8(token).is_ok_and(|t| is_identity_header(t.trim())))
     };
     // Read before any edit (see `UpstreamHead`).
-    let connection: Vec<HeaderValue> = req.headers().get_all(CONNECTION).iter().cloned().collect();
+    let connection: Vec<HeaderValue> = values(req.headers(), &CONNECTION).cloned().collect();
     for name in &doomed {
         req.remove(name);
     }
@@ -86,17 +87,14 @@ pub fn strip_client_identity(req: &mut impl UpstreamHead) {
 /// [`super::cookies::strip_custodia_cookies`]); a header left empty is removed. Requests
 /// without our cookies are not touched.
 pub fn remove_custodia_cookies(req: &mut impl UpstreamHead) {
-    let has_ours = req.headers().get_all(COOKIE).iter().any(|value| {
+    let has_ours = values(req.headers(), &COOKIE).any(|value| {
         cookie_parts(value.as_bytes())
             .any(|part| cookie_part_name(part).is_some_and(is_custodia_cookie_name))
     });
     if !has_ours {
         return;
     }
-    let kept: Vec<Vec<u8>> = req
-        .headers()
-        .get_all(COOKIE)
-        .iter()
+    let kept: Vec<Vec<u8>> = values(req.headers(), &COOKIE)
         .filter_map(|value| strip_custodia_cookie_bytes(value.as_bytes()))
         .collect();
     req.remove(&COOKIE);
