@@ -51,14 +51,26 @@ impl UpstreamHead for RequestHeader {
 #[derive(Debug)]
 pub struct Overlay<'a> {
     received: &'a RequestHeader,
+    /// The lengths of the received names, and of the added ones, as [`length_bit`]s: a name
+    /// whose length is not among them is not there, which spares comparing names for nearly
+    /// every edit (the edge makes nine per signed-in request).
+    received_lengths: u64,
+    added_lengths: u64,
     removed: Vec<HeaderName>,
     added: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// One bit for the length of `name` (longer names share the last).
+fn length_bit(name: &HeaderName) -> u64 {
+    1 << name.as_str().len().min(63)
 }
 
 impl<'a> Overlay<'a> {
     pub fn new(received: &'a RequestHeader) -> Overlay<'a> {
         Overlay {
             received,
+            received_lengths: received.headers.keys().fold(0, |m, n| m | length_bit(n)),
+            added_lengths: 0,
             removed: Vec::new(),
             // The forwarding headers, the request id and a signed-in user's three.
             added: Vec::with_capacity(8),
@@ -105,19 +117,23 @@ impl UpstreamHead for Overlay<'_> {
 
     fn insert(&mut self, name: HeaderName, value: HeaderValue) -> Result<()> {
         self.remove(&name);
-        self.added.push((name, value));
-        Ok(())
+        self.append(name, value)
     }
 
     fn append(&mut self, name: HeaderName, value: HeaderValue) -> Result<()> {
+        self.added_lengths |= length_bit(&name);
         self.added.push((name, value));
         Ok(())
     }
 
     fn remove(&mut self, name: &HeaderName) {
-        self.added.retain(|(added, _)| added != name);
+        let bit = length_bit(name);
+        if self.added_lengths & bit != 0 && self.added.iter().any(|(added, _)| added == name) {
+            self.added.retain(|(added, _)| added != name);
+        }
         // A head has a handful of names: comparing them costs less than hashing this one.
-        let received = self.received.headers.keys().any(|key| key == name);
+        let received =
+            self.received_lengths & bit != 0 && self.received.headers.keys().any(|key| key == name);
         if received && !self.removed.contains(name) {
             self.removed.push(name.clone());
         }
