@@ -7,6 +7,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod allocator;
 pub mod auth;
 pub mod balancer;
 pub mod cli;
@@ -30,5 +31,4 @@ pub mod upstream_head;
 
 pub use error::ProxyError;
 
-/// The allocator the proxy binaries install (`#[global_allocator]` in each `main.rs`).
-pub use mimalloc::MiMalloc as Allocator;
+pub use allocator::Allocator;

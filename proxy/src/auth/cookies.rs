@@ -316,25 +316,28 @@ pub fn strip_custodia_cookies(cookie_header: &str) -> Option<String> {
 
 /// [`strip_custodia_cookies`] for a header value that need not be UTF-8.
 pub fn strip_custodia_cookie_bytes(cookie_header: &[u8]) -> Option<Vec<u8>> {
-    let is_ours = |part: &[u8]| cookie_part_name(part).is_some_and(is_custodia_cookie_name);
-    let parts = || cookie_parts(cookie_header);
-    if !parts().any(is_ours) {
-        return if parts().all(|p| p.trim_ascii().is_empty()) {
-            None
-        } else {
-            Some(cookie_header.to_vec())
-        };
-    }
-    let mut kept = Vec::with_capacity(cookie_header.len());
-    for part in parts().filter(|p| !is_ours(p)) {
-        let part = part.trim_ascii();
-        if part.is_empty() {
+    // One pass over the parts (a session cookie is a few hundred bytes, on every signed-in
+    // request); nothing is allocated when ours is all there is.
+    let mut kept = Vec::new();
+    let mut stripped = false;
+    let mut any = false;
+    for part in cookie_parts(cookie_header) {
+        let trimmed = part.trim_ascii();
+        if trimmed.is_empty() {
+            continue;
+        }
+        any = true;
+        if cookie_part_name(part).is_some_and(is_custodia_cookie_name) {
+            stripped = true;
             continue;
         }
         if !kept.is_empty() {
             kept.extend_from_slice(b"; ");
         }
-        kept.extend_from_slice(part);
+        kept.extend_from_slice(trimmed);
+    }
+    if !stripped {
+        return any.then(|| cookie_header.to_vec());
     }
     (!kept.is_empty()).then_some(kept)
 }

@@ -143,25 +143,27 @@ fn decode(raw_path: &str) -> Result<String, PathError> {
 /// it unchanged: printable ASCII without `%` or `\`, no repeated `/`, no `.` or `..` segment.
 /// Nearly every request's path is; the full normalisation allocates and copies.
 fn already_normal(raw_path: &str) -> Option<&str> {
-    let path = raw_path.split('?').next().unwrap_or_default();
+    let end = memchr::memchr(b'?', raw_path.as_bytes()).unwrap_or(raw_path.len());
+    let path = &raw_path[..end];
     let bytes = path.as_bytes();
     if bytes.first() != Some(&b'/') {
         return None;
     }
-    let plain = |b: &u8| matches!(b, 0x21..=0x7e) && !matches!(b, b'%' | b'\\');
-    if !bytes.iter().all(plain) {
-        return None;
-    }
-    let dot_segment = |s: &[u8]| s == b"." || s == b"..";
-    // An empty segment is a repeated '/', unless it is the last one (a trailing '/').
-    let mut segments = bytes[1..].split(|&b| b == b'/').peekable();
-    while let Some(segment) = segments.next() {
-        let last = segments.peek().is_none();
-        if dot_segment(segment) || (segment.is_empty() && !last) {
+    // One pass (every request takes it): plain bytes only, and no `.` or `..` segment and no
+    // empty one, unless it is the last (a trailing '/').
+    let segment_ok = |s: &[u8], last: bool| !(s == b"." || s == b".." || (s.is_empty() && !last));
+    let mut segment_start = 1;
+    for (i, &b) in bytes.iter().enumerate().skip(1) {
+        if b == b'/' {
+            if !segment_ok(&bytes[segment_start..i], false) {
+                return None;
+            }
+            segment_start = i + 1;
+        } else if !matches!(b, 0x21..=0x7e) || matches!(b, b'%' | b'\\') {
             return None;
         }
     }
-    Some(path)
+    segment_ok(&bytes[segment_start..], true).then_some(path)
 }
 
 fn join(segments: &[&str], trailing_slash: bool) -> String {
