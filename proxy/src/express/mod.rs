@@ -420,7 +420,9 @@ impl Exchange {
                     // sooner expiry is the safe side of the worker's own keep-alive timeout.
                     upstream::put(slot.addr, conn, arrived + settings.idle_timeout);
                 }
-                return write_out(client, &out).await.is_ok();
+                let sent = write_out(client, &out).await.is_ok();
+                upstream::recycle(data);
+                return sent;
             }
             if !out.is_empty() {
                 if write_out(client, &out).await.is_err() {
@@ -649,7 +651,7 @@ async fn exchange_head(
         sent = None;
     }
     let mut read_from = sent.unwrap_or_else(Instant::now);
-    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let mut buf = upstream::read_buffer();
     let mut received = false;
     loop {
         let read = read_by(conn, &mut buf, read_from + settings.read_timeout).await;
@@ -687,7 +689,7 @@ async fn exchange_head(
             }
         }
         if buf.capacity() - buf.len() < 1024 {
-            buf.reserve(8 * 1024);
+            buf.reserve(upstream::READ_BUFFER);
         }
         // The head is not complete: `read_timeout` runs between two reads, as nginx's.
         read_from = Instant::now();
