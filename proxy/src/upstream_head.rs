@@ -128,7 +128,7 @@ impl UpstreamHead for Overlay<'_> {
 
     fn remove(&mut self, name: &HeaderName) {
         let bit = length_bit(name);
-        if self.added_lengths & bit != 0 && self.added.iter().any(|(added, _)| added == name) {
+        if self.added_lengths & bit != 0 {
             self.added.retain(|(added, _)| added != name);
         }
         // A head has a handful of names: comparing them costs less than hashing this one.

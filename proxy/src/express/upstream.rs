@@ -9,6 +9,9 @@
 //! `[upstream] idle_timeout`. One the worker closes between two sweeps fails on its next use
 //! before any answer arrives; the caller then tries a new connection to the same worker, which
 //! is safe for the requests the fast path takes (`GET`, `HEAD`).
+//!
+//! The buffers answers are read into are kept per thread the same way ([`read_buffer`],
+//! [`recycle`]).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
