@@ -137,9 +137,11 @@ async fn least_conn_sends_clearly_less_to_a_slow_worker_than_round_robin() {
     );
 }
 
-/// While the proxy itself is the bottleneck, every backend's in-flight count includes time spent
-/// waiting in the proxy and least_conn keeps feeding the slow worker; its response time does not
-/// lie, and least_time weighs it.
+/// least_time weighs each worker's response time, which does not lie: the slow worker gets
+/// almost nothing, never more than least_conn sends it, and its estimate shows its 40 ms.
+/// (least_conn fed it more while the proxy was the bottleneck, its in-flight counts including
+/// time spent in the proxy; with the fast path both can be at the floor of a few probes, so
+/// the two are compared with a margin of a few requests. The bench compares their shares.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_time_keeps_load_off_a_slow_worker_and_shows_the_time_it_weighs() {
     let fast_a = Worker::start("fast-a");
@@ -158,9 +160,10 @@ async fn least_time_keeps_load_off_a_slow_worker_and_shows_the_time_it_weighs() 
         lt_slow < 0.05,
         "least_time sends the 40 ms worker almost nothing: {lt_counts:?}"
     );
+    let slow_requests = |counts: &HashMap<String, usize>| *counts.get("slow").unwrap_or(&0);
     assert!(
-        lt_slow < lc_slow,
-        "and less than least_conn: {lt_counts:?} vs {lc_counts:?}"
+        slow_requests(&lt_counts) <= slow_requests(&lc_counts) + 6,
+        "and no more than least_conn (within 6 of 1200): {lt_counts:?} vs {lc_counts:?}"
     );
 
     let estimate = |addr| lt.backend_metric("custodia_upstream_latency_estimate_seconds", addr);
