@@ -49,6 +49,7 @@ use crate::limits::{login_rate, ClientStream, LoginRate};
 use crate::metrics::{self, InFlight, PolicyClass};
 use crate::pages;
 use crate::request_guard;
+use crate::request_head::RequestHead;
 use crate::runtime::{Runtime, SharedRuntime};
 use crate::upstream_head::UpstreamHead;
 
@@ -426,9 +427,11 @@ impl ProxyHttp for Edge {
                 .and_then(|a| a.as_inet())
                 .map(|a| a.ip())
         });
+        let req = session.req_header();
         record(&Finished {
             runtime: &ctx.runtime,
-            req: session.req_header(),
+            method: &req.method,
+            path: req.uri.path(),
             started: ctx.started,
             ended: Instant::now(),
             status,
@@ -508,11 +511,11 @@ impl Edge {
 pub(crate) fn gate_request(
     auth: &AuthRuntime,
     policy: Policy,
-    req: &RequestHeader,
+    req: &impl RequestHead,
     now: u64,
 ) -> Gate {
-    let cookies = headers::values(&req.headers, &http::header::COOKIE).map(|v| v.as_bytes());
-    let target = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let cookies = req.values(&http::header::COOKIE);
+    let target = req.path_and_query();
     let wants_html = || !pages::wants_json(req) && accepts_html(req);
     flow::gate(auth, policy, cookies, target, wants_html, now)
 }
@@ -536,8 +539,8 @@ pub(crate) fn rewrite_upstream_request(
         return Ok(peer_ip);
     };
     // Only trusted proxies (the ngrok agent) may tell us the scheme and the real client.
-    let received = upstream_request.headers();
-    let header = |name: &HeaderName| headers::first(received, name).and_then(|v| v.to_str().ok());
+    let received = upstream_request.received();
+    let header = |name: &HeaderName| received.first_str(name);
     let (client_ip, proto, forwarded_host) = match peer_ip {
         Some(peer) => match auth.trusted.vouch_for(peer) {
             Some(trusted) => (
@@ -571,7 +574,9 @@ pub(crate) fn rewrite_upstream_request(
 /// What a finished request leaves behind, on either path.
 pub(crate) struct Finished<'a> {
     pub runtime: &'a Runtime,
-    pub req: &'a RequestHeader,
+    pub method: &'a http::Method,
+    /// The request's path, without its query.
+    pub path: &'a str,
     /// When the request's headers had been read.
     pub started: Instant,
     /// When the answer had gone out (or failed to).
@@ -594,7 +599,7 @@ pub(crate) struct Finished<'a> {
 pub(crate) fn record(f: &Finished<'_>) {
     let total = f.ended.saturating_duration_since(f.started);
     let m = metrics::requests();
-    m.requests(f.policy, metrics::method_index(&f.req.method), f.status)
+    m.requests(f.policy, metrics::method_index(f.method), f.status)
         .inc();
     m.duration.observe(total.as_secs_f64());
     m.request_bytes.inc_by(f.bytes_in);
@@ -609,8 +614,8 @@ pub(crate) fn record(f: &Finished<'_>) {
         access_log::emit(&AccessRecord {
             request_id: f.request_id.to_str().unwrap_or(""),
             client: f.client,
-            method: f.req.method.as_str(),
-            path: f.req.uri.path(),
+            method: f.method.as_str(),
+            path: f.path,
             status: f.status,
             backend: f.lease.map(|l| l.slot().label.as_str()),
             upstream_ms: f.upstream_elapsed.map(access_log::millis),
@@ -631,9 +636,8 @@ fn record_failover(ctx: &RequestCtx, e: &Error) {
     }
 }
 
-fn accepts_html(req: &RequestHeader) -> bool {
-    headers::first(&req.headers, &http::header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
+fn accepts_html(req: &impl RequestHead) -> bool {
+    req.first_str(&http::header::ACCEPT)
         .is_some_and(|a| a.contains("text/html"))
 }
 

@@ -3,12 +3,11 @@
 use std::cell::RefCell;
 use std::net::IpAddr;
 
+use crate::request_head::RequestHead;
+use crate::upstream_head::UpstreamHead;
 use http::header::{self, HeaderMap};
 use http::{HeaderName, HeaderValue};
 use pingora_core::{Error, ErrorType};
-use pingora_http::RequestHeader;
-
-use crate::upstream_head::UpstreamHead;
 
 pub const X_REQUEST_ID: &str = "x-request-id";
 pub const X_REAL_IP: &str = "x-real-ip";
@@ -30,11 +29,6 @@ pub fn values<'a, 'n>(headers: &'a HeaderMap, name: &'n HeaderName) -> Values<'a
     }
 }
 
-/// The first value of `name` in `headers` (see [`values`]).
-pub fn first<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a HeaderValue> {
-    values(headers, name).next()
-}
-
 /// The iterator [`values`] returns.
 pub enum Values<'a, 'n> {
     Scan(header::Iter<'a, HeaderValue>, &'n HeaderName),
@@ -54,15 +48,16 @@ impl<'a> Iterator for Values<'a, '_> {
 }
 
 /// The client's id if it is a sane token (1–64 of `[A-Za-z0-9._-]`), else a fresh random one.
-pub fn request_id(req: &RequestHeader) -> HeaderValue {
-    if let Some(given) = first(&req.headers, &X_REQUEST_ID_NAME) {
-        let bytes = given.as_bytes();
-        let valid = (1..=64).contains(&bytes.len())
-            && bytes
+pub fn request_id(req: &impl RequestHead) -> HeaderValue {
+    if let Some(given) = req.first(&X_REQUEST_ID_NAME) {
+        let valid = (1..=64).contains(&given.len())
+            && given
                 .iter()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
         if valid {
-            return given.clone();
+            if let Ok(value) = HeaderValue::from_bytes(given) {
+                return value;
+            }
         }
     }
     generate_request_id()
@@ -101,9 +96,18 @@ pub fn set_forwarding(
     proto: &'static str,
     request_id: &HeaderValue,
 ) -> pingora_core::Result<()> {
-    // Read before any edit (see `UpstreamHead`).
-    let prior = first(upstream.headers(), &X_FORWARDED_FOR_NAME).cloned();
     let peer = peer_ip.map(ip_value);
+    // Read before any edit (see `UpstreamHead`).
+    let forwarded_for = peer.clone().map(|ip| {
+        match upstream.received().first_str(&X_FORWARDED_FOR_NAME) {
+            Some(prior) if !prior.trim().is_empty() => {
+                let joined = format!("{prior}, {}", ip.to_str().unwrap_or_default());
+                // A received value, a comma and an address: always a valid value.
+                HeaderValue::from_str(&joined).unwrap_or(ip)
+            }
+            _ => ip,
+        }
+    });
     if let Some(client) = client_ip {
         // Usually the peer itself.
         let client = match &peer {
@@ -112,15 +116,7 @@ pub fn set_forwarding(
         };
         upstream.insert(X_REAL_IP_NAME, client)?;
     }
-    if let Some(ip) = peer {
-        let forwarded_for = match prior.as_ref().map(HeaderValue::to_str) {
-            Some(Ok(prior)) if !prior.trim().is_empty() => {
-                let joined = format!("{prior}, {}", ip.to_str().unwrap_or_default());
-                // Visible ASCII, a comma and an address: always a valid value.
-                HeaderValue::from_str(&joined).unwrap_or(ip)
-            }
-            _ => ip,
-        };
+    if let Some(forwarded_for) = forwarded_for {
         upstream.insert(X_FORWARDED_FOR_NAME, forwarded_for)?;
     }
     upstream.insert(X_FORWARDED_PROTO_NAME, HeaderValue::from_static(proto))?;
@@ -175,6 +171,7 @@ pub fn set_identity(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pingora_http::RequestHeader;
 
     fn req(headers: &[(&str, &str)]) -> RequestHeader {
         let mut r = RequestHeader::build("GET", b"/", None).unwrap();

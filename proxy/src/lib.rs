@@ -25,6 +25,7 @@ pub mod pages;
 pub use custodia_probe as probe;
 pub mod reload;
 pub mod request_guard;
+pub mod request_head;
 pub mod runtime;
 pub mod server;
 pub mod upstream_head;

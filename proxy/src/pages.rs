@@ -2,13 +2,13 @@
 
 use bytes::Bytes;
 use http::StatusCode;
-use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_http::ResponseHeader;
+
+use crate::request_head::RequestHead;
 
 /// Whether the client asked for JSON rather than a page.
-pub fn wants_json(req: &RequestHeader) -> bool {
-    let accept = crate::headers::first(&req.headers, &http::header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+pub fn wants_json(req: &impl RequestHead) -> bool {
+    let accept = req.first_str(&http::header::ACCEPT).unwrap_or("");
     accept.contains("json") && !accept.contains("text/html")
 }
 
@@ -86,6 +86,7 @@ pub fn escape_html(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pingora_http::RequestHeader;
 
     fn request(accept: Option<&str>) -> RequestHeader {
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();

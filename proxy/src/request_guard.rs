@@ -27,10 +27,10 @@
 //! A well-formed request costs one pass over its headers and one over the raw head bytes
 //! (looking for bare LF); nothing is allocated.
 
-use http::header::{CONTENT_LENGTH, COOKIE, HOST, TRANSFER_ENCODING};
-use http::{HeaderValue, Version};
+use http::Version;
 use pingora_core::{Error, ErrorType};
-use pingora_http::RequestHeader;
+
+use crate::request_head::RequestHead;
 
 use crate::auth::cookies::MAX_SESSION_VALUE_LEN;
 use crate::config::LimitSettings;
@@ -61,11 +61,11 @@ pub struct BodyPlan {
 /// checks the parsed form no longer shows. `path` is the normalised path when the caller has
 /// one (route body limits), else the raw path is used.
 pub fn check(
-    req: &RequestHeader,
+    req: &impl RequestHead,
     raw_head: Option<&[u8]>,
     limits: &LimitSettings,
 ) -> Result<BodyPlan, Box<Error>> {
-    if req.version == Version::HTTP_09 {
+    if req.version() == Version::HTTP_09 {
         return refuse(400, Reason::Malformed, "HTTP/0.9 is not supported");
     }
     check_target(req)?;
@@ -73,8 +73,7 @@ pub fn check(
     let chunked = check_framing(&seen, raw_head)?;
     let declared = match seen.content_length {
         // Pingora has already refused lengths that are not numbers or disagree.
-        Some(v) => v
-            .to_str()
+        Some(v) => std::str::from_utf8(v)
             .ok()
             .and_then(|s| s.split(',').next())
             .and_then(|s| s.trim().parse::<u64>().ok())
@@ -84,7 +83,7 @@ pub fn check(
     let limit = if limits.route_body_sizes.is_empty() {
         limits.max_body_size
     } else {
-        body_limit_for_target(req.uri.path(), limits)
+        body_limit_for_target(req.path(), limits)
     };
     if declared > limit {
         return refuse(
@@ -118,13 +117,13 @@ pub fn body_too_large() -> Box<Error> {
     )
 }
 
-fn check_target(req: &RequestHeader) -> Result<(), Box<Error>> {
+fn check_target(req: &impl RequestHead) -> Result<(), Box<Error>> {
     let target = req.raw_path();
     if target.len() > MAX_TARGET {
         return refuse(414, Reason::TooLarge, "request target too long");
     }
     let origin_form = target.first() == Some(&b'/');
-    let asterisk = target == b"*" && req.method == http::Method::OPTIONS;
+    let asterisk = target == b"*" && *req.method() == http::Method::OPTIONS;
     if !(origin_form || asterisk) {
         return refuse(
             400,
@@ -165,31 +164,33 @@ fn has_encoded_control(path: &[u8]) -> bool {
 #[derive(Default)]
 struct KeyHeaders<'a> {
     /// The first value of each, and how many there are.
-    host: Option<&'a HeaderValue>,
+    host: Option<&'a [u8]>,
     hosts: usize,
-    content_length: Option<&'a HeaderValue>,
-    transfer_encoding: Option<&'a HeaderValue>,
+    content_length: Option<&'a [u8]>,
+    transfer_encoding: Option<&'a [u8]>,
     transfer_encodings: usize,
 }
 
-fn check_headers(req: &RequestHeader) -> Result<KeyHeaders<'_>, Box<Error>> {
-    if req.headers.len() > MAX_HEADERS {
+fn check_headers(req: &impl RequestHead) -> Result<KeyHeaders<'_>, Box<Error>> {
+    if req.header_count() > MAX_HEADERS {
         return refuse(431, Reason::TooLarge, "too many header fields");
     }
     let mut seen = KeyHeaders::default();
     let mut total = 0;
-    for (name, value) in &req.headers {
-        if name == HOST {
+    for (name, value) in req.header_lines() {
+        // Names as received or in lower case: compared in any case.
+        let is = |wanted: &[u8]| name.eq_ignore_ascii_case(wanted);
+        if is(b"host") {
             seen.hosts += 1;
             seen.host.get_or_insert(value);
-        } else if name == CONTENT_LENGTH {
+        } else if is(b"content-length") {
             seen.content_length.get_or_insert(value);
-        } else if name == TRANSFER_ENCODING {
+        } else if is(b"transfer-encoding") {
             seen.transfer_encodings += 1;
             seen.transfer_encoding.get_or_insert(value);
         }
-        let line = name.as_str().len() + value.len();
-        let max = if name == COOKIE {
+        let line = name.len() + value.len();
+        let max = if is(b"cookie") {
             MAX_COOKIE_LINE
         } else {
             MAX_HEADER_LINE
@@ -202,9 +203,9 @@ fn check_headers(req: &RequestHeader) -> Result<KeyHeaders<'_>, Box<Error>> {
     if total > MAX_HEAD {
         return refuse(431, Reason::TooLarge, "header section too large");
     }
-    if req.version != Version::HTTP_10 || seen.hosts > 0 {
+    if req.version() != Version::HTTP_10 || seen.hosts > 0 {
         let valid = match (seen.host, seen.hosts) {
-            (Some(host), 1) => valid_host(host.as_bytes()),
+            (Some(host), 1) => valid_host(host),
             _ => false,
         };
         if !valid {
@@ -233,10 +234,8 @@ fn check_framing(seen: &KeyHeaders<'_>, raw_head: Option<&[u8]>) -> Result<bool,
     let Some(first) = seen.transfer_encoding else {
         return Ok(false);
     };
-    let plain_chunked = seen.transfer_encodings == 1
-        && first
-            .to_str()
-            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
+    let plain_chunked =
+        seen.transfer_encodings == 1 && first.trim_ascii().eq_ignore_ascii_case(b"chunked");
     if !plain_chunked {
         return refuse(
             400,
@@ -295,6 +294,7 @@ fn refuse<T>(status: u16, reason: Reason, why: &'static str) -> Result<T, Box<Er
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pingora_http::RequestHeader;
 
     fn limits() -> LimitSettings {
         LimitSettings {
@@ -321,6 +321,27 @@ mod tests {
                 ErrorType::HTTPStatus(s) => *s,
                 _ => 0,
             },
+        }
+    }
+
+    #[test]
+    fn the_fast_paths_view_is_judged_like_pingoras_header() {
+        let big = "x".repeat(MAX_HEADER_LINE);
+        for (host, name, value, expected) in [
+            ("a.test", "X-Small", "1", 200),
+            ("a b", "X-Small", "1", 400),
+            ("a.test", "X-Big", big.as_str(), 431),
+            ("a.test", "COOKIE", big.as_str(), 200),
+        ] {
+            let raw = format!("GET /a HTTP/1.1\r\nHOST: {host}\r\n{name}: {value}\r\n\r\n");
+            let bytes = bytes::Bytes::from(raw);
+            let view = crate::express::request::parse(&bytes).unwrap().head;
+            let mut pingora = RequestHeader::build("GET", b"/a", None).unwrap();
+            pingora.append_header("host", host).unwrap();
+            pingora.append_header(name.to_owned(), value).unwrap();
+            let judged = status(check(&view, Some(&bytes), &limits()));
+            assert_eq!(judged, expected, "{host} {name}");
+            assert_eq!(judged, status(check(&pingora, None, &limits())));
         }
     }
 

@@ -4,7 +4,7 @@
 use http::header::{CONNECTION, COOKIE};
 use http::{HeaderName, HeaderValue};
 
-use crate::headers::values;
+use crate::request_head::RequestHead;
 use crate::upstream_head::UpstreamHead;
 
 use super::cookies::{
@@ -27,11 +27,12 @@ pub const STRIPPED_HEADERS: &[&str] = &[
 
 /// Whether `name` is one of [`STRIPPED_HEADERS`], also when spelled with `_` for `-` (CGI-style
 /// servers map both to the same variable) or in any case.
-fn is_identity_header(name: &str) -> bool {
+fn is_identity_header(name: &[u8]) -> bool {
     STRIPPED_HEADERS.iter().any(|stripped| {
         name.len() == stripped.len()
             && name
-                .bytes()
+                .iter()
+                .copied()
                 .zip(stripped.bytes())
                 .all(|(a, b)| a.to_ascii_lowercase() == b || (a == b'_' && b == b'-'))
     })
@@ -43,34 +44,33 @@ fn is_identity_header(name: &str) -> bool {
 /// left): a hop-by-hop listing like `Connection: close, X-Forwarded-User` would otherwise make a
 /// later hop delete the identity header the proxy sets.
 pub fn strip_client_identity(req: &mut impl UpstreamHead) {
-    let doomed: Vec<HeaderName> = req
-        .headers()
-        .keys()
-        .filter(|name| is_identity_header(name.as_str()))
-        .cloned()
+    // Read before any edit (see `UpstreamHead`); nothing is allocated for a request that has
+    // none of these.
+    let received = req.received();
+    let doomed: Vec<HeaderName> = received
+        .header_lines()
+        .filter(|(name, _)| is_identity_header(name))
+        .filter_map(|(name, _)| HeaderName::from_bytes(name).ok())
         .collect();
-    let names_identity = |value: &HeaderValue| {
+    let names_identity = |value: &[u8]| {
         value
-            .as_bytes()
             .split(|&b| b == b',')
-            .any(|token| std::str::from_utf8(token).is_ok_and(|t| is_identity_header(t.trim())))
+            .any(|token| is_identity_header(token.trim_ascii()))
     };
-    // Read before any edit (see `UpstreamHead`).
-    let connection: Vec<HeaderValue> = values(req.headers(), &CONNECTION).cloned().collect();
+    let connection: Vec<Vec<u8>> = received.values(&CONNECTION).map(<[u8]>::to_vec).collect();
     for name in &doomed {
         req.remove(name);
     }
-    if !connection.iter().any(names_identity) {
+    if !connection.iter().any(|value| names_identity(value)) {
         return;
     }
     req.remove(&CONNECTION);
     for value in connection {
         let kept: Vec<&[u8]> = value
-            .as_bytes()
             .split(|&b| b == b',')
             .map(<[u8]>::trim_ascii)
             .filter(|t| !t.is_empty())
-            .filter(|t| !std::str::from_utf8(t).is_ok_and(is_identity_header))
+            .filter(|t| !is_identity_header(t))
             .collect();
         if kept.is_empty() {
             continue;
@@ -87,15 +87,16 @@ pub fn strip_client_identity(req: &mut impl UpstreamHead) {
 /// [`super::cookies::strip_custodia_cookies`]); a header left empty is removed. Requests
 /// without our cookies are not touched.
 pub fn remove_custodia_cookies(req: &mut impl UpstreamHead) {
-    let has_ours = values(req.headers(), &COOKIE).any(|value| {
-        cookie_parts(value.as_bytes())
-            .any(|part| cookie_part_name(part).is_some_and(is_custodia_cookie_name))
+    let received = req.received();
+    let has_ours = received.values(&COOKIE).any(|value| {
+        cookie_parts(value).any(|part| cookie_part_name(part).is_some_and(is_custodia_cookie_name))
     });
     if !has_ours {
         return;
     }
-    let kept: Vec<Vec<u8>> = values(req.headers(), &COOKIE)
-        .filter_map(|value| strip_custodia_cookie_bytes(value.as_bytes()))
+    let kept: Vec<Vec<u8>> = received
+        .values(&COOKIE)
+        .filter_map(strip_custodia_cookie_bytes)
         .collect();
     req.remove(&COOKIE);
     for value in kept {

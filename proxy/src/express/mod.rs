@@ -25,7 +25,7 @@
 //! ```
 
 mod chunked;
-mod request;
+pub(crate) mod request;
 mod response;
 mod upstream;
 
@@ -38,7 +38,6 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::HeaderValue;
 use pingora_core::protocols::{GetSocketDigest, Stream};
 use pingora_core::server::ShutdownWatch;
-use pingora_http::RequestHeader;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -49,6 +48,7 @@ use crate::config::UpstreamSettings;
 use crate::edge::{self, Finished};
 use crate::limits::ClientStream;
 use crate::metrics::{InFlight, PolicyClass};
+use crate::request_head::{ReceivedHead, RequestHead};
 use crate::runtime::{Runtime, SharedRuntime};
 use crate::upstream_head::Overlay;
 use crate::{pages, request_guard};
@@ -105,7 +105,7 @@ pub async fn serve(runtime: &SharedRuntime, stream: Stream, shutdown: &ShutdownW
         .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
     let mut exchange = Exchange {
         runtime: snapshot,
-        req: plain.header,
+        req: plain.head,
         request_id: HeaderValue::from_static(""),
         started: Instant::now(),
         _in_flight: InFlight::start(),
@@ -221,7 +221,7 @@ enum Prepared {
 /// One request on the fast path: what the edge's `RequestCtx` holds on Pingora's.
 struct Exchange {
     runtime: Arc<Runtime>,
-    req: RequestHeader,
+    req: ReceivedHead,
     request_id: HeaderValue,
     started: Instant,
     _in_flight: InFlight,
@@ -269,8 +269,7 @@ impl Exchange {
             self.request_id = crate::headers::request_id(&self.req);
             return Prepared::Forward;
         };
-        let raw_path = self.req.uri.path();
-        let Ok((policy, path)) = auth.routes.policy_and_path(raw_path) else {
+        let Ok((policy, path)) = auth.routes.policy_and_path(self.req.path()) else {
             return Prepared::Decline;
         };
         if Endpoint::from_path(&path).is_some() {
@@ -325,7 +324,7 @@ impl Exchange {
             self.lease = Some(lease);
             let may_retry = self.attempts <= settings.retries;
             let client_side = response::ClientSide {
-                head_request: self.req.method == http::Method::HEAD,
+                head_request: *self.req.method() == http::Method::HEAD,
                 keepalive: self.keepalive,
                 request_id: &self.request_id,
             };
@@ -374,8 +373,8 @@ impl Exchange {
             error = %e,
             request_id = self.request_id.to_str().unwrap_or(""),
             "{} {}: fail to proxy",
-            self.req.method,
-            self.req.uri.path()
+            self.req.method(),
+            self.req.path()
         );
     }
 
@@ -532,7 +531,7 @@ impl Exchange {
         };
         put_header(&mut out, b"connection", connection);
         out.put_slice(b"\r\n");
-        if self.req.method != http::Method::HEAD {
+        if *self.req.method() != http::Method::HEAD {
             out.put_slice(body);
             self.bytes_out = body.len() as u64;
         }
@@ -545,7 +544,8 @@ impl Exchange {
         let ended = Instant::now();
         edge::record(&Finished {
             runtime: &self.runtime,
-            req: &self.req,
+            method: self.req.method(),
+            path: self.req.path(),
             started: self.started,
             ended,
             status: self.status,

@@ -4,15 +4,20 @@
 //! It takes an HTTP/1.1 `GET` or `HEAD` whose whole head is in hand and that has nothing the
 //! fast path would have to interpret: no body framing at all (`Content-Length`,
 //! `Transfer-Encoding`), no `Upgrade`, no `Expect`, one `Host`, an origin-form target, and a
-//! `Connection` header, if any, that says only `keep-alive` or `close`. Anything else is left
-//! to Pingora, which parses the same bytes again. Hop-by-hop headers are not forwarded, as
-//! Pingora does not forward them.
+//! `Connection` header, if any, that says only `keep-alive` or `close`, a target of visible
+//! ASCII and at most [`MAX_LINES`](crate::request_head::MAX_LINES) header lines to forward. Anything else is left to Pingora,
+//! which parses the same bytes again. Hop-by-hop headers are not forwarded, as Pingora does not
+//! forward them.
+//!
+//! What it takes is not copied into a header map: [`ReceivedHead`] notes where the target and
+//! each forwarded line are in the bytes received.
 
 use std::mem::MaybeUninit;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Uri};
-use pingora_http::RequestHeader;
+use http::Method;
+
+use crate::request_head::ReceivedHead;
 
 /// Header lines the fast path reads; a request with more goes to Pingora.
 const MAX_HEADERS: usize = crate::request_guard::MAX_HEADERS;
@@ -21,7 +26,7 @@ const MAX_HEADERS: usize = crate::request_guard::MAX_HEADERS;
 #[derive(Debug)]
 pub struct Plain {
     /// The request as received, without the hop-by-hop headers.
-    pub header: RequestHeader,
+    pub head: ReceivedHead,
     /// Length of the head in the bytes parsed; what follows belongs to the next request.
     pub head_len: usize,
     /// The client asked to close the connection after this request.
@@ -55,19 +60,10 @@ pub fn parse(bytes: &Bytes) -> Result<Plain, NotPlain> {
     let (Some(1), Some(path)) = (parsed.version, parsed.path) else {
         return Err(NotPlain::Other);
     };
-    if !path.starts_with('/') {
-        return Err(NotPlain::Other);
-    }
-    // The target as a slice of the received bytes, parsed as Pingora parses an origin-form
-    // one (a fragment dropped), without the copy and the URI builder its constructor takes.
-    let Ok(uri) = Uri::from_maybe_shared(bytes.slice_ref(path.as_bytes())) else {
-        return Err(NotPlain::Other);
-    };
-    let mut parts = http::Request::new(()).into_parts().0;
-    parts.method = method;
-    parts.uri = uri;
-    parts.headers = HeaderMap::with_capacity(parsed.headers.len());
-    let mut header = RequestHeader::from(parts);
+    // The head stays the bytes received: the view notes where its parts are, and httparse
+    // admitted only bytes a header value may hold (`value_bytes_httparse_admits_are_valid`).
+    let mut head =
+        ReceivedHead::new(bytes.clone(), method, path.as_bytes()).map_err(|_| NotPlain::Other)?;
     let mut close = false;
     let mut hosts = 0;
     for line in parsed.headers.iter() {
@@ -85,21 +81,14 @@ pub fn parse(bytes: &Bytes) -> Result<Plain, NotPlain> {
             }
             Kind::NotPlain => return Err(NotPlain::Other),
         }
-        // Slices of the received bytes: no copies. Not checked again (~1.5 instructions a
-        // byte, a session cookie is ~300): httparse admitted only bytes a header value may
-        // hold, as Pingora's own parser relies on (`value_bytes_httparse_admits_are_valid`).
-        // SAFETY: the bytes are a value httparse parsed, so they are valid header value bytes.
-        let value =
-            unsafe { HeaderValue::from_maybe_shared_unchecked(bytes.slice_ref(line.value)) };
-        if header.append_header(bytes.slice_ref(name), value).is_err() {
-            return Err(NotPlain::Other);
-        }
+        head.push_line(name, line.value)
+            .map_err(|_| NotPlain::Other)?;
     }
     if hosts != 1 {
         return Err(NotPlain::Other);
     }
     Ok(Plain {
-        header,
+        head,
         head_len,
         close,
     })
@@ -161,6 +150,7 @@ fn connection_tokens(value: &[u8]) -> Option<bool> {
 mod tests {
     use super::*;
     use crate::upstream_head::Overlay;
+    use http::HeaderValue;
 
     fn plain(raw: &str) -> Plain {
         parse(&Bytes::copy_from_slice(raw.as_bytes())).unwrap_or_else(|e| panic!("{e:?}: {raw:?}"))
@@ -178,7 +168,7 @@ mod tests {
         let p = plain(raw);
         assert_eq!(p.head_len, raw.len() - "GET /next".len());
         assert!(!p.close);
-        let wire = String::from_utf8(Overlay::new(&p.header).wire()).unwrap();
+        let wire = String::from_utf8(Overlay::new(&p.head).wire()).unwrap();
         assert!(
             wire.starts_with("GET /api/hello?x=1 HTTP/1.1\r\n"),
             "{wire}"
