@@ -39,7 +39,6 @@ use http::HeaderValue;
 use pingora_core::protocols::{GetSocketDigest, Stream};
 use pingora_core::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::auth::flow::{self, AuthResponse, Endpoint, Gate};
 use crate::auth::Verified;
@@ -241,7 +240,7 @@ struct Exchange {
 
 /// A worker's answer whose head has arrived.
 struct Answer {
-    conn: TcpStream,
+    conn: upstream::Conn,
     head: response::Head,
     /// What was read after the head.
     body_start: BytesMut,
@@ -432,7 +431,7 @@ impl Exchange {
             data.clear();
             data.reserve(BODY_READ);
             let deadline = Instant::now() + settings.read_timeout;
-            match read_by(&mut conn, &mut data, deadline).await {
+            match conn.read_by(&mut data, deadline).await {
                 Ok(0) if body.ends_at_close() => body.closed(),
                 Ok(0) => {
                     let e = io::Error::new(
@@ -629,13 +628,13 @@ enum HeadError {
 /// `read_timeout` from `now`, as nginx times with the clock it reads once per turn of its
 /// event loop.
 async fn exchange_head(
-    conn: &mut TcpStream,
+    conn: &mut upstream::Conn,
     wire: &[u8],
     settings: &UpstreamSettings,
     client_side: response::ClientSide<'_>,
     now: Option<Instant>,
 ) -> Result<(response::Head, BytesMut, Instant), HeadError> {
-    let written = match conn.try_write(wire) {
+    let written = match conn.stream.try_write(wire) {
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
         Err(e) => return Err(HeadError::Stale(e)),
@@ -643,7 +642,7 @@ async fn exchange_head(
     let mut sent = now;
     if written < wire.len() {
         let rest = &wire[written..];
-        match tokio::time::timeout(settings.send_timeout, conn.write_all(rest)).await {
+        match tokio::time::timeout(settings.send_timeout, conn.stream.write_all(rest)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(HeadError::Stale(e)),
             Err(_) => return Err(HeadError::Other(timed_out("send_timeout"))),
@@ -654,7 +653,9 @@ async fn exchange_head(
     let mut buf = upstream::read_buffer();
     let mut received = false;
     loop {
-        let read = read_by(conn, &mut buf, read_from + settings.read_timeout).await;
+        let read = conn
+            .read_by(&mut buf, read_from + settings.read_timeout)
+            .await;
         match read {
             Ok(0) if !received => {
                 return Err(HeadError::Stale(io::Error::new(
@@ -693,15 +694,6 @@ async fn exchange_head(
         }
         // The head is not complete: `read_timeout` runs between two reads, as nginx's.
         read_from = Instant::now();
-    }
-}
-
-/// Read what the worker sent, failing with `read_timeout` at `deadline`.
-async fn read_by(conn: &mut TcpStream, buf: &mut BytesMut, deadline: Instant) -> io::Result<usize> {
-    let deadline = tokio::time::Instant::from_std(deadline);
-    match tokio::time::timeout_at(deadline, conn.read_buf(buf)).await {
-        Ok(read) => read,
-        Err(_) => Err(timed_out("read_timeout")),
     }
 }
 

@@ -119,6 +119,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> ConnectionGate<A> {
         shutdown: &ShutdownWatch,
     ) {
         let mut served = self.serve_next(stream, settings, true, shutdown).await;
+        // One receiver for the connection's waits: a clone per wait touched the count of
+        // receivers all threads share.
+        let mut shutdown_watch = shutdown.clone();
         while let Some((reused, answered_at)) = served {
             let (stream, settings) = reused.consume();
             // Whole seconds, at least one (config/README.md), as the edge tells the client.
@@ -129,7 +132,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> ConnectionGate<A> {
             let closes_at = tokio::time::Instant::from_std(idle_since) + idle;
             let (mut stream, mut settings) = (stream, settings);
             let stream = loop {
-                match next_request_arrives(stream, idle_since, closes_at, shutdown).await {
+                match next_request_arrives(stream, idle_since, closes_at, &mut shutdown_watch).await
+                {
                     NextRequest::Arrived(stream) => break stream,
                     NextRequest::Close => return,
                     NextRequest::Park(idle) => match Parked::park(idle, settings, closes_at) {
@@ -214,7 +218,7 @@ async fn next_request_arrives(
     stream: Stream,
     idle_since: Instant,
     closes_at: tokio::time::Instant,
-    shutdown: &ShutdownWatch,
+    shutdown: &mut ShutdownWatch,
 ) -> NextRequest {
     if *shutdown.borrow() {
         return NextRequest::Close;
@@ -232,7 +236,7 @@ async fn next_request_arrives(
     }
     let park_at = tokio::time::Instant::from_std(idle_since) + PARK_AFTER;
     let wait_until = park_at.min(closes_at);
-    let mut shutdown = shutdown.clone();
+    let mut timer = client.idle_timer(wait_until);
     let mut head = BytesMut::with_capacity(READ_AHEAD);
     let waited = tokio::select! {
         biased;
@@ -240,9 +244,10 @@ async fn next_request_arrives(
             Ok(n) if n > 0 => Waited::Bytes,
             _ => Waited::Closed,
         },
-        _ = tokio::time::sleep_until(wait_until) => Waited::Idle,
+        _ = timer.as_mut() => Waited::Idle,
         _ = shutdown.changed() => Waited::Closed,
     };
+    client.idle_timer = Some(timer);
     match waited {
         Waited::Bytes => {
             client.read_ahead = head.freeze();
@@ -329,6 +334,10 @@ pub struct ClientStream {
     deadline_ms: AtomicU64,
     /// Wakes a read waiting for the rest of a request when its deadline passes.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Ends the keep-alive wait ([`next_request_arrives`]). Kept, and moved on to each wait's
+    /// end: a later deadline moves tokio's timer entry with one atomic exchange, where a new
+    /// timer per wait registered and removed an entry under the timer driver's lock.
+    idle_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Upgraded (e.g. WebSocket): the bytes are no longer requests; no deadlines.
     tunnel: AtomicBool,
     /// Bytes the keep-alive wait read off the socket ([`next_request_arrives`]) and not yet
@@ -347,6 +356,7 @@ impl ClientStream {
             // A new connection must bring its first request within the timeout too.
             deadline_ms: AtomicU64::new(timeout_ms),
             timer: None,
+            idle_timer: None,
             tunnel: AtomicBool::new(false),
             read_ahead: Bytes::new(),
             _slot: slot,
@@ -391,6 +401,19 @@ impl ClientStream {
     /// Hand bytes read off the socket back, for whoever parses the next request.
     pub fn put_back(&mut self, bytes: Bytes) {
         self.read_ahead = bytes;
+    }
+
+    /// The keep-alive wait's timer, set to end at `until` (taken out while the wait reads).
+    fn idle_timer(&mut self, until: tokio::time::Instant) -> Pin<Box<tokio::time::Sleep>> {
+        match self.idle_timer.take() {
+            Some(mut timer) => {
+                if timer.deadline() != until {
+                    timer.as_mut().reset(until);
+                }
+                timer
+            }
+            None => Box::pin(tokio::time::sleep_until(until)),
+        }
     }
 
     /// The request has been read completely: no deadline until the next one starts.
