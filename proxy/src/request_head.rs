@@ -187,6 +187,23 @@ impl ReceivedHead {
             .map(|line| (self.part(line.name), self.part(line.value)))
     }
 
+    /// The indexes of the header lines named `name` (any case).
+    pub fn lines_named<'a>(&'a self, name: &'a [u8]) -> impl Iterator<Item = usize> + 'a {
+        self.lines()
+            .iter()
+            .enumerate()
+            .filter(move |(_, line)| {
+                usize::from(line.name.len) == name.len()
+                    && self.part(line.name).eq_ignore_ascii_case(name)
+            })
+            .map(|(index, _)| index)
+    }
+
+    /// The lengths of the header lines' names.
+    pub fn name_lengths(&self) -> impl Iterator<Item = usize> + '_ {
+        self.lines().iter().map(|line| usize::from(line.name.len))
+    }
+
     /// The bytes the head was received in.
     pub fn bytes(&self) -> &[u8] {
         &self.bytes

@@ -80,8 +80,8 @@ impl<'a> Overlay<'a> {
         Overlay {
             received,
             received_lengths: received
-                .line_parts()
-                .fold(0, |m, (name, _)| m | length_bit(name.len())),
+                .name_lengths()
+                .fold(0, |m, len| m | length_bit(len)),
             added_lengths: 0,
             removed: 0,
             // The forwarding headers, the request id and a signed-in user's three.
@@ -175,10 +175,8 @@ impl UpstreamHead for Overlay<'_> {
         }
         // A head has a handful of names: comparing them costs less than hashing this one.
         if self.received_lengths & bit != 0 {
-            for (i, (received, _)) in self.received.line_parts().enumerate() {
-                if received.eq_ignore_ascii_case(wanted) {
-                    self.removed |= 1 << i;
-                }
+            for index in self.received.lines_named(wanted) {
+                self.removed |= 1 << index;
             }
         }
     }

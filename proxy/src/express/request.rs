@@ -60,6 +60,9 @@ pub fn parse(bytes: &Bytes) -> Result<Plain, NotPlain> {
     let (Some(1), Some(path)) = (parsed.version, parsed.path) else {
         return Err(NotPlain::Other);
     };
+    if !crlf_only(bytes, &parsed, head_len) {
+        return Err(NotPlain::Other);
+    }
     // The head stays the bytes received: the view notes where its parts are, and httparse
     // admitted only bytes a header value may hold (`value_bytes_httparse_admits_are_valid`).
     let mut head =
@@ -92,6 +95,45 @@ pub fn parse(bytes: &Bytes) -> Result<Plain, NotPlain> {
         head_len,
         close,
     })
+}
+
+/// Whether every line of the head ends in CRLF. A bare LF, which the request guard refuses, is
+/// left to Pingora, whose guard answers it. httparse admits no CR or LF inside a line and
+/// leaves the space after a value out of it, so each line ends right after its last part.
+fn crlf_only(bytes: &[u8], parsed: &httparse::Request<'_, '_>, head_len: usize) -> bool {
+    let (Some(method), Some(path)) = (parsed.method, parsed.path) else {
+        return false;
+    };
+    let crlf_at = |at: usize| bytes.get(at..at + 2) == Some(b"\r\n".as_slice());
+    // No empty lines before the request line (httparse skips them).
+    if offset(bytes, method.as_bytes()) != Some(0) {
+        return false;
+    }
+    let Some(path_end) = offset(bytes, path.as_bytes()).map(|at| at + path.len()) else {
+        return false;
+    };
+    if bytes.get(path_end..path_end + 9) != Some(b" HTTP/1.1".as_slice()) || !crlf_at(path_end + 9)
+    {
+        return false;
+    }
+    for line in parsed.headers.iter() {
+        let Some(mut end) = offset(bytes, line.value).map(|at| at + line.value.len()) else {
+            return false;
+        };
+        while matches!(bytes.get(end), Some(b' ' | b'\t')) {
+            end += 1;
+        }
+        if !crlf_at(end) {
+            return false;
+        }
+    }
+    head_len >= 2 && crlf_at(head_len - 2)
+}
+
+/// Where `part`, a slice of `bytes`, starts in it.
+fn offset(bytes: &[u8], part: &[u8]) -> Option<usize> {
+    let at = (part.as_ptr() as usize).checked_sub(bytes.as_ptr() as usize)?;
+    (at + part.len() <= bytes.len()).then_some(at)
 }
 
 enum Kind {
@@ -149,6 +191,7 @@ fn connection_tokens(value: &[u8]) -> Option<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::request_head::RequestHead;
     use crate::upstream_head::Overlay;
     use http::HeaderValue;
 
@@ -214,6 +257,14 @@ mod tests {
     }
 
     #[test]
+    fn takes_crlf_heads_with_space_after_values_and_empty_values() {
+        let raw = "GET /a?b HTTP/1.1\r\nHost: a  \r\nX-Empty:\r\nX-Blank: \t\r\nAccept:*/*\r\n\r\n";
+        let p = plain(raw);
+        assert_eq!(p.head_len, raw.len());
+        assert_eq!(p.head.header_count(), 4);
+    }
+
+    #[test]
     fn notes_a_client_that_asks_to_close() {
         assert!(plain("HEAD / HTTP/1.1\r\nhost: a\r\nconnection: Close\r\n\r\n").close);
     }
@@ -231,6 +282,14 @@ mod tests {
             "GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a\r\nConnection: x-forwarded-for\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n",
+            // Bare LFs, which the request guard refuses: in each line, and before the head.
+            "GET / HTTP/1.1\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a  \n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX-Empty:\nAccept: */*\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\n\n",
+            "\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            "\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
         ] {
             assert!(is_other(raw), "{raw:?}");
         }
