@@ -3,11 +3,12 @@
 use std::cell::RefCell;
 use std::net::IpAddr;
 
-use crate::request_head::RequestHead;
-use crate::upstream_head::UpstreamHead;
 use http::header::{self, HeaderMap};
 use http::{HeaderName, HeaderValue};
 use pingora_core::{Error, ErrorType};
+
+use crate::request_head::RequestHead;
+use crate::upstream_head::UpstreamHead;
 
 pub const X_REQUEST_ID: &str = "x-request-id";
 pub const X_REAL_IP: &str = "x-real-ip";
@@ -97,17 +98,15 @@ pub fn set_forwarding(
     request_id: &HeaderValue,
 ) -> pingora_core::Result<()> {
     let peer = peer_ip.map(ip_value);
-    // Read before any edit (see `UpstreamHead`).
-    let forwarded_for = peer.clone().map(|ip| {
-        match upstream.received().first_str(&X_FORWARDED_FOR_NAME) {
-            Some(prior) if !prior.trim().is_empty() => {
-                let joined = format!("{prior}, {}", ip.to_str().unwrap_or_default());
-                // A received value, a comma and an address: always a valid value.
-                HeaderValue::from_str(&joined).unwrap_or(ip)
-            }
-            _ => ip,
+    // Read before any edit (see `UpstreamHead`): the client's list with the peer appended.
+    let joined = match (&peer, upstream.received().first_str(&X_FORWARDED_FOR_NAME)) {
+        (Some(ip), Some(prior)) if !prior.trim().is_empty() => {
+            let joined = format!("{prior}, {}", ip.to_str().unwrap_or_default());
+            // A received value, a comma and an address: always a valid value.
+            HeaderValue::from_str(&joined).ok()
         }
-    });
+        _ => None,
+    };
     if let Some(client) = client_ip {
         // Usually the peer itself.
         let client = match &peer {
@@ -116,8 +115,8 @@ pub fn set_forwarding(
         };
         upstream.insert(X_REAL_IP_NAME, client)?;
     }
-    if let Some(forwarded_for) = forwarded_for {
-        upstream.insert(X_FORWARDED_FOR_NAME, forwarded_for)?;
+    if let Some(ip) = peer {
+        upstream.insert(X_FORWARDED_FOR_NAME, joined.unwrap_or(ip))?;
     }
     upstream.insert(X_FORWARDED_PROTO_NAME, HeaderValue::from_static(proto))?;
     upstream.insert(X_REQUEST_ID_NAME, request_id.clone())?;

@@ -24,17 +24,17 @@
 //!   line over [`MAX_COOKIE_LINE`]), more than [`MAX_HEAD`] of headers | 431 |
 //! | a declared `Content-Length` over the route's `max_body_size` | 413 |
 //!
-//! A well-formed request costs one pass over its headers and one over the raw head bytes
-//! (looking for bare LF); nothing is allocated.
+//! A well-formed request costs one pass over its headers and, on Pingora's path, one over the
+//! raw head bytes (looking for bare LF; the fast path takes only heads without one); nothing is
+//! allocated.
 
 use http::Version;
 use pingora_core::{Error, ErrorType};
 
-use crate::request_head::RequestHead;
-
 use crate::auth::cookies::MAX_SESSION_VALUE_LEN;
 use crate::config::LimitSettings;
 use crate::metrics;
+use crate::request_head::RequestHead;
 
 /// Longest request target (path and query), like nginx's default 8k header buffer.
 pub const MAX_TARGET: usize = 8 * 1024;
