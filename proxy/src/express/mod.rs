@@ -590,8 +590,10 @@ async fn attempt(
     loop {
         let (mut conn, reused) = match pooled.take() {
             Some(conn) => (conn, true),
+            // Boxed: a new connection is the rare case, and its state machine would otherwise
+            // sit inside every request's.
             None => (
-                upstream::connect(addr, settings.connect_timeout)
+                Box::pin(upstream::connect(addr, settings.connect_timeout))
                     .await
                     .map_err(Failed::Connect)?,
                 false,
@@ -643,7 +645,9 @@ async fn exchange_head(
     let mut sent = now;
     if written < wire.len() {
         let rest = &wire[written..];
-        match tokio::time::timeout(settings.send_timeout, conn.stream.write_all(rest)).await {
+        // Boxed, as the connect above: a head that does not go out in one write is rare.
+        let write = tokio::time::timeout(settings.send_timeout, conn.stream.write_all(rest));
+        match Box::pin(write).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(HeadError::Stale(e)),
             Err(_) => return Err(HeadError::Other(timed_out("send_timeout"))),
