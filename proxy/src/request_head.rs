@@ -107,9 +107,7 @@ struct Span {
 impl Span {
     /// `part`, a slice of `bytes`, as a span; `None` if it lies beyond what offsets can say.
     fn of(bytes: &[u8], part: &[u8]) -> Option<Span> {
-        let start = (part.as_ptr() as usize).checked_sub(bytes.as_ptr() as usize)?;
-        let end = start.checked_add(part.len())?;
-        (end <= bytes.len()).then_some(())?;
+        let start = offset_in(bytes, part)?;
         Some(Span {
             start: u16::try_from(start).ok()?,
             len: u16::try_from(part.len()).ok()?,
@@ -120,6 +118,13 @@ impl Span {
         let start = usize::from(self.start);
         start..start + usize::from(self.len)
     }
+}
+
+/// Where `part`, a slice of `bytes`, starts in it; `None` if it is not a slice of `bytes`.
+pub fn offset_in(bytes: &[u8], part: &[u8]) -> Option<usize> {
+    let start = (part.as_ptr() as usize).checked_sub(bytes.as_ptr() as usize)?;
+    let end = start.checked_add(part.len())?;
+    (end <= bytes.len()).then_some(start)
 }
 
 /// A forwarded header line: where its name and its value are.
@@ -180,23 +185,20 @@ impl ReceivedHead {
             .unwrap_or_default()
     }
 
-    /// The header lines as `(name, value)`, in the order received.
-    pub fn line_parts(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.lines()
-            .iter()
-            .map(|line| (self.part(line.name), self.part(line.value)))
+    /// The header lines named `name` (any case), with their indexes.
+    fn named<'s, 'n>(
+        &'s self,
+        name: &'n [u8],
+    ) -> impl Iterator<Item = (usize, &'s Line)> + use<'s, 'n> {
+        self.lines().iter().enumerate().filter(move |(_, line)| {
+            usize::from(line.name.len) == name.len()
+                && self.part(line.name).eq_ignore_ascii_case(name)
+        })
     }
 
     /// The indexes of the header lines named `name` (any case).
     pub fn lines_named<'a>(&'a self, name: &'a [u8]) -> impl Iterator<Item = usize> + 'a {
-        self.lines()
-            .iter()
-            .enumerate()
-            .filter(move |(_, line)| {
-                usize::from(line.name.len) == name.len()
-                    && self.part(line.name).eq_ignore_ascii_case(name)
-            })
-            .map(|(index, _)| index)
+        self.named(name).map(|(index, _)| index)
     }
 
     /// The lengths of the header lines' names.
@@ -217,12 +219,13 @@ impl ReceivedHead {
             .map(|line| usize::from(line.name.start)..line.value.range().end)
     }
 
-    /// A part of the target as text: read three times per request, and checked once, in `new`.
-    fn text<'b>(&self, target_part: &'b [u8]) -> &'b str {
-        debug_assert!(target_part.is_ascii());
-        // SAFETY: only called with parts of the target, which `new` admitted only as visible
-        // ASCII (the field is private and never changed after), and ASCII is UTF-8.
-        unsafe { std::str::from_utf8_unchecked(target_part) }
+    /// The target as text: read three times per request, and checked once, in `new`.
+    fn target_text(&self) -> &str {
+        let target = self.part(self.target);
+        debug_assert!(target.is_ascii());
+        // SAFETY: `new` admitted the target only as visible ASCII, which is UTF-8, and neither
+        // the bytes nor the target's span change after.
+        unsafe { std::str::from_utf8_unchecked(target) }
     }
 }
 
@@ -240,12 +243,13 @@ impl RequestHead for ReceivedHead {
     }
 
     fn path(&self) -> &str {
-        let target = self.part(self.target);
-        self.text(target.get(..usize::from(self.path_len)).unwrap_or_default())
+        let target = self.target_text();
+        // `path_len` is at a `?` or the end: an ASCII boundary.
+        target.get(..usize::from(self.path_len)).unwrap_or(target)
     }
 
     fn path_and_query(&self) -> &str {
-        self.text(self.part(self.target))
+        self.target_text()
     }
 
     fn header_count(&self) -> usize {
@@ -253,18 +257,14 @@ impl RequestHead for ReceivedHead {
     }
 
     fn header_lines(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.line_parts()
+        self.lines()
+            .iter()
+            .map(|line| (self.part(line.name), self.part(line.value)))
     }
 
     fn values<'a>(&'a self, name: &HeaderName) -> impl Iterator<Item = &'a [u8]> {
-        let wanted = name.as_str().as_bytes();
-        self.lines()
-            .iter()
-            .filter(move |line| {
-                usize::from(line.name.len) == wanted.len()
-                    && self.part(line.name).eq_ignore_ascii_case(wanted)
-            })
-            .map(|line| self.part(line.value))
+        self.named(name.as_str().as_bytes())
+            .map(|(_, line)| self.part(line.value))
     }
 }
 

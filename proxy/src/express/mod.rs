@@ -650,7 +650,7 @@ async fn exchange_head(
         match Box::pin(write).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(HeadError::Stale(e)),
-            Err(_) => return Err(HeadError::Other(timed_out("send_timeout"))),
+            Err(_) => return Err(HeadError::Other(upstream::timed_out("send_timeout"))),
         }
         sent = None;
     }
@@ -700,13 +700,6 @@ async fn exchange_head(
         // The head is not complete: `read_timeout` runs between two reads, as nginx's.
         read_from = Instant::now();
     }
-}
-
-fn timed_out(setting: &str) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::TimedOut,
-        format!("the backend did not answer within upstream.{setting}"),
-    )
 }
 
 fn invalid(what: &'static str) -> io::Error {

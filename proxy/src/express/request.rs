@@ -17,7 +17,7 @@ use std::mem::MaybeUninit;
 use bytes::Bytes;
 use http::Method;
 
-use crate::request_head::ReceivedHead;
+use crate::request_head::{offset_in, ReceivedHead};
 
 /// Header lines the fast path reads; a request with more goes to Pingora.
 const MAX_HEADERS: usize = crate::request_guard::MAX_HEADERS;
@@ -106,10 +106,10 @@ fn crlf_only(bytes: &[u8], parsed: &httparse::Request<'_, '_>, head_len: usize) 
     };
     let crlf_at = |at: usize| bytes.get(at..at + 2) == Some(b"\r\n".as_slice());
     // No empty lines before the request line (httparse skips them).
-    if offset(bytes, method.as_bytes()) != Some(0) {
+    if offset_in(bytes, method.as_bytes()) != Some(0) {
         return false;
     }
-    let Some(path_end) = offset(bytes, path.as_bytes()).map(|at| at + path.len()) else {
+    let Some(path_end) = offset_in(bytes, path.as_bytes()).map(|at| at + path.len()) else {
         return false;
     };
     if bytes.get(path_end..path_end + 9) != Some(b" HTTP/1.1".as_slice()) || !crlf_at(path_end + 9)
@@ -117,7 +117,7 @@ fn crlf_only(bytes: &[u8], parsed: &httparse::Request<'_, '_>, head_len: usize) 
         return false;
     }
     for line in parsed.headers.iter() {
-        let Some(mut end) = offset(bytes, line.value).map(|at| at + line.value.len()) else {
+        let Some(mut end) = offset_in(bytes, line.value).map(|at| at + line.value.len()) else {
             return false;
         };
         while matches!(bytes.get(end), Some(b' ' | b'\t')) {
@@ -128,12 +128,6 @@ fn crlf_only(bytes: &[u8], parsed: &httparse::Request<'_, '_>, head_len: usize) 
         }
     }
     head_len >= 2 && crlf_at(head_len - 2)
-}
-
-/// Where `part`, a slice of `bytes`, starts in it.
-fn offset(bytes: &[u8], part: &[u8]) -> Option<usize> {
-    let at = (part.as_ptr() as usize).checked_sub(bytes.as_ptr() as usize)?;
-    (at + part.len() <= bytes.len()).then_some(at)
 }
 
 enum Kind {

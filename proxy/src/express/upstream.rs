@@ -73,15 +73,20 @@ impl Conn {
                 return Poll::Ready(result);
             }
             match timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the backend did not answer within upstream.read_timeout",
-                ))),
+                Poll::Ready(()) => Poll::Ready(Err(timed_out("read_timeout"))),
                 Poll::Pending => Poll::Pending,
             }
         })
         .await
     }
+}
+
+/// The error of an exchange with a worker that ran past `[upstream] <setting>`.
+pub fn timed_out(setting: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("the backend did not answer within upstream.{setting}"),
+    )
 }
 
 struct Idle {
