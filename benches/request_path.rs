@@ -1,12 +1,12 @@
 //! `cargo bench`: the cost of the proxy as a ratio. One request through proxy → worker next to
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! the same request sent straight to a worker (HTTP/1.1 keep-alive, concurrency 1), through the
 //! fast path and through Pingora's path (`[server] fast_path = false`), plus the
 //! per-request pieces of the edge on their own, in memory: the session check, the
 //! least-connections pick (alone and with a second thread picking at once), the least_time
-//! pick, the route policy match and the request header rewrite.
+//! pick, the route policy match, the request header rewrite and the metrics of a request.
 //!
 //! The end-to-end comparison with nginx is `benches/end_to_end.rs` (see BENCHMARKS.md).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -26,6 +26,7 @@ use custodia_proxy::auth::{
 use custodia_proxy::balancer::{Member, Pool, SlotRegistry};
 use custodia_proxy::config::Balance;
 use custodia_proxy::headers::{request_id, set_forwarding, set_identity};
+use custodia_proxy::metrics::{self, InFlight, PolicyClass, RequestCount};
 use pingora_http::RequestHeader;
 
 /// The in-memory pieces run on the allocator the proxy runs on.
@@ -191,6 +192,72 @@ fn least_conn_pick_contended(c: &mut Criterion) {
             group.bench_with_input(BenchmarkId::from_parameter(n), &pool, |b, pool| {
                 b.iter(|| pool.pick(&[]).map(|lease| lease.slot().addr))
             });
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+    group.finish();
+}
+
+/// What the request path counted on before its figures went per thread: prometheus metrics,
+/// whose atomics every thread shares.
+struct SharedMetrics {
+    requests: prometheus::IntCounter,
+    duration: prometheus::Histogram,
+    in_flight: prometheus::IntGauge,
+    response_bytes: prometheus::IntCounter,
+}
+
+impl SharedMetrics {
+    fn new() -> SharedMetrics {
+        SharedMetrics {
+            requests: prometheus::IntCounter::new("r", "r").unwrap(),
+            duration: prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("d", "d"))
+                .unwrap(),
+            in_flight: prometheus::IntGauge::new("f", "f").unwrap(),
+            response_bytes: prometheus::IntCounter::new("b", "b").unwrap(),
+        }
+    }
+
+    fn count(&self, request: &RequestCount) {
+        self.in_flight.inc();
+        self.requests.inc();
+        self.duration.observe(request.duration.as_secs_f64());
+        self.response_bytes.inc_by(request.bytes_out);
+        self.in_flight.dec();
+    }
+}
+
+/// Counting a finished request (in flight, then done) while a second thread counts too, as the
+/// proxy's two threads do: the per-thread figures against shared prometheus metrics.
+fn request_metrics(c: &mut Criterion) {
+    let request = RequestCount {
+        policy: PolicyClass::Required,
+        method: 0,
+        status: 200,
+        duration: Duration::from_micros(180),
+        bytes_in: 0,
+        bytes_out: 35,
+        retries: 0,
+    };
+    let per_thread = || {
+        let in_flight = InFlight::start();
+        metrics::requests().finished(&request);
+        drop(in_flight);
+    };
+    let shared = SharedMetrics::new();
+    let mut group = c.benchmark_group("count a finished request, 2 threads at once");
+    for (name, count) in [
+        ("per-thread figures", &per_thread as &(dyn Fn() + Sync)),
+        ("shared prometheus metrics", &|| shared.count(&request)),
+    ] {
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    count();
+                }
+            });
+            group.bench_function(name, |b| b.iter(count));
             stop.store(true, Ordering::Relaxed);
         });
     }
@@ -416,6 +483,7 @@ criterion_group!(
     least_time_pick,
     route_policy,
     header_rewrite,
+    request_metrics,
     end_to_end
 );
 criterion_main!(benches);

@@ -598,15 +598,15 @@ pub(crate) struct Finished<'a> {
 /// Count a finished request in the metrics and write its access-log line.
 pub(crate) fn record(f: &Finished<'_>) {
     let total = f.ended.saturating_duration_since(f.started);
-    let m = metrics::requests();
-    m.requests(f.policy, metrics::method_index(f.method), f.status)
-        .inc();
-    m.duration.observe(total.as_secs_f64());
-    m.request_bytes.inc_by(f.bytes_in);
-    m.response_bytes.inc_by(f.bytes_out);
-    if f.attempts > 1 {
-        m.upstream_retries.inc_by(u64::from(f.attempts - 1));
-    }
+    metrics::requests().finished(&metrics::RequestCount {
+        policy: f.policy,
+        method: metrics::method_index(f.method),
+        status: f.status,
+        duration: total,
+        bytes_in: f.bytes_in,
+        bytes_out: f.bytes_out,
+        retries: f.attempts.saturating_sub(1),
+    });
     if let (Some(elapsed), Some(lease)) = (f.upstream_elapsed, f.lease) {
         lease.slot().observe_response(elapsed);
     }

@@ -20,7 +20,7 @@ use super::session::{open_session, seal_session, Session, SessionError};
 use super::session_cache::{SessionCache, Verified};
 use super::trusted::TrustedProxies;
 use crate::config::{AuthSettings, RoutePolicy};
-use crate::metrics;
+use crate::metrics::{self, SessionCheck};
 
 /// Everything the request path needs for auth, built once per config generation.
 #[derive(Debug)]
@@ -193,12 +193,12 @@ pub fn check_session<'a>(
             |session, now| sign_assertion(auth.settings.assertion_key.0.as_bytes(), session, now),
         ),
     };
-    match &result {
-        Ok(_) => m.session_valid.inc(),
-        Err(SessionError::Absent) => m.session_absent.inc(),
-        Err(SessionError::Expired) => m.session_expired.inc(),
-        Err(_) => m.session_invalid.inc(),
-    }
+    m.session_checked(match &result {
+        Ok(_) => SessionCheck::Valid,
+        Err(SessionError::Absent) => SessionCheck::Absent,
+        Err(SessionError::Expired) => SessionCheck::Expired,
+        Err(_) => SessionCheck::Invalid,
+    });
     result
 }
 

@@ -32,7 +32,7 @@ pub struct BackendSlot {
     failovers: AtomicU64,
     /// Time to the backend's response headers; exported by the pool collector while the
     /// backend is in the pool, so removed backends vanish from the output.
-    response_seconds: prometheus::Histogram,
+    response_seconds: crate::metrics::LatencyHistogram,
     /// Recent response time, which `least_time` balances on.
     latency: LatencyEstimate,
 }
@@ -52,7 +52,7 @@ impl BackendSlot {
             checks_passed: AtomicU64::new(0),
             checks_failed: AtomicU64::new(0),
             failovers: AtomicU64::new(0),
-            response_seconds: crate::metrics::upstream_response_histogram(&addr.to_string()),
+            response_seconds: crate::metrics::LatencyHistogram::new(),
             latency: LatencyEstimate::default(),
         }
     }
@@ -66,8 +66,8 @@ impl BackendSlot {
         self.failovers.load(Ordering::Relaxed)
     }
 
-    pub fn observe_response(&self, elapsed: std::time::Duration) {
-        self.response_seconds.observe(elapsed.as_secs_f64());
+    pub fn observe_response(&self, elapsed: Duration) {
+        self.response_seconds.observe(elapsed);
     }
 
     /// The backend's response headers arrived `elapsed` after it was chosen, at `arrived`.
@@ -84,8 +84,9 @@ impl BackendSlot {
         &self.latency
     }
 
-    pub fn response_seconds(&self) -> &prometheus::Histogram {
-        &self.response_seconds
+    /// `custodia_upstream_response_seconds` of this backend, as of now.
+    pub fn response_seconds(&self) -> prometheus::proto::Histogram {
+        self.response_seconds.snapshot()
     }
 
     pub fn in_flight(&self) -> usize {

@@ -1,28 +1,67 @@
 //! Prometheus metrics. Per-backend figures are read from the live pool at scrape time, so the
 //! request path pays nothing for them beyond the atomics the balancer keeps anyway.
 
+mod sharded;
+
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
 use prometheus::core::{Collector, Desc};
-use prometheus::proto::MetricFamily;
+use prometheus::proto::{MetricFamily, MetricType};
 use prometheus::{
-    Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry,
+    Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 use crate::runtime::SharedRuntime;
+use sharded::LatencyCounts;
+pub use sharded::LatencyHistogram;
+use sharded::{add, family, Sharded};
 
-/// Counters of the login machinery. Children for the fixed label values are resolved once, so
-/// the per-request session check pays one relaxed atomic add.
+/// Counters of the login machinery.
 pub struct AuthMetrics {
-    session_checks: IntCounterVec,
-    pub session_valid: IntCounter,
-    pub session_absent: IntCounter,
-    pub session_expired: IntCounter,
-    pub session_invalid: IntCounter,
+    session_checks: SessionChecks,
     /// `outcome` = started | completed | failed, `reason` = a fixed word.
     pub logins: IntCounterVec,
     pub jwks_refreshes: IntCounter,
     /// `stage` = discovery | token | jwks.
     pub idp_errors: IntCounterVec,
+}
+
+/// What a session cookie check found: the `result` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionCheck {
+    Valid,
+    Absent,
+    Expired,
+    Invalid,
+}
+
+impl SessionCheck {
+    const LABELS: [&'static str; 4] = ["valid", "absent", "expired", "invalid"];
+}
+
+/// `custodia_auth_session_checks_total`, counted on every request with auth on: per thread.
+struct SessionChecks {
+    by_result: Sharded<[AtomicU64; 4]>,
+    desc: Desc,
+}
+
+impl Collector for SessionChecks {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let metrics = SessionCheck::LABELS
+            .iter()
+            .enumerate()
+            .map(|(i, result)| {
+                let count = self.by_result.total(|t| &t[i]);
+                family::counter(&[("result", result)], count)
+            })
+            .collect();
+        vec![family::of(&self.desc, MetricType::COUNTER, metrics)]
+    }
 }
 
 impl AuthMetrics {
@@ -31,18 +70,15 @@ impl AuthMetrics {
             IntCounterVec::new(Opts::new(name, help), labels)
                 .unwrap_or_else(|e| unreachable!("constant metric descriptor: {e}"))
         };
-        let session_checks = counter_vec(
-            "custodia_auth_session_checks_total",
-            "Session cookie checks by result (valid, absent, expired, invalid).",
-            &["result"],
-        );
-        let child = |v: &str| session_checks.with_label_values(&[v]);
         AuthMetrics {
-            session_valid: child("valid"),
-            session_absent: child("absent"),
-            session_expired: child("expired"),
-            session_invalid: child("invalid"),
-            session_checks,
+            session_checks: SessionChecks {
+                by_result: Sharded::new(sharded::zeroed),
+                desc: family::desc(
+                    "custodia_auth_session_checks_total",
+                    "Session cookie checks by result (valid, absent, expired, invalid).",
+                    &["result"],
+                ),
+            },
             logins: counter_vec(
                 "custodia_auth_logins_total",
                 "Logins by outcome (started, completed, failed) and reason.",
@@ -61,11 +97,32 @@ impl AuthMetrics {
         }
     }
 
-    fn register(&self, registry: &Registry) {
-        let _ = registry.register(Box::new(self.session_checks.clone()));
+    /// Count one session cookie check.
+    #[inline]
+    pub fn session_checked(&self, result: SessionCheck) {
+        if let Some(count) = self.session_checks.by_result.local().get(result as usize) {
+            add(count, 1);
+        }
+    }
+
+    fn register(&'static self, registry: &Registry) {
+        let _ = registry.register(Box::new(Static(&self.session_checks)));
         let _ = registry.register(Box::new(self.logins.clone()));
         let _ = registry.register(Box::new(self.jwks_refreshes.clone()));
         let _ = registry.register(Box::new(self.idp_errors.clone()));
+    }
+}
+
+/// A process-wide collector, registered by reference: every registry reads the same figures.
+struct Static(&'static (dyn Collector + Sync));
+
+impl Collector for Static {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.0.collect()
     }
 }
 
@@ -202,100 +259,193 @@ pub fn status_index(status: u16) -> usize {
     }
 }
 
-/// Request-path metrics. Every `requests_total` child exists from the start (4 × 8 × 5 = 160
-/// series), resolved once, so counting a request is an index and one atomic add.
+/// `custodia_requests_total` series: every (policy, method, status class), 4 × 8 × 5.
+const REQUEST_SERIES: usize = PolicyClass::LABELS.len() * METHOD_LABELS.len() * STATUS_LABELS.len();
+
+/// One thread's request figures.
+struct RequestFigures {
+    /// `custodia_requests_total` by [`request_series`].
+    requests: [AtomicU64; REQUEST_SERIES],
+    duration: LatencyCounts,
+    /// Up on one thread and down on another at times: read as the wrapping sum.
+    in_flight: AtomicU64,
+    request_bytes: AtomicU64,
+    response_bytes: AtomicU64,
+    upstream_retries: AtomicU64,
+}
+
+impl RequestFigures {
+    fn new() -> RequestFigures {
+        RequestFigures {
+            requests: sharded::zeroed(),
+            duration: LatencyCounts::default(),
+            in_flight: AtomicU64::new(0),
+            request_bytes: AtomicU64::new(0),
+            response_bytes: AtomicU64::new(0),
+            upstream_retries: AtomicU64::new(0),
+        }
+    }
+}
+
+fn request_series(policy: PolicyClass, method: usize, status: u16) -> usize {
+    (policy as usize * METHOD_LABELS.len() + method.min(METHOD_LABELS.len() - 1))
+        * STATUS_LABELS.len()
+        + status_index(status)
+}
+
+/// Request-path metrics, counted per thread. Every `requests_total` series is exported from
+/// the start (160 series).
 pub struct RequestMetrics {
-    requests: IntCounterVec,
-    by_labels: Vec<IntCounter>,
-    pub duration: Histogram,
-    pub in_flight: IntGauge,
-    pub request_bytes: IntCounter,
-    pub response_bytes: IntCounter,
-    pub upstream_retries: IntCounter,
+    figures: Sharded<RequestFigures>,
+    requests: Desc,
+    duration: Desc,
+    in_flight: Desc,
+    request_bytes: Desc,
+    response_bytes: Desc,
+    upstream_retries: Desc,
+}
+
+/// One finished request, as the metrics count it.
+pub struct RequestCount {
+    pub policy: PolicyClass,
+    /// [`method_index`] of its method.
+    pub method: usize,
+    /// 0: no response was sent.
+    pub status: u16,
+    pub duration: Duration,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Attempts after the first.
+    pub retries: u32,
 }
 
 const UPSTREAM_RESPONSE: &str = "custodia_upstream_response_seconds";
 const UPSTREAM_RESPONSE_HELP: &str =
     "Time from choosing the backend to its response headers (last attempt), by backend.";
 
-/// The response-time histogram of one backend (owned by its slot).
-pub fn upstream_response_histogram(backend: &str) -> Histogram {
-    let opts = HistogramOpts::new(UPSTREAM_RESPONSE, UPSTREAM_RESPONSE_HELP)
-        .const_label("backend", backend)
-        .buckets(LATENCY_BUCKETS.to_vec());
-    // A constant name and a socket-address label value are always valid.
-    Histogram::with_opts(opts).unwrap_or_else(|e| unreachable!("constant metric descriptor: {e}"))
-}
-
-/// Latency buckets (seconds): sub-millisecond loopback answers up to the 30 s read timeout.
-const LATENCY_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
-
 impl RequestMetrics {
     fn new() -> RequestMetrics {
-        let bad = |e: prometheus::Error| -> ! { unreachable!("constant metric descriptor: {e}") };
-        let requests = IntCounterVec::new(
-            Opts::new(
+        RequestMetrics {
+            figures: Sharded::new(RequestFigures::new),
+            requests: family::desc(
                 "custodia_requests_total",
                 "Requests answered, by route policy class, method and status class.",
+                &["policy", "method", "status"],
             ),
-            &["policy", "method", "status"],
-        )
-        .unwrap_or_else(|e| bad(e));
-        let mut by_labels = Vec::with_capacity(160);
-        for policy in PolicyClass::LABELS {
-            for method in METHOD_LABELS {
-                for status in STATUS_LABELS {
-                    by_labels.push(requests.with_label_values(&[policy, method, status]));
-                }
-            }
-        }
-        let histogram = |name: &str, help: &str| {
-            Histogram::with_opts(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()))
-                .unwrap_or_else(|e| bad(e))
-        };
-        let counter =
-            |name: &str, help: &str| IntCounter::new(name, help).unwrap_or_else(|e| bad(e));
-        RequestMetrics {
-            requests,
-            by_labels,
-            duration: histogram(
+            duration: family::desc(
                 "custodia_request_duration_seconds",
                 "Time from a request's headers to the end of its response, as the proxy saw it.",
+                &[],
             ),
-            in_flight: IntGauge::new("custodia_requests_in_flight", "Requests being handled now.")
-                .unwrap_or_else(|e| bad(e)),
-            request_bytes: counter(
+            in_flight: family::desc(
+                "custodia_requests_in_flight",
+                "Requests being handled now.",
+                &[],
+            ),
+            request_bytes: family::desc(
                 "custodia_request_bytes_total",
                 "Request body bytes received from clients.",
+                &[],
             ),
-            response_bytes: counter(
+            response_bytes: family::desc(
                 "custodia_response_bytes_total",
                 "Response body bytes sent to clients.",
+                &[],
             ),
-            upstream_retries: counter(
+            upstream_retries: family::desc(
                 "custodia_upstream_retries_total",
                 "Attempts repeated on another backend after a failure (failovers).",
+                &[],
             ),
         }
     }
 
-    /// The `requests_total` child of one request.
-    pub fn requests(&self, policy: PolicyClass, method: usize, status: u16) -> &IntCounter {
-        let index = (policy as usize * METHOD_LABELS.len() + method.min(7)) * STATUS_LABELS.len()
-            + status_index(status);
-        // The vector holds every combination: the index is always in range.
-        &self.by_labels[index]
+    /// Count a finished request.
+    #[inline]
+    pub fn finished(&self, request: &RequestCount) {
+        let mine = self.figures.local();
+        let series = request_series(request.policy, request.method, request.status);
+        if let Some(count) = mine.requests.get(series) {
+            add(count, 1);
+        }
+        mine.duration.observe(request.duration);
+        if request.bytes_in > 0 {
+            add(&mine.request_bytes, request.bytes_in);
+        }
+        if request.bytes_out > 0 {
+            add(&mine.response_bytes, request.bytes_out);
+        }
+        if request.retries > 0 {
+            add(&mine.upstream_retries, u64::from(request.retries));
+        }
     }
 
-    fn register(&self, registry: &Registry) {
-        let _ = registry.register(Box::new(self.requests.clone()));
-        let _ = registry.register(Box::new(self.duration.clone()));
-        let _ = registry.register(Box::new(self.in_flight.clone()));
-        let _ = registry.register(Box::new(self.request_bytes.clone()));
-        let _ = registry.register(Box::new(self.response_bytes.clone()));
-        let _ = registry.register(Box::new(self.upstream_retries.clone()));
+    fn requests_family(&self) -> MetricFamily {
+        let mut totals = [0u64; REQUEST_SERIES];
+        for figures in self.figures.lines() {
+            for (total, count) in totals.iter_mut().zip(&figures.requests) {
+                *total = total.wrapping_add(count.load(std::sync::atomic::Ordering::Relaxed));
+            }
+        }
+        // In the order of `request_series`: policy, then method, then status.
+        let labels = PolicyClass::LABELS.iter().flat_map(|policy| {
+            METHOD_LABELS.iter().flat_map(move |method| {
+                STATUS_LABELS.iter().map(move |status| {
+                    [
+                        ("policy", *policy),
+                        ("method", *method),
+                        ("status", *status),
+                    ]
+                })
+            })
+        });
+        let metrics = labels
+            .zip(totals)
+            .map(|(labels, total)| family::counter(&labels, total))
+            .collect();
+        family::of(&self.requests, MetricType::COUNTER, metrics)
+    }
+}
+
+impl Collector for RequestMetrics {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![
+            &self.requests,
+            &self.duration,
+            &self.in_flight,
+            &self.request_bytes,
+            &self.response_bytes,
+            &self.upstream_retries,
+        ]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let figures = &self.figures;
+        let counter = |desc: &Desc, total: u64| {
+            family::of(desc, MetricType::COUNTER, vec![family::counter(&[], total)])
+        };
+        let duration = sharded::latency_histogram(figures.lines().map(|t| &t.duration));
+        // Wrapping: the sum of ups and downs is the signed count.
+        let in_flight = figures.total(|t| &t.in_flight) as i64;
+        vec![
+            self.requests_family(),
+            family::of(
+                &self.duration,
+                MetricType::HISTOGRAM,
+                vec![family::histogram(&[], duration)],
+            ),
+            family::of(
+                &self.in_flight,
+                MetricType::GAUGE,
+                vec![family::gauge(&[], in_flight as f64)],
+            ),
+            counter(&self.request_bytes, figures.total(|t| &t.request_bytes)),
+            counter(&self.response_bytes, figures.total(|t| &t.response_bytes)),
+            counter(
+                &self.upstream_retries,
+                figures.total(|t| &t.upstream_retries),
+            ),
+        ]
     }
 }
 
@@ -310,15 +460,17 @@ pub fn requests() -> &'static RequestMetrics {
 pub struct InFlight(());
 
 impl InFlight {
+    #[inline]
     pub fn start() -> InFlight {
-        requests().in_flight.inc();
+        add(&requests().figures.local().in_flight, 1);
         InFlight(())
     }
 }
 
 impl Drop for InFlight {
+    #[inline]
     fn drop(&mut self) {
-        requests().in_flight.dec();
+        add(&requests().figures.local().in_flight, u64::MAX); // −1, wrapping
     }
 }
 
@@ -400,7 +552,7 @@ pub fn registry(runtime: SharedRuntime) -> Registry {
     let registry = Registry::new();
     auth().register(&registry);
     config().register(&registry);
-    requests().register(&registry);
+    let _ = registry.register(Box::new(Static(requests())));
     let _ = registry.register(Box::new(rejections().rejections.clone()));
     let _ = registry.register(Box::new(parked_connections().clone()));
     let _ = registry.register(Box::new(open_connections().clone()));
@@ -423,8 +575,8 @@ struct PoolCollector {
     health_checks: IntCounterVec,
     failovers: IntCounterVec,
     latency_estimate: GaugeVec,
-    /// Only for its descriptor: the samples come from the slots' own histograms.
-    response_template: prometheus::HistogramVec,
+    /// The backends' response times, counted per thread in their slots.
+    responses: Desc,
     generation: IntGauge,
 }
 
@@ -488,11 +640,6 @@ impl PoolCollector {
             &["backend"],
         )
         .unwrap_or_else(|e| bad(e));
-        let response_template = prometheus::HistogramVec::new(
-            HistogramOpts::new(UPSTREAM_RESPONSE, UPSTREAM_RESPONSE_HELP),
-            &["backend"],
-        )
-        .unwrap_or_else(|e| bad(e));
         match (
             in_flight,
             healthy,
@@ -517,7 +664,7 @@ impl PoolCollector {
                 health_checks,
                 failovers,
                 latency_estimate,
-                response_template,
+                responses: family::desc(UPSTREAM_RESPONSE, UPSTREAM_RESPONSE_HELP, &["backend"]),
                 generation,
             },
             _ => unreachable!("constant metric descriptors are valid"),
@@ -534,7 +681,7 @@ impl Collector for PoolCollector {
         descs.extend(self.health_checks.desc());
         descs.extend(self.failovers.desc());
         descs.extend(self.latency_estimate.desc());
-        descs.extend(self.response_template.desc());
+        descs.push(&self.responses);
         descs.extend(self.generation.desc());
         descs
     }
@@ -550,7 +697,7 @@ impl Collector for PoolCollector {
         self.latency_estimate.reset();
         let now = crate::balancer::latency::now();
         let runtime = self.runtime.load();
-        let mut responses: Option<MetricFamily> = None;
+        let mut responses = Vec::new();
         for member in runtime.pool.members() {
             let slot = &member.slot;
             let label = [slot.label.as_str()];
@@ -582,17 +729,10 @@ impl Collector for PoolCollector {
                     .with_label_values(&label)
                     .set(nanos / 1e9);
             }
-            // Merge every backend's histogram into one family.
-            for family in slot.response_seconds().collect() {
-                match responses.as_mut() {
-                    None => responses = Some(family),
-                    Some(all) => {
-                        for metric in family.get_metric() {
-                            all.mut_metric().push(metric.clone());
-                        }
-                    }
-                }
-            }
+            responses.push(family::histogram(
+                &[("backend", backend)],
+                slot.response_seconds(),
+            ));
         }
         self.generation.set(runtime.generation as i64);
         let mut families = self.in_flight.collect();
@@ -602,7 +742,11 @@ impl Collector for PoolCollector {
         families.extend(self.health_checks.collect());
         families.extend(self.failovers.collect());
         families.extend(self.latency_estimate.collect());
-        families.extend(responses);
+        families.push(family::of(
+            &self.responses,
+            MetricType::HISTOGRAM,
+            responses,
+        ));
         families.extend(self.generation.collect());
         families
     }
@@ -612,9 +756,37 @@ impl Collector for PoolCollector {
 mod tests {
     use super::*;
 
+    /// The `custodia_requests_total` series with these labels, as a scrape reads it.
+    fn requests_total(policy: &str, method: &str, status: &str) -> f64 {
+        let family = requests().requests_family();
+        let series = family.get_metric().iter().find(|m| {
+            let labels: Vec<(&str, &str)> = m
+                .get_label()
+                .iter()
+                .map(|l| (l.name(), l.value()))
+                .collect();
+            labels == [("method", method), ("policy", policy), ("status", status)]
+        });
+        series
+            .expect("every series is exported")
+            .get_counter()
+            .get_value()
+    }
+
+    fn request(policy: PolicyClass, method: &http::Method, status: u16) -> RequestCount {
+        RequestCount {
+            policy,
+            method: method_index(method),
+            status,
+            duration: Duration::from_micros(300),
+            bytes_in: 0,
+            bytes_out: 0,
+            retries: 0,
+        }
+    }
+
     #[test]
-    fn each_request_lands_in_the_child_with_its_labels() {
-        let m = requests();
+    fn each_request_lands_in_the_series_with_its_labels() {
         let cases = [
             (
                 PolicyClass::Required,
@@ -650,12 +822,71 @@ mod tests {
             ),
         ];
         for (policy, method, status, p, mth, s) in cases {
-            let child = m.requests.with_label_values(&[p, mth, s]);
-            let before = child.get();
-            m.requests(policy, method_index(&method), status).inc();
-            assert_eq!(child.get(), before + 1, "{p} {mth} {s}");
+            let before = requests_total(p, mth, s);
+            requests().finished(&request(policy, &method, status));
+            assert_eq!(requests_total(p, mth, s), before + 1.0, "{p} {mth} {s}");
         }
-        assert_eq!(m.by_labels.len(), 160);
+        assert_eq!(requests().requests_family().get_metric().len(), 160);
         assert_eq!(PolicyClass::Optional.as_str(), "optional");
+    }
+
+    #[test]
+    fn requests_counted_on_other_threads_reach_the_scrape() {
+        let before = requests_total("public", "DELETE", "3xx");
+        let threads: Vec<_> = (0..6)
+            .map(|_| {
+                std::thread::spawn(|| {
+                    for _ in 0..1000 {
+                        let _in_flight = InFlight::start();
+                        requests().finished(&request(
+                            PolicyClass::Public,
+                            &http::Method::DELETE,
+                            302,
+                        ));
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().expect("counting thread");
+        }
+        assert_eq!(requests_total("public", "DELETE", "3xx"), before + 6000.0);
+    }
+
+    #[test]
+    fn the_text_output_keeps_its_names_labels_and_types() {
+        let registry = Registry::new();
+        let _ = registry.register(Box::new(Static(requests())));
+        auth().register(&registry);
+        requests().finished(&RequestCount {
+            bytes_in: 10,
+            bytes_out: 20,
+            retries: 1,
+            ..request(PolicyClass::Required, &http::Method::GET, 200)
+        });
+        auth().session_checked(SessionCheck::Expired);
+        let mut text = Vec::new();
+        prometheus::Encoder::encode(
+            &prometheus::TextEncoder::new(),
+            &registry.gather(),
+            &mut text,
+        )
+        .expect("encode");
+        let text = String::from_utf8(text).expect("utf-8");
+        for line in [
+            "# TYPE custodia_requests_total counter",
+            "# TYPE custodia_request_duration_seconds histogram",
+            "# TYPE custodia_requests_in_flight gauge",
+            "# TYPE custodia_request_bytes_total counter",
+            "# TYPE custodia_response_bytes_total counter",
+            "# TYPE custodia_upstream_retries_total counter",
+            "# TYPE custodia_auth_session_checks_total counter",
+            "custodia_request_duration_seconds_bucket{le=\"0.0005\"}",
+            "custodia_request_duration_seconds_bucket{le=\"+Inf\"}",
+            "custodia_requests_total{method=\"GET\",policy=\"required\",status=\"2xx\"}",
+            "custodia_auth_session_checks_total{result=\"expired\"}",
+        ] {
+            assert!(text.contains(line), "no {line:?} in\n{text}");
+        }
     }
 }
