@@ -7,7 +7,7 @@
 mod support;
 
 use std::io::Read;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::custodia::{client, upstream_section, Proxy, Worker};
 use support::echo::{RecordingServer, ScriptedServer};
@@ -243,6 +243,25 @@ fn read_for(stream: &mut std::net::TcpStream, patience: Duration) -> String {
     String::from_utf8_lossy(&raw).into_owned()
 }
 
+/// What the stream sends until it ends with `end`, closes, or `patience` runs out.
+fn read_until(stream: &mut std::net::TcpStream, end: &str, patience: Duration) -> String {
+    let deadline = Instant::now() + patience;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 8192];
+    while !raw.ends_with(end.as_bytes()) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        stream.set_read_timeout(Some(left)).unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&raw).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunked_and_unframed_answers_are_relayed_whole_on_a_connection_that_stays_open() {
     let worker = ScriptedServer::start(|request_line| {
@@ -415,6 +434,40 @@ async fn a_worker_past_read_timeout_gets_a_504_or_the_request_moves_to_another()
         .map(|(_, v)| v)
         .sum();
     assert!(retries >= 1.0, "no request was replayed: {retries}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_alive_connection_sends_its_next_request_after_a_reload_to_the_new_set() {
+    let answering = |body: &'static str| {
+        move |_: &str| {
+            let response = format!("HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n{body}");
+            (response.into_bytes(), false)
+        }
+    };
+    let old = ScriptedServer::start(answering("old"));
+    let new = ScriptedServer::start(answering("new"));
+    let proxy = Proxy::start(&upstream_section("least_conn", &[(old.addr, 1)]));
+    let mut client = raw_tcp::connect(proxy.addr, None);
+    std::io::Write::write_all(&mut client, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+    let first = read_until(&mut client, "\r\n\r\nold", Duration::from_secs(5));
+    assert!(first.ends_with("\r\n\r\nold"), "{first}");
+
+    proxy.rewrite(&upstream_section("least_conn", &[(new.addr, 1)]));
+    proxy.sighup();
+    eventually_async("the reload is in", Duration::from_secs(10), || async {
+        let generation = proxy.metric("custodia_config_generation").await;
+        generation.iter().any(|(_, v)| *v == 2.0).then_some(())
+    })
+    .await;
+    // The same connection, still open: its next request runs under the new configuration.
+    std::io::Write::write_all(
+        &mut client,
+        b"GET /y HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let second = read_for(&mut client, Duration::from_secs(5));
+    assert!(second.ends_with("\r\n\r\nnew"), "{second}");
+    assert!(!second.contains("old"), "{second}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -72,7 +72,13 @@ pub enum Outcome {
 }
 
 /// Serve the next request on a client connection, if it is one the fast path takes.
-pub async fn serve(runtime: &SharedRuntime, stream: Stream, shutdown: &ShutdownWatch) -> Outcome {
+/// `held` is the configuration the connection's last request ran under.
+pub async fn serve(
+    runtime: &SharedRuntime,
+    held: &mut Arc<Runtime>,
+    stream: Stream,
+    shutdown: &ShutdownWatch,
+) -> Outcome {
     if !stream.as_any().is::<ClientStream>() {
         return Outcome::Decline(stream);
     }
@@ -90,9 +96,15 @@ pub async fn serve(runtime: &SharedRuntime, stream: Stream, shutdown: &ShutdownW
             return Outcome::Decline(client);
         }
     };
-    // The configuration the request arrived under: a connection can wait for its first request
-    // across a reload, and from the swap on new requests must see only the new one.
-    let snapshot = runtime.load_full();
+    // The configuration the request arrived under: a connection can wait for its next request
+    // across a reload, and from the swap on new requests must see only the new one. The
+    // connection holds it between requests: a clone per request moved the one count all
+    // threads share, six times a request.
+    let current = runtime.load();
+    if !Arc::ptr_eq(&current, held) {
+        *held = arc_swap::Guard::into_inner(current);
+    }
+    let snapshot: &Runtime = held;
     if !snapshot.config.server.fast_path {
         client.put_back(bytes);
         return Outcome::Decline(client);
@@ -217,8 +229,8 @@ enum Prepared {
 }
 
 /// One request on the fast path: what the edge's `RequestCtx` holds on Pingora's.
-struct Exchange {
-    runtime: Arc<Runtime>,
+struct Exchange<'a> {
+    runtime: &'a Runtime,
     req: ReceivedHead,
     request_id: HeaderValue,
     started: Instant,
@@ -255,10 +267,10 @@ enum Failed {
     Upstream(io::Error),
 }
 
-impl Exchange {
+impl Exchange<'_> {
     /// The edge's `early_request_filter` and `request_filter`, for a plain request.
     fn prepare(&mut self) -> Prepared {
-        let runtime = self.runtime.clone();
+        let runtime = self.runtime;
         // No raw head for the framing checks: the fast path takes only heads whose every line
         // ends in CRLF and that frame no body (`request::parse`), all they would look for.
         if let Err(e) = request_guard::check(&self.req, None, &runtime.config.limits) {
@@ -289,11 +301,11 @@ impl Exchange {
     /// The edge's upstream callbacks: choose a worker, send the request, retry elsewhere when
     /// that is safe, relay the answer. `false` when the client connection cannot go on.
     async fn forward(&mut self, client: &mut ClientStream) -> bool {
-        let runtime = self.runtime.clone();
+        let runtime = self.runtime;
         // The head stays as received; the edits go on the wire with it.
         let mut upstream = Overlay::new(&self.req);
         let rewritten = edge::rewrite_upstream_request(
-            &runtime,
+            runtime,
             &mut upstream,
             self.peer,
             &self.request_id,
@@ -543,7 +555,7 @@ impl Exchange {
     fn record(&mut self) -> Instant {
         let ended = Instant::now();
         edge::record(&Finished {
-            runtime: &self.runtime,
+            runtime: self.runtime,
             method: self.req.method(),
             path: self.req.path(),
             started: self.started,

@@ -39,7 +39,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use super::parking::{self, Parked, PARK_AFTER};
 use crate::express;
 use crate::metrics;
-use crate::runtime::SharedRuntime;
+use crate::runtime::{Runtime, SharedRuntime};
 
 /// No deadline armed.
 const DISARMED: u64 = u64::MAX;
@@ -118,7 +118,12 @@ impl<A: HttpServerApp + Send + Sync + 'static> ConnectionGate<A> {
         settings: Option<HttpPersistentSettings>,
         shutdown: &ShutdownWatch,
     ) {
-        let mut served = self.serve_next(stream, settings, true, shutdown).await;
+        // The configuration of the fast path's last request here, refreshed by each
+        // (`express::serve`).
+        let mut held = self.runtime.load_full();
+        let mut served = self
+            .serve_next(stream, settings, true, &mut held, shutdown)
+            .await;
         // One receiver for the connection's waits: a clone per wait touched the count of
         // receivers all threads share.
         let mut shutdown_watch = shutdown.clone();
@@ -152,7 +157,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> ConnectionGate<A> {
                     },
                 }
             };
-            served = self.serve_next(stream, settings, false, shutdown).await;
+            served = self
+                .serve_next(stream, settings, false, &mut held, shutdown)
+                .await;
         }
     }
 
@@ -163,9 +170,10 @@ impl<A: HttpServerApp + Send + Sync + 'static> ConnectionGate<A> {
         stream: Stream,
         settings: Option<HttpPersistentSettings>,
         first: bool,
+        held: &mut Arc<Runtime>,
         shutdown: &ShutdownWatch,
     ) -> Option<(ReusedHttpStream, Option<Instant>)> {
-        let stream = match express::serve(&self.runtime, stream, shutdown).await {
+        let stream = match express::serve(&self.runtime, held, stream, shutdown).await {
             express::Outcome::KeepAlive(stream, answered_at) => {
                 return Some((ReusedHttpStream::new(stream, settings), Some(answered_at)))
             }
