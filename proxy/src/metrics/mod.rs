@@ -1,5 +1,6 @@
-//! Prometheus metrics. Per-backend figures are read from the live pool at scrape time, so the
-//! request path pays nothing for them beyond the atomics the balancer keeps anyway.
+//! Prometheus metrics. What every request counts is counted per thread (`sharded.rs`) and
+//! summed at scrape time; per-backend figures are read from the live pool at scrape time, so
+//! the request path pays nothing for them beyond the atomics the balancer keeps anyway.
 
 mod sharded;
 
