@@ -179,7 +179,7 @@ fn pool_balanced(registry: &SlotRegistry, n: usize, balance: Balance) -> Pool {
 /// threads do: the cost of sharing the in-flight counters' cache lines.
 fn least_conn_pick_contended(c: &mut Criterion) {
     let mut group = c.benchmark_group("least_conn pick + release, 2 threads at once");
-    for n in [3usize, 32] {
+    for n in [3usize, 32, 256] {
         let registry = SlotRegistry::new();
         let pool = pool_of(&registry, n);
         let stop = AtomicBool::new(false);
