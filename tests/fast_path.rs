@@ -436,8 +436,8 @@ async fn a_worker_past_read_timeout_gets_a_504_or_the_request_moves_to_another()
     assert!(retries >= 1.0, "no request was replayed: {retries}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_kept_alive_connection_sends_its_next_request_after_a_reload_to_the_new_set() {
+/// Two workers answering "old" and "new", and a proxy sending every request to the old one.
+fn old_and_new_backends() -> (ScriptedServer, ScriptedServer, Proxy) {
     let answering = |body: &'static str| {
         move |_: &str| {
             let response = format!("HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n{body}");
@@ -447,18 +447,29 @@ async fn a_kept_alive_connection_sends_its_next_request_after_a_reload_to_the_ne
     let old = ScriptedServer::start(answering("old"));
     let new = ScriptedServer::start(answering("new"));
     let proxy = Proxy::start(&upstream_section("least_conn", &[(old.addr, 1)]));
-    let mut client = raw_tcp::connect(proxy.addr, None);
-    std::io::Write::write_all(&mut client, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
-    let first = read_until(&mut client, "\r\n\r\nold", Duration::from_secs(5));
-    assert!(first.ends_with("\r\n\r\nold"), "{first}");
+    (old, new, proxy)
+}
 
-    proxy.rewrite(&upstream_section("least_conn", &[(new.addr, 1)]));
+/// Reload the proxy with `worker` as its only backend, and wait until the reload is in.
+async fn reload_to(proxy: &Proxy, worker: &ScriptedServer) {
+    proxy.rewrite(&upstream_section("least_conn", &[(worker.addr, 1)]));
     proxy.sighup();
     eventually_async("the reload is in", Duration::from_secs(10), || async {
         let generation = proxy.metric("custodia_config_generation").await;
         generation.iter().any(|(_, v)| *v == 2.0).then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_alive_connection_sends_its_next_request_after_a_reload_to_the_new_set() {
+    let (_old, new, proxy) = old_and_new_backends();
+    let mut client = raw_tcp::connect(proxy.addr, None);
+    std::io::Write::write_all(&mut client, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+    let first = read_until(&mut client, "\r\n\r\nold", Duration::from_secs(5));
+    assert!(first.ends_with("\r\n\r\nold"), "{first}");
+
+    reload_to(&proxy, &new).await;
     // The same connection, still open: its next request runs under the new configuration.
     std::io::Write::write_all(
         &mut client,
@@ -472,25 +483,11 @@ async fn a_kept_alive_connection_sends_its_next_request_after_a_reload_to_the_ne
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_opened_before_a_reload_sends_its_first_request_to_the_new_set() {
-    let answering = |body: &'static str| {
-        move |_: &str| {
-            let response = format!("HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n{body}");
-            (response.into_bytes(), false)
-        }
-    };
-    let old = ScriptedServer::start(answering("old"));
-    let new = ScriptedServer::start(answering("new"));
-    let proxy = Proxy::start(&upstream_section("least_conn", &[(old.addr, 1)]));
+    let (_old, new, proxy) = old_and_new_backends();
     // Accepted and waiting for its first request while the configuration changes.
     let mut early = raw_tcp::connect(proxy.addr, None);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    proxy.rewrite(&upstream_section("least_conn", &[(new.addr, 1)]));
-    proxy.sighup();
-    eventually_async("the reload is in", Duration::from_secs(10), || async {
-        let generation = proxy.metric("custodia_config_generation").await;
-        generation.iter().any(|(_, v)| *v == 2.0).then_some(())
-    })
-    .await;
+    reload_to(&proxy, &new).await;
     std::io::Write::write_all(
         &mut early,
         b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
