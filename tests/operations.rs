@@ -1029,6 +1029,11 @@ async fn sigterm_lets_an_in_flight_request_finish() {
         .unwrap()
         .expect("the in-flight request completes");
     assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..]),
+        "an answer during shutdown tells the client not to reuse the connection"
+    );
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["worker"], "slow");
     let exited = tokio::task::spawn_blocking(move || proxy.process.wait_exit(PATIENCE))

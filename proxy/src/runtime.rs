@@ -25,6 +25,12 @@ pub struct Runtime {
 
 pub type SharedRuntime = Arc<ArcSwap<Runtime>>;
 
+/// A connection's copy of the running snapshot, refreshed when a reload has swapped in a new
+/// one. Checking costs one plain atomic load; a [`ArcSwap::load`] per request wrote to the
+/// thread's debt list and fenced, and a clone of the `Arc` moved the one count every thread
+/// moves.
+pub type HeldRuntime<'a> = arc_swap::Cache<&'a ArcSwap<Runtime>, Arc<Runtime>>;
+
 /// Why a validated config could not be turned into a runtime.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {

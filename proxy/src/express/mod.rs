@@ -31,13 +31,11 @@ mod upstream;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::HeaderValue;
 use pingora_core::protocols::{GetSocketDigest, Stream};
-use pingora_core::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::auth::flow::{self, AuthResponse, Endpoint, Gate};
@@ -45,10 +43,10 @@ use crate::auth::Verified;
 use crate::balancer::{BackendSlot, Lease};
 use crate::config::UpstreamSettings;
 use crate::edge::{self, Finished};
-use crate::limits::ClientStream;
+use crate::limits::{ClientStream, ShutdownSignal};
 use crate::metrics::{InFlight, PolicyClass};
 use crate::request_head::{ReceivedHead, RequestHead};
-use crate::runtime::{Runtime, SharedRuntime};
+use crate::runtime::{HeldRuntime, Runtime};
 use crate::upstream_head::Overlay;
 use crate::{pages, request_guard};
 
@@ -74,15 +72,14 @@ pub enum Outcome {
 /// Serve the next request on a client connection, if it is one the fast path takes.
 /// `held` is the configuration the connection's last request ran under.
 pub async fn serve(
-    runtime: &SharedRuntime,
-    held: &mut Arc<Runtime>,
+    held: &mut HeldRuntime<'_>,
     stream: Stream,
-    shutdown: &ShutdownWatch,
+    shutdown: &ShutdownSignal,
 ) -> Outcome {
     if !stream.as_any().is::<ClientStream>() {
         return Outcome::Decline(stream);
     }
-    if !runtime.load().config.server.fast_path {
+    if !held.load().config.server.fast_path {
         return Outcome::Decline(stream);
     }
     let Ok(mut client) = stream.into_any().downcast::<ClientStream>() else {
@@ -97,14 +94,8 @@ pub async fn serve(
         }
     };
     // The configuration the request arrived under: a connection can wait for its next request
-    // across a reload, and from the swap on new requests must see only the new one. The
-    // connection holds it between requests: a clone per request moved the one count all
-    // threads share, six times a request.
-    let current = runtime.load();
-    if !Arc::ptr_eq(&current, held) {
-        *held = arc_swap::Guard::into_inner(current);
-    }
-    let snapshot: &Runtime = held;
+    // across a reload, and from the swap on new requests must see only the new one.
+    let snapshot: &Runtime = held.load();
     if !snapshot.config.server.fast_path {
         client.put_back(bytes);
         return Outcome::Decline(client);
@@ -116,6 +107,7 @@ pub async fn serve(
         .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
     let mut exchange = Exchange {
         runtime: snapshot,
+        shutdown,
         req: plain.head,
         request_id: HeaderValue::from_static(""),
         started: Instant::now(),
@@ -127,7 +119,7 @@ pub async fn serve(
         lease: None,
         attempts: 0,
         upstream_elapsed: None,
-        keepalive: !plain.close && !*shutdown.borrow(),
+        keepalive: !plain.close && !shutdown.is_shutting_down(),
         status: 0,
         bytes_out: 0,
     };
@@ -172,7 +164,7 @@ enum Unread {
 /// Pingora's wait does.
 async fn read_head(
     client: &mut ClientStream,
-    shutdown: &ShutdownWatch,
+    shutdown: &ShutdownSignal,
 ) -> Result<(request::Plain, Bytes), Unread> {
     let ahead = client.take_read_ahead();
     let mut buf = BytesMut::new();
@@ -189,14 +181,13 @@ async fn read_head(
     buf.reserve(HEAD_READ - buf.len());
     loop {
         let read = if buf.is_empty() {
-            if *shutdown.borrow() {
+            if shutdown.is_shutting_down() {
                 return Err(Unread::Closed);
             }
-            let mut shutdown = shutdown.clone();
             tokio::select! {
                 biased;
                 read = client.read_buf(&mut buf) => read,
-                _ = shutdown.changed() => return Err(Unread::Closed),
+                _ = shutdown.begun() => return Err(Unread::Closed),
             }
         } else {
             client.read_buf(&mut buf).await
@@ -231,6 +222,7 @@ enum Prepared {
 /// One request on the fast path: what the edge's `RequestCtx` holds on Pingora's.
 struct Exchange<'a> {
     runtime: &'a Runtime,
+    shutdown: &'a ShutdownSignal,
     req: ReceivedHead,
     request_id: HeaderValue,
     started: Instant,
@@ -339,6 +331,7 @@ impl Exchange<'_> {
                 head_request: *self.req.method() == http::Method::HEAD,
                 keepalive: self.keepalive,
                 request_id: &self.request_id,
+                shutdown: self.shutdown,
             };
             let (e, connect_failed) = match attempt(slot.addr, &wire, settings, client_side, chosen)
                 .await
@@ -406,6 +399,7 @@ impl Exchange<'_> {
             arrived,
         } = answer;
         self.status = head.status;
+        self.keepalive = head.keepalive;
         let mut out = head.client_head;
         let mut body = Body::new(head.framing);
         let mut reusable = head.reusable;
@@ -536,6 +530,8 @@ impl Exchange<'_> {
             pingora_core::protocols::http::date::get_cached_date().as_bytes(),
         );
         put_header(&mut out, b"x-request-id", self.request_id.as_bytes());
+        // Shutdown may have begun since the request came: its answer closes the connection.
+        self.keepalive &= !self.shutdown.is_shutting_down();
         let connection: &[u8] = if self.keepalive {
             b"keep-alive"
         } else {

@@ -11,6 +11,8 @@ use std::mem::MaybeUninit;
 use bytes::BufMut;
 use http::HeaderValue;
 
+use crate::limits::ShutdownSignal;
+
 /// Header lines read from a worker's response.
 const MAX_HEADERS: usize = 100;
 
@@ -37,6 +39,8 @@ pub struct Head {
     pub reusable: bool,
     /// The head for the client.
     pub client_head: Vec<u8>,
+    /// The head tells the client the connection stays open after this answer.
+    pub keepalive: bool,
 }
 
 /// What the bytes read so far from a worker hold.
@@ -58,8 +62,11 @@ pub struct BadResponse(pub &'static str);
 #[derive(Debug, Clone, Copy)]
 pub struct ClientSide<'a> {
     pub head_request: bool,
+    /// The connection may stay open, as far as the request goes.
     pub keepalive: bool,
     pub request_id: &'a HeaderValue,
+    /// An answer that arrives once shutdown has begun closes the connection, and says so.
+    pub shutdown: &'a ShutdownSignal,
 }
 
 pub fn parse(buf: &[u8], client: ClientSide<'_>) -> Result<Parsed, BadResponse> {
@@ -155,7 +162,8 @@ pub fn parse(buf: &[u8], client: ClientSide<'_>) -> Result<Parsed, BadResponse> 
     }
     head.put_slice(b"x-request-id: ");
     head.put_slice(client.request_id.as_bytes());
-    head.put_slice(if client.keepalive {
+    let keepalive = client.keepalive && !client.shutdown.is_shutting_down();
+    head.put_slice(if keepalive {
         b"\r\nconnection: keep-alive\r\n\r\n"
     } else {
         b"\r\nconnection: close\r\n\r\n"
@@ -166,6 +174,7 @@ pub fn parse(buf: &[u8], client: ClientSide<'_>) -> Result<Parsed, BadResponse> 
         framing,
         reusable,
         client_head: head,
+        keepalive,
     }))
 }
 
@@ -203,6 +212,7 @@ mod tests {
             head_request: false,
             keepalive,
             request_id: &ID,
+            shutdown: Box::leak(Box::default()),
         }
     }
 
@@ -231,6 +241,29 @@ mod tests {
              Date: Sat, 05 Dec 2026 06:00:00 GMT\r\nx-request-id: rid-1\r\n\
              connection: keep-alive\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn an_answer_arriving_once_shutdown_has_begun_closes_the_connection() {
+        let raw = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        let kept = head(raw, side(true));
+        assert!(kept.keepalive);
+        let shutdown = ShutdownSignal::new();
+        shutdown.announce();
+        let client = ClientSide {
+            shutdown: &shutdown,
+            ..side(true)
+        };
+        let closing = head(raw, client);
+        assert!(!closing.keepalive, "the connection closes after it");
+        assert!(
+            String::from_utf8(closing.client_head)
+                .unwrap()
+                .ends_with("\r\nconnection: close\r\n\r\n"),
+            "and the client is told"
+        );
+        // The worker's connection is not the client's: it goes back to the pool all the same.
+        assert!(closing.reusable);
     }
 
     #[test]

@@ -37,9 +37,10 @@ use pingora_proxy::Session;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::parking::{self, Parked, PARK_AFTER};
+use super::shutdown::ShutdownSignal;
 use crate::express;
 use crate::metrics;
-use crate::runtime::{Runtime, SharedRuntime};
+use crate::runtime::{HeldRuntime, SharedRuntime};
 
 /// No deadline armed.
 const DISARMED: u64 = u64::MAX;
@@ -58,6 +59,8 @@ pub struct ConnectionGate<A> {
     app: Arc<A>,
     runtime: SharedRuntime,
     open: Arc<AtomicUsize>,
+    /// Pingora's shutdown channel relayed for this gate's thread (a gate serves one).
+    shutdown: Arc<ShutdownSignal>,
 }
 
 impl<A> ConnectionGate<A> {
@@ -68,6 +71,7 @@ impl<A> ConnectionGate<A> {
             app: Arc::new(app),
             runtime,
             open,
+            shutdown: ShutdownSignal::new(),
         }
     }
 }
@@ -90,6 +94,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ConnectionGate<A> {
             Box::pin(refuse(stream)).await;
             return None;
         };
+        self.shutdown.follow(shutdown);
         let guarded: Stream = Box::new(ClientStream::new(stream, timeout, slot));
         self.serve_http1(guarded, None, shutdown).await;
         None
@@ -118,27 +123,21 @@ impl<A: HttpServerApp + Send + Sync + 'static> ConnectionGate<A> {
         settings: Option<HttpPersistentSettings>,
         shutdown: &ShutdownWatch,
     ) {
-        // The configuration of the fast path's last request here, refreshed by each
-        // (`express::serve`).
-        let mut held = self.runtime.load_full();
+        // The configuration of this connection's last request, refreshed by the next.
+        let mut held = HeldRuntime::new(&self.runtime);
         let mut served = self
             .serve_next(stream, settings, true, &mut held, shutdown)
             .await;
-        // One receiver for the connection's waits: a clone per wait touched the count of
-        // receivers all threads share.
-        let mut shutdown_watch = shutdown.clone();
         while let Some((reused, answered_at)) = served {
             let (stream, settings) = reused.consume();
             // Whole seconds, at least one (config/README.md), as the edge tells the client.
-            let idle =
-                (self.runtime.load().config.server.keepalive_timeout).max(Duration::from_secs(1));
+            let idle = (held.load().config.server.keepalive_timeout).max(Duration::from_secs(1));
             // Idle from the answer; the fast path read the clock then.
             let mut idle_since = answered_at.unwrap_or_else(Instant::now);
             let closes_at = tokio::time::Instant::from_std(idle_since) + idle;
             let (mut stream, mut settings) = (stream, settings);
             let stream = loop {
-                match next_request_arrives(stream, idle_since, closes_at, &mut shutdown_watch).await
-                {
+                match next_request_arrives(stream, idle_since, closes_at, &self.shutdown).await {
                     NextRequest::Arrived(stream) => break stream,
                     NextRequest::Close => return,
                     NextRequest::Park(idle) => match Parked::park(idle, settings, closes_at) {
@@ -170,10 +169,10 @@ impl<A: HttpServerApp + Send + Sync + 'static> ConnectionGate<A> {
         stream: Stream,
         settings: Option<HttpPersistentSettings>,
         first: bool,
-        held: &mut Arc<Runtime>,
+        held: &mut HeldRuntime<'_>,
         shutdown: &ShutdownWatch,
     ) -> Option<(ReusedHttpStream, Option<Instant>)> {
-        let stream = match express::serve(&self.runtime, held, stream, shutdown).await {
+        let stream = match express::serve(held, stream, &self.shutdown).await {
             express::Outcome::KeepAlive(stream, answered_at) => {
                 return Some((ReusedHttpStream::new(stream, settings), Some(answered_at)))
             }
@@ -183,7 +182,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ConnectionGate<A> {
         let mut session = ServerSession::new_http1(stream);
         if first {
             // Until `request_filter` sets ours; none once shutting down.
-            session.set_keepalive((!*shutdown.borrow()).then_some(60));
+            session.set_keepalive((!self.shutdown.is_shutting_down()).then_some(60));
         }
         if let Some(settings) = settings {
             settings.apply_to_session(&mut session);
@@ -226,9 +225,9 @@ async fn next_request_arrives(
     stream: Stream,
     idle_since: Instant,
     closes_at: tokio::time::Instant,
-    shutdown: &mut ShutdownWatch,
+    shutdown: &ShutdownSignal,
 ) -> NextRequest {
-    if *shutdown.borrow() {
+    if shutdown.is_shutting_down() {
         return NextRequest::Close;
     }
     if !stream.as_any().is::<ClientStream>() {
@@ -253,7 +252,7 @@ async fn next_request_arrives(
             _ => Waited::Closed,
         },
         _ = timer.as_mut() => Waited::Idle,
-        _ = shutdown.changed() => Waited::Closed,
+        _ = shutdown.begun() => Waited::Closed,
     };
     client.idle_timer = Some(timer);
     match waited {
@@ -624,5 +623,77 @@ impl Peek for ClientStream {
             return Ok(true);
         }
         self.inner.try_peek(buf).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pingora_core::protocols::l4::stream::Stream as TcpStream;
+
+    /// The proxy's side of a loopback connection, guarded as the gate guards it, and the client.
+    async fn guarded_connection() -> (Stream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let slot = ConnectionSlot::take(&Arc::new(AtomicUsize::new(0)), 1).unwrap();
+        let inner: Stream = Box::new(TcpStream::from(accepted));
+        let guarded = ClientStream::new(inner, Duration::from_secs(10), slot);
+        (Box::new(guarded), client)
+    }
+
+    fn long_keepalive() -> (Instant, tokio::time::Instant) {
+        let now = Instant::now();
+        (
+            now,
+            tokio::time::Instant::from_std(now) + Duration::from_secs(60),
+        )
+    }
+
+    #[tokio::test]
+    async fn the_keep_alive_wait_ends_when_shutdown_begins() {
+        let (stream, _client) = guarded_connection().await;
+        let shutdown = ShutdownSignal::new();
+        let (idle_since, closes_at) = long_keepalive();
+        let announce = async {
+            tokio::task::yield_now().await;
+            shutdown.announce();
+        };
+        // Unheard, the wait would end after PARK_AFTER with the connection to park.
+        let (next, ()) = tokio::join!(
+            next_request_arrives(stream, idle_since, closes_at, &shutdown),
+            announce
+        );
+        assert!(matches!(next, NextRequest::Close), "closed at shutdown");
+    }
+
+    #[tokio::test]
+    async fn no_wait_begins_once_shutting_down() {
+        let (stream, mut client) = guarded_connection().await;
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let shutdown = ShutdownSignal::new();
+        shutdown.announce();
+        let (idle_since, closes_at) = long_keepalive();
+        let next = next_request_arrives(stream, idle_since, closes_at, &shutdown).await;
+        assert!(matches!(next, NextRequest::Close));
+    }
+
+    #[tokio::test]
+    async fn the_next_request_ends_the_wait_with_its_bytes_read_ahead() {
+        let (stream, mut client) = guarded_connection().await;
+        client.write_all(b"GET /next HTTP/1.1\r\n").await.unwrap();
+        let shutdown = ShutdownSignal::new();
+        let (idle_since, closes_at) = long_keepalive();
+        let next = next_request_arrives(stream, idle_since, closes_at, &shutdown).await;
+        let NextRequest::Arrived(stream) = next else {
+            panic!("the request's first bytes end the wait");
+        };
+        let mut client_stream = stream.into_any().downcast::<ClientStream>().unwrap();
+        assert_eq!(
+            &client_stream.take_read_ahead()[..],
+            b"GET /next HTTP/1.1\r\n"
+        );
     }
 }

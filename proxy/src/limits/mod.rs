@@ -4,6 +4,8 @@
 pub mod connection;
 pub mod login_rate;
 mod parking;
+mod shutdown;
 
 pub use connection::{ClientStream, ConnectionGate};
 pub use login_rate::LoginRate;
+pub use shutdown::ShutdownSignal;
