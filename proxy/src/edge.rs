@@ -45,7 +45,7 @@ use crate::auth::policy::Policy;
 use crate::auth::Verified;
 use crate::balancer::Lease;
 use crate::headers;
-use crate::limits::{login_rate, ClientStream, LoginRate};
+use crate::limits::{login_rate, ClientStream, LoginRate, ShutdownSignal};
 use crate::metrics::{self, InFlight, PolicyClass};
 use crate::pages;
 use crate::request_guard;
@@ -59,13 +59,20 @@ pub struct Edge {
     /// `/login` + `/callback` requests per client; kept across reloads and shared by all
     /// workers, so the limit holds per process whichever worker a connection lands on.
     login_rate: Arc<LoginRate>,
+    /// Shutdown as this worker thread sees it (shared with its connection gate).
+    shutdown: Arc<ShutdownSignal>,
 }
 
 impl Edge {
-    pub fn new(runtime: SharedRuntime, login_rate: Arc<LoginRate>) -> Edge {
+    pub fn new(
+        runtime: SharedRuntime,
+        login_rate: Arc<LoginRate>,
+        shutdown: Arc<ShutdownSignal>,
+    ) -> Edge {
         Edge {
             runtime,
             login_rate,
+            shutdown,
         }
     }
 }
@@ -356,6 +363,11 @@ impl ProxyHttp for Edge {
             .map(|t| arrived.saturating_duration_since(t));
         if let (Some(elapsed), Some(lease)) = (ctx.upstream_elapsed, ctx.lease.as_ref()) {
             lease.slot().observe_latency(elapsed, arrived);
+        }
+        if self.shutdown.is_shutting_down() {
+            // Pingora decided keep-alive when the request came; its answer closes the
+            // connection now, and says so, as the fast path's does.
+            session.set_keepalive(None);
         }
         if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
             // A tunnel from now on: the client deadline no longer applies.

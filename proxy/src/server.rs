@@ -21,7 +21,7 @@ use crate::config::ProxyConfig;
 use crate::discovery::Discovery;
 use crate::edge::Edge;
 use crate::error::ProxyError;
-use crate::limits::{ConnectionGate, LoginRate};
+use crate::limits::{ConnectionGate, LoginRate, ShutdownSignal};
 use crate::reload::{Reloader, SignalReload};
 use crate::runtime::{Runtime, SharedRuntime};
 
@@ -127,11 +127,13 @@ pub fn run(config: ProxyConfig, options: StartOptions) -> Result<(), ProxyError>
     let open_connections = Arc::new(AtomicUsize::new(0));
     let login_rate = Arc::new(LoginRate::new());
     for worker in 0..config.server.threads.max(1) {
-        let edge = Edge::new(shared.clone(), login_rate.clone());
+        let shutdown = ShutdownSignal::new();
+        let edge = Edge::new(shared.clone(), login_rate.clone(), shutdown.clone());
         let gate = ConnectionGate::new(
             http_proxy(&server.configuration, edge),
             shared.clone(),
             open_connections.clone(),
+            shutdown,
         );
         let mut proxy = Service::new(format!("custodia-proxy-{worker}"), gate);
         proxy.threads = Some(1);

@@ -65,13 +65,19 @@ pub struct ConnectionGate<A> {
 
 impl<A> ConnectionGate<A> {
     /// `open` counts the connections of every gate that shares it: `max_connections` is a
-    /// limit for the process, whichever worker accepted the connection.
-    pub fn new(app: A, runtime: SharedRuntime, open: Arc<AtomicUsize>) -> ConnectionGate<A> {
+    /// limit for the process, whichever worker accepted the connection. `shutdown` is the
+    /// thread's, which the gate relays Pingora's channel to (the thread's edge reads it too).
+    pub fn new(
+        app: A,
+        runtime: SharedRuntime,
+        open: Arc<AtomicUsize>,
+        shutdown: Arc<ShutdownSignal>,
+    ) -> ConnectionGate<A> {
         ConnectionGate {
             app: Arc::new(app),
             runtime,
             open,
-            shutdown: ShutdownSignal::new(),
+            shutdown,
         }
     }
 }

@@ -4,9 +4,9 @@
 //! request is costly on the hot path: reading its value takes the channel's read lock, and
 //! waiting for a change registers with one of its shared wait lists and leaves it again —
 //! atomic writes to cache lines that every thread's connections write, each fetched from the
-//! other core. Each [`ConnectionGate`](super::ConnectionGate) serves one thread, so it keeps a
-//! [`ShutdownSignal`] of its own: one task relays the channel to it, and the requests of its
-//! thread read a flag and wait on a list nobody else touches.
+//! other core. Each worker thread has a [`ShutdownSignal`] of its own, shared by its
+//! [`ConnectionGate`](super::ConnectionGate) and its edge: one task relays the channel to it,
+//! and the requests of that thread read a flag and wait on a list nobody else touches.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
