@@ -8,13 +8,14 @@
 //! straight to one worker as the floor; and bare Pingora (what Custodia is built on, with
 //! nothing of ours), the floor of any Pingora proxy. Each is driven at fixed concurrency
 //! (HTTP/1.1 keep-alive) for a warm-up and a measured window, targets interleaved so that noise
-//! hits all alike. Then:
+//! hits all alike. The rows the goals are read from run again under Debian's `wrk` (the second
+//! opinion the performance issue allows), in the same run. Then:
 //! a slow worker (least_conn, least_time, round_robin, nginx), and memory with many idle clients.
 //!
 //! Knobs (environment): CUSTODIA_BENCH_CONCURRENCY (default "1,32,256"), CUSTODIA_BENCH_SECS
 //! (measured seconds, default 5), CUSTODIA_BENCH_WARMUP_SECS (default 1), CUSTODIA_BENCH_ROUNDS
 //! (default 2; the best round by throughput is reported, preferring rounds without errors), CUSTODIA_BENCH_IDLE_CONNECTIONS
-//! (default 10000), CUSTODIA_BENCH_PARTS (default "throughput,slow,memory").
+//! (default 10000), CUSTODIA_BENCH_PARTS (default "throughput,wrk,slow,memory").
 //!
 //! Output: a table on stdout, target/custodia-bench/report.md and throughput.svg. The machine
 //! is shared and noisy: read the ratios, not the absolute figures.
@@ -37,6 +38,8 @@ mod pingora_baseline;
 mod procs;
 #[path = "end_to_end/report.rs"]
 mod report;
+#[path = "end_to_end/wrk.rs"]
+mod wrk;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -91,7 +94,7 @@ impl Knobs {
             rounds: env_or("CUSTODIA_BENCH_ROUNDS", 2usize).max(1),
             idle_connections: env_or("CUSTODIA_BENCH_IDLE_CONNECTIONS", 10_000usize),
             parts: std::env::var("CUSTODIA_BENCH_PARTS")
-                .unwrap_or_else(|_| "throughput,slow,memory".into())
+                .unwrap_or_else(|_| "throughput,wrk,slow,memory".into())
                 .split(',')
                 .map(|p| p.trim().to_string())
                 .collect(),
@@ -223,7 +226,7 @@ fn preflight(addr: std::net::SocketAddr, cookie: Option<&str>, expect_401_withou
     }
 }
 
-fn throughput(knobs: &Knobs, nginx: Option<&str>, report: &mut Report) {
+fn throughput(knobs: &Knobs, nginx: Option<&str>, wrk_bin: Option<&str>, report: &mut Report) {
     let w1 = Worker::start("w1", 0);
     let w2 = Worker::start("w2", 0);
     let w3 = Worker::start("w3", 0);
@@ -305,16 +308,9 @@ fn throughput(knobs: &Knobs, nginx: Option<&str>, report: &mut Report) {
         },
     ];
 
-    for &c in &knobs.concurrency {
-        let mut best: Vec<Option<Measured>> = vec![None; targets.len()];
-        for round in 0..knobs.rounds {
-            // Rotate the order each round so no target always runs first (or last).
-            for k in 0..targets.len() {
-                let i = (k + round) % targets.len();
-                let t = &targets[i];
-                if t.missing.is_some() {
-                    continue;
-                }
+    if knobs.wants("throughput") {
+        for &c in &knobs.concurrency {
+            let best = best_of_rounds(&targets, c, knobs.rounds, "", |t| {
                 let addr = t.addr.or(t.proxy.map(|p| p.addr)).expect("target address");
                 let (result, cpu) = run_once(
                     addr,
@@ -324,39 +320,109 @@ fn throughput(knobs: &Knobs, nginx: Option<&str>, report: &mut Report) {
                     knobs,
                     None,
                 );
-                let measured = Measured::from_result(&result, cpu);
-                eprintln!(
-                    "  c={c:<4} round {} {:<18} {:>9.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  cpu {}  errors {} non-2xx {}",
-                    round + 1,
-                    t.name,
-                    measured.rps,
-                    measured.p50_ms,
-                    measured.p99_ms,
-                    measured
-                        .cpu_us_per_request
-                        .map(|v| format!("{v:.1} µs/req"))
-                        .unwrap_or_else(|| "-".into()),
-                    measured.errors,
-                    measured.non_2xx
-                );
-                // The best round by throughput, but a clean round beats one with errors.
-                let clean = |m: &Measured| m.errors == 0 && m.non_2xx == 0;
-                if best[i]
-                    .as_ref()
-                    .is_none_or(|b| (clean(&measured), measured.rps) > (clean(b), b.rps))
-                {
-                    best[i] = Some(measured);
-                }
+                Measured::from_result(&result, cpu)
+            });
+            push_rows(&mut report.rows, &targets, c, best);
+        }
+    }
+    if knobs.wants("wrk") {
+        // The second opinion: the rows the goals are read from, driven by wrk.
+        let second: Vec<Target> = targets
+            .into_iter()
+            .filter(|t| {
+                [
+                    report::AUTH_OFF,
+                    report::AUTH_ON,
+                    report::NGINX,
+                    report::NGINX_COOKIE,
+                ]
+                .contains(&t.name)
+            })
+            .map(|t| Target {
+                missing: t.missing.or(wrk_bin.is_none().then_some(wrk::WRK_MISSING)),
+                ..t
+            })
+            .collect();
+        for &c in &knobs.concurrency {
+            let best = best_of_rounds(&second, c, knobs.rounds, "wrk ", |t| {
+                let proxy = t.proxy.expect("a proxy");
+                let spec = wrk::WrkSpec {
+                    addr: proxy.addr,
+                    path: PATH,
+                    cookie: t.cookie.as_deref(),
+                    concurrency: c,
+                    warmup: knobs.warmup,
+                    measure: knobs.measure,
+                };
+                let mut probe = CpuProbe {
+                    pids: measure::process_group(proxy.pid()),
+                    start: Duration::ZERO,
+                    end: Duration::ZERO,
+                };
+                let bin = wrk_bin.expect("wrk, checked above");
+                let run = wrk::run(bin, &spec, &mut probe).unwrap_or_else(|e| panic!("wrk: {e}"));
+                let cpu = probe.end.saturating_sub(probe.start).as_secs_f64() * 1e6
+                    / run.requests.max(1) as f64;
+                run.measured(Some(cpu))
+            });
+            push_rows(&mut report.wrk_rows, &second, c, best);
+        }
+    }
+}
+
+/// Runs every target that can run, `rounds` times in a rotated order (so no target always runs
+/// first, or last), and keeps each one's best round: by throughput, but a clean round beats
+/// one with errors.
+fn best_of_rounds(
+    targets: &[Target],
+    c: usize,
+    rounds: usize,
+    generator: &str,
+    mut run: impl FnMut(&Target) -> Measured,
+) -> Vec<Option<Measured>> {
+    let mut best: Vec<Option<Measured>> = vec![None; targets.len()];
+    for round in 0..rounds {
+        for k in 0..targets.len() {
+            let i = (k + round) % targets.len();
+            let t = &targets[i];
+            if t.missing.is_some() {
+                continue;
+            }
+            let measured = run(t);
+            eprintln!(
+                "  {generator}c={c:<4} round {} {:<18} {:>9.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  cpu {}  errors {} non-2xx {}",
+                round + 1,
+                t.name,
+                measured.rps,
+                measured.p50_ms,
+                measured.p99_ms,
+                measured
+                    .cpu_us_per_request
+                    .map(|v| format!("{v:.1} µs/req"))
+                    .unwrap_or_else(|| "-".into()),
+                measured.errors,
+                measured.non_2xx
+            );
+            let clean = |m: &Measured| m.errors == 0 && m.non_2xx == 0;
+            if best[i]
+                .as_ref()
+                .is_none_or(|b| (clean(&measured), measured.rps) > (clean(b), b.rps))
+            {
+                best[i] = Some(measured);
             }
         }
-        for (t, m) in targets.iter().zip(best) {
-            report.rows.push(Row {
-                target: t.name,
-                concurrency: c,
-                measured: m,
-                note: t.missing.map(str::to_string),
-            });
-        }
+    }
+    best
+}
+
+fn push_rows(rows: &mut Vec<Row>, targets: &[Target], c: usize, best: Vec<Option<Measured>>) {
+    for (t, m) in targets.iter().zip(best) {
+        rows.push(Row {
+            target: t.name,
+            concurrency: c,
+            measured: m,
+            note: t.missing.map(str::to_string),
+        });
     }
 }
 
@@ -502,9 +568,9 @@ fn main() {
         knobs.warmup.as_secs_f64(),
         knobs.rounds
     );
-    if knobs.wants("throughput") {
+    if knobs.wants("throughput") || knobs.wants("wrk") {
         eprintln!("throughput (concurrency {:?})", knobs.concurrency);
-        throughput(&knobs, nginx, &mut report);
+        throughput(&knobs, nginx, wrk::wrk_bin(), &mut report);
     }
     if knobs.wants("slow") {
         eprintln!("slow worker (one of three answers 20 ms later), concurrency 32");

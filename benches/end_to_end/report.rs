@@ -78,6 +78,8 @@ pub struct Report {
     pub settings: String,
     pub concurrency: Vec<usize>,
     pub rows: Vec<Row>,
+    /// The second opinion: the goal rows again, driven by wrk instead of our load generator.
+    pub wrk_rows: Vec<Row>,
     pub slow: Vec<SlowRow>,
     pub memory: Vec<MemoryRow>,
 }
@@ -87,6 +89,75 @@ fn errors_cell(m: &Measured) -> String {
         "0".into()
     } else {
         format!("**{} errors, {} non-2xx**", m.errors, m.non_2xx)
+    }
+}
+
+fn find_in<'a>(rows: &'a [Row], target: &str, c: usize) -> Option<&'a Measured> {
+    rows.iter()
+        .find(|r| r.target == target && r.concurrency == c)
+        .and_then(|r| r.measured.as_ref())
+}
+
+/// The table of measured rows: target, concurrency, req/s, latency, proxy CPU, errors.
+fn rows_table(out: &mut String, rows: &[Row]) {
+    let _ = writeln!(
+        out,
+        "| target | concurrency | req/s | p50 ms | p99 ms | proxy CPU µs/req | requests | errors |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---|");
+    for r in rows {
+        match (&r.measured, &r.note) {
+            (Some(m), _) => {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {:.0} | {:.3} | {:.3} | {} | {} | {} |",
+                    r.target,
+                    r.concurrency,
+                    m.rps,
+                    m.p50_ms,
+                    m.p99_ms,
+                    m.cpu_us_per_request
+                        .map(|v| format!("{v:.1}"))
+                        .unwrap_or_else(|| "–".into()),
+                    m.requests,
+                    errors_cell(m)
+                );
+            }
+            (None, note) => {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | | | | | |",
+                    r.target,
+                    r.concurrency,
+                    note.as_deref().unwrap_or("not measured")
+                );
+            }
+        }
+    }
+}
+
+/// Custodia against nginx on the same requests, per concurrency: session check on against
+/// nginx sent the cookie, off against nginx without it, and on against nginx without it.
+fn goal_ratios(out: &mut String, rows: &[Row], concurrency: &[usize]) {
+    let _ = writeln!(
+        out,
+        "| concurrency | session check | throughput | p99 | CPU per request |"
+    );
+    let _ = writeln!(out, "|---:|---|---:|---:|---:|");
+    for &c in concurrency {
+        for (label, target, nginx) in [
+            ("on", AUTH_ON, NGINX_COOKIE),
+            ("off", AUTH_OFF, NGINX),
+            ("on, against nginx without the cookie", AUTH_ON, NGINX),
+        ] {
+            ratio_row(
+                out,
+                c,
+                label,
+                find_in(rows, target, c),
+                find_in(rows, nginx, c),
+            );
+        }
     }
 }
 
@@ -124,16 +195,14 @@ impl Report {
             settings: String::new(),
             concurrency: concurrency.to_vec(),
             rows: Vec::new(),
+            wrk_rows: Vec::new(),
             slow: Vec::new(),
             memory: Vec::new(),
         }
     }
 
     fn find(&self, target: &str, c: usize) -> Option<&Measured> {
-        self.rows
-            .iter()
-            .find(|r| r.target == target && r.concurrency == c)
-            .and_then(|r| r.measured.as_ref())
+        find_in(&self.rows, target, c)
     }
 
     pub fn markdown(&self) -> String {
@@ -146,40 +215,7 @@ impl Report {
 
         if !self.rows.is_empty() {
             let _ = writeln!(out, "### Throughput, latency, proxy CPU per request\n");
-            let _ = writeln!(
-                out,
-                "| target | concurrency | req/s | p50 ms | p99 ms | proxy CPU µs/req | requests | errors |"
-            );
-            let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---|");
-            for r in &self.rows {
-                match (&r.measured, &r.note) {
-                    (Some(m), _) => {
-                        let _ = writeln!(
-                            out,
-                            "| {} | {} | {:.0} | {:.3} | {:.3} | {} | {} | {} |",
-                            r.target,
-                            r.concurrency,
-                            m.rps,
-                            m.p50_ms,
-                            m.p99_ms,
-                            m.cpu_us_per_request
-                                .map(|v| format!("{v:.1}"))
-                                .unwrap_or_else(|| "–".into()),
-                            m.requests,
-                            errors_cell(m)
-                        );
-                    }
-                    (None, note) => {
-                        let _ = writeln!(
-                            out,
-                            "| {} | {} | {} | | | | | |",
-                            r.target,
-                            r.concurrency,
-                            note.as_deref().unwrap_or("not measured")
-                        );
-                    }
-                }
-            }
+            rows_table(&mut out, &self.rows);
             let _ = writeln!(
                 out,
                 "\n### Ratios Custodia / nginx (goals: throughput ≥ 1.20× at c=32/256, p99 ≤ 1.00×, CPU ≤ 1.00×)\n"
@@ -192,26 +228,7 @@ impl Report {
                  concurrency compares those requests with nginx's figures for requests without \
                  the cookie.\n"
             );
-            let _ = writeln!(
-                out,
-                "| concurrency | session check | throughput | p99 | CPU per request |"
-            );
-            let _ = writeln!(out, "|---:|---|---:|---:|---:|");
-            for &c in &self.concurrency {
-                for (label, target, nginx) in [
-                    ("on", AUTH_ON, NGINX_COOKIE),
-                    ("off", AUTH_OFF, NGINX),
-                    ("on, against nginx without the cookie", AUTH_ON, NGINX),
-                ] {
-                    ratio_row(
-                        &mut out,
-                        c,
-                        label,
-                        self.find(target, c),
-                        self.find(nginx, c),
-                    );
-                }
-            }
+            goal_ratios(&mut out, &self.rows, &self.concurrency);
             let _ = writeln!(
                 out,
                 "\n### The Pingora floor: bare Pingora / nginx, Custodia / bare Pingora, and the fast path\n"
@@ -252,6 +269,20 @@ impl Report {
                     ratio_row(&mut out, c, label, over, under);
                 }
             }
+            let _ = writeln!(out);
+        }
+
+        if !self.wrk_rows.is_empty() {
+            let _ = writeln!(out, "### Second opinion: wrk\n");
+            let _ = writeln!(
+                out,
+                "The same proxies and requests driven by `wrk -t1` (C, epoll) instead of our load \
+                 generator, in the same run: wrk costs the two shared cores less per request, \
+                 which leaves more of them to the proxy and the workers.\n"
+            );
+            rows_table(&mut out, &self.wrk_rows);
+            let _ = writeln!(out);
+            goal_ratios(&mut out, &self.wrk_rows, &self.concurrency);
             let _ = writeln!(out);
         }
 
