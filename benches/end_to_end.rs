@@ -40,6 +40,10 @@ mod procs;
 mod report;
 #[path = "end_to_end/wrk.rs"]
 mod wrk;
+// Its tests run from tests/bench_wrk_report.rs; this binary has no test harness.
+#[cfg_attr(test, allow(unused_imports, dead_code))]
+#[path = "end_to_end/wrk_report.rs"]
+mod wrk_report;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -363,7 +367,7 @@ fn throughput(knobs: &Knobs, nginx: Option<&str>, wrk_bin: Option<&str>, report:
                 let run = wrk::run(bin, &spec, &mut probe).unwrap_or_else(|e| panic!("wrk: {e}"));
                 let cpu = probe.end.saturating_sub(probe.start).as_secs_f64() * 1e6
                     / run.requests.max(1) as f64;
-                run.measured(Some(cpu))
+                wrk::measured(&run, Some(cpu))
             });
             push_rows(&mut report.wrk_rows, &second, c, best);
         }

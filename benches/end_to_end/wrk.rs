@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::load::WindowProbe;
 use crate::report::Measured;
+use crate::wrk_report::{parse, WrkRun};
 
 /// Why the wrk rows are empty when wrk is not installed.
 pub const WRK_MISSING: &str = "wrk not installed — apt-get install wrk";
@@ -42,29 +43,16 @@ pub fn run(bin: &str, spec: &WrkSpec, probe: &mut dyn WindowProbe) -> Result<Wrk
     parse(&output?)
 }
 
-/// What one measured wrk run said.
-#[derive(Debug, PartialEq)]
-pub struct WrkRun {
-    pub requests: u64,
-    pub seconds: f64,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-    /// Socket errors (connect, read, write, timeout).
-    pub errors: u64,
-    pub non_2xx: u64,
-}
-
-impl WrkRun {
-    pub fn measured(&self, cpu_us_per_request: Option<f64>) -> Measured {
-        Measured {
-            rps: self.requests as f64 / self.seconds.max(1e-9),
-            p50_ms: self.p50_ms,
-            p99_ms: self.p99_ms,
-            cpu_us_per_request,
-            requests: self.requests,
-            errors: self.errors,
-            non_2xx: self.non_2xx,
-        }
+/// One measured wrk run as a row of the report.
+pub fn measured(run: &WrkRun, cpu_us_per_request: Option<f64>) -> Measured {
+    Measured {
+        rps: run.requests as f64 / run.seconds.max(1e-9),
+        p50_ms: run.p50_ms,
+        p99_ms: run.p99_ms,
+        cpu_us_per_request,
+        requests: run.requests,
+        errors: run.errors,
+        non_2xx: run.non_2xx,
     }
 }
 
@@ -92,61 +80,4 @@ fn wrk(bin: &str, spec: &WrkSpec, duration: Duration) -> Result<String, String> 
         ));
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
-/// Reads wrk 4's report (`--latency`).
-fn parse(text: &str) -> Result<WrkRun, String> {
-    let mut requests = None;
-    let mut seconds = None;
-    let mut p50 = None;
-    let mut p99 = None;
-    let mut errors = 0;
-    let mut non_2xx = 0;
-    for line in text.lines().map(str::trim) {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words.as_slice() {
-            // "205123 requests in 5.00s, 45.03MB read"
-            [n, "requests", "in", took, ..] => {
-                requests = n.parse().ok();
-                seconds = duration_ms(took.trim_end_matches(',')).map(|ms| ms / 1000.0);
-            }
-            ["50%", value] => p50 = duration_ms(value),
-            ["99%", value] => p99 = duration_ms(value),
-            // "Socket errors: connect 0, read 0, write 0, timeout 0"
-            ["Socket", "errors:", rest @ ..] => {
-                errors = rest
-                    .iter()
-                    .filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok())
-                    .sum();
-            }
-            // "Non-2xx or 3xx responses: 12"
-            ["Non-2xx", "or", "3xx", "responses:", n] => non_2xx = n.parse().unwrap_or(0),
-            _ => {}
-        }
-    }
-    let missing = |what: &str| format!("wrk's report has no {what}:\n{text}");
-    Ok(WrkRun {
-        requests: requests.ok_or_else(|| missing("request count"))?,
-        seconds: seconds.ok_or_else(|| missing("duration"))?,
-        p50_ms: p50.ok_or_else(|| missing("50% latency"))?,
-        p99_ms: p99.ok_or_else(|| missing("99% latency"))?,
-        errors,
-        non_2xx,
-    })
-}
-
-/// "711.00us", "1.06ms", "5.00s", "1.02m" in milliseconds.
-fn duration_ms(text: &str) -> Option<f64> {
-    let split = text.find(|c: char| c.is_ascii_alphabetic())?;
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number.parse().ok()?;
-    let factor = match unit {
-        "us" => 1e-3,
-        "ms" => 1.0,
-        "s" => 1e3,
-        "m" => 60e3,
-        "h" => 3600e3,
-        _ => return None,
-    };
-    Some(number * factor)
 }
