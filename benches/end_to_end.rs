@@ -117,6 +117,23 @@ struct CpuProbe {
     end: Duration,
 }
 
+impl CpuProbe {
+    /// A probe of this proxy's process group (listed now, so the window does not scan /proc);
+    /// of nothing without a proxy.
+    fn of(proxy_pid: Option<i32>) -> CpuProbe {
+        CpuProbe {
+            pids: proxy_pid.map(measure::process_group).unwrap_or_default(),
+            start: Duration::ZERO,
+            end: Duration::ZERO,
+        }
+    }
+
+    /// CPU time over the window per request answered in it, µs.
+    fn per_request_us(&self, requests: u64) -> f64 {
+        self.end.saturating_sub(self.start).as_secs_f64() * 1e6 / requests.max(1) as f64
+    }
+}
+
 impl WindowProbe for CpuProbe {
     fn at_start(&mut self) {
         self.start = measure::group_cpu(&self.pids);
@@ -184,15 +201,9 @@ fn run_once(
         measure: knobs.measure,
         count_marker: marker,
     };
-    let mut probe = CpuProbe {
-        pids: proxy_pid.map(measure::process_group).unwrap_or_default(),
-        start: Duration::ZERO,
-        end: Duration::ZERO,
-    };
+    let mut probe = CpuProbe::of(proxy_pid);
     let result = load::run(&spec, &mut probe).unwrap_or_else(|e| panic!("load run: {e}"));
-    let cpu_per_request = proxy_pid.map(|_| {
-        (probe.end.saturating_sub(probe.start)).as_secs_f64() * 1e6 / result.requests.max(1) as f64
-    });
+    let cpu_per_request = proxy_pid.map(|_| probe.per_request_us(result.requests));
     (result, cpu_per_request)
 }
 
@@ -358,16 +369,10 @@ fn throughput(knobs: &Knobs, nginx: Option<&str>, wrk_bin: Option<&str>, report:
                     warmup: knobs.warmup,
                     measure: knobs.measure,
                 };
-                let mut probe = CpuProbe {
-                    pids: measure::process_group(proxy.pid()),
-                    start: Duration::ZERO,
-                    end: Duration::ZERO,
-                };
+                let mut probe = CpuProbe::of(Some(proxy.pid()));
                 let bin = wrk_bin.expect("wrk, checked above");
                 let run = wrk::run(bin, &spec, &mut probe).unwrap_or_else(|e| panic!("wrk: {e}"));
-                let cpu = probe.end.saturating_sub(probe.start).as_secs_f64() * 1e6
-                    / run.requests.max(1) as f64;
-                wrk::measured(&run, Some(cpu))
+                wrk::measured(&run, Some(probe.per_request_us(run.requests)))
             });
             push_rows(&mut report.wrk_rows, &second, c, best);
         }
