@@ -30,6 +30,8 @@ mod process;
 // The crate root's modules resolve next to it, in benches/: point at benches/end_to_end/.
 #[path = "end_to_end/load.rs"]
 mod load;
+#[path = "end_to_end/machine_cpu.rs"]
+mod machine_cpu;
 #[path = "end_to_end/measure.rs"]
 mod measure;
 #[path = "end_to_end/pingora_baseline.rs"]
@@ -51,6 +53,7 @@ use custodia_proxy::auth::{seal_session, CookieSettings, SecretKeys, Session};
 use custodia_proxy::config::Balance;
 
 use load::{LoadResult, LoadSpec, WindowProbe};
+use machine_cpu::{CpuTimes, MachineShare};
 use procs::{Proxy, Worker};
 use report::{Measured, MemoryRow, Report, Row, SlowRow};
 
@@ -110,36 +113,67 @@ impl Knobs {
     }
 }
 
-/// Reads a proxy's CPU time (its process group) at the window's edges.
+/// Reads, at the window's edges, a proxy's CPU time (its process group), the workers' and the
+/// whole machine's.
 struct CpuProbe {
-    pids: Vec<i32>,
-    start: Duration,
-    end: Duration,
+    proxy: Vec<i32>,
+    workers: Vec<i32>,
+    start: CpuReading,
+    end: CpuReading,
+}
+
+#[derive(Clone, Copy, Default)]
+struct CpuReading {
+    proxy: Duration,
+    workers: Duration,
+    machine: Option<CpuTimes>,
 }
 
 impl CpuProbe {
-    /// A probe of this proxy's process group (listed now, so the window does not scan /proc);
-    /// of nothing without a proxy.
-    fn of(proxy_pid: Option<i32>) -> CpuProbe {
+    /// A probe of this proxy's process group (listed now, so the window does not scan /proc),
+    /// or of no proxy, and of these workers.
+    fn of(proxy_pid: Option<i32>, workers: &[i32]) -> CpuProbe {
         CpuProbe {
-            pids: proxy_pid.map(measure::process_group).unwrap_or_default(),
-            start: Duration::ZERO,
-            end: Duration::ZERO,
+            proxy: proxy_pid.map(measure::process_group).unwrap_or_default(),
+            workers: workers.to_vec(),
+            start: CpuReading::default(),
+            end: CpuReading::default(),
         }
     }
 
-    /// CPU time over the window per request answered in it, µs.
-    fn per_request_us(&self, requests: u64) -> f64 {
-        self.end.saturating_sub(self.start).as_secs_f64() * 1e6 / requests.max(1) as f64
+    fn read(&self) -> CpuReading {
+        CpuReading {
+            proxy: measure::group_cpu(&self.proxy),
+            workers: measure::group_cpu(&self.workers),
+            machine: measure::machine_cpu(),
+        }
+    }
+
+    /// The proxy's CPU time over the window per request answered in it, µs (None without a
+    /// proxy), and where the machine's went.
+    fn fill(&self, measured: &mut Measured) {
+        let requests = measured.requests.max(1) as f64;
+        let proxy = self.end.proxy.saturating_sub(self.start.proxy);
+        measured.cpu_us_per_request =
+            (!self.proxy.is_empty()).then(|| proxy.as_secs_f64() * 1e6 / requests);
+        measured.machine = match (self.start.machine, self.end.machine) {
+            (Some(start), Some(end)) => Some(MachineShare::new(
+                end.since(&start),
+                measure::ticks_per_second(),
+                self.end.workers.saturating_sub(self.start.workers),
+                measured.requests,
+            )),
+            _ => None,
+        };
     }
 }
 
 impl WindowProbe for CpuProbe {
     fn at_start(&mut self) {
-        self.start = measure::group_cpu(&self.pids);
+        self.start = self.read();
     }
     fn at_end(&mut self) {
-        self.end = measure::group_cpu(&self.pids);
+        self.end = self.read();
     }
 }
 
@@ -187,11 +221,12 @@ struct Target<'a> {
 fn run_once(
     addr: std::net::SocketAddr,
     proxy_pid: Option<i32>,
+    workers: &[i32],
     cookie: Option<String>,
     concurrency: usize,
     knobs: &Knobs,
     marker: Option<String>,
-) -> (LoadResult, Option<f64>) {
+) -> (LoadResult, Measured) {
     let spec = LoadSpec {
         addr,
         path: PATH.into(),
@@ -201,10 +236,11 @@ fn run_once(
         measure: knobs.measure,
         count_marker: marker,
     };
-    let mut probe = CpuProbe::of(proxy_pid);
+    let mut probe = CpuProbe::of(proxy_pid, workers);
     let result = load::run(&spec, &mut probe).unwrap_or_else(|e| panic!("load run: {e}"));
-    let cpu_per_request = proxy_pid.map(|_| probe.per_request_us(result.requests));
-    (result, cpu_per_request)
+    let mut measured = Measured::from_result(&result);
+    probe.fill(&mut measured);
+    (result, measured)
 }
 
 /// Checks a target answers the bench request with 200 (and, for the session check, 401 without
@@ -246,6 +282,7 @@ fn throughput(knobs: &Knobs, nginx: Option<&str>, wrk_bin: Option<&str>, report:
     let w2 = Worker::start("w2", 0);
     let w3 = Worker::start("w3", 0);
     let workers = [&w1, &w2, &w3];
+    let worker_pids: Vec<i32> = workers.iter().map(|w| w.pid()).collect();
     let cookie = session_cookie();
     let auth_off = procs::start_custodia("custodia auth off", &workers, Balance::LeastConn, false);
     let auth_on = procs::start_custodia("custodia auth on", &workers, Balance::LeastConn, true);
@@ -327,15 +364,16 @@ fn throughput(knobs: &Knobs, nginx: Option<&str>, wrk_bin: Option<&str>, report:
         for &c in &knobs.concurrency {
             let best = best_of_rounds(&targets, c, knobs.rounds, "", |t| {
                 let addr = t.addr.or(t.proxy.map(|p| p.addr)).expect("target address");
-                let (result, cpu) = run_once(
+                let (_, measured) = run_once(
                     addr,
                     t.proxy.map(Proxy::pid),
+                    &worker_pids,
                     t.cookie.clone(),
                     c,
                     knobs,
                     None,
                 );
-                Measured::from_result(&result, cpu)
+                measured
             });
             push_rows(&mut report.rows, &targets, c, best);
         }
@@ -369,10 +407,12 @@ fn throughput(knobs: &Knobs, nginx: Option<&str>, wrk_bin: Option<&str>, report:
                     warmup: knobs.warmup,
                     measure: knobs.measure,
                 };
-                let mut probe = CpuProbe::of(Some(proxy.pid()));
+                let mut probe = CpuProbe::of(Some(proxy.pid()), &worker_pids);
                 let bin = wrk_bin.expect("wrk, checked above");
                 let run = wrk::run(bin, &spec, &mut probe).unwrap_or_else(|e| panic!("wrk: {e}"));
-                wrk::measured(&run, Some(probe.per_request_us(run.requests)))
+                let mut measured = wrk::measured(&run);
+                probe.fill(&mut measured);
+                measured
             });
             push_rows(&mut report.wrk_rows, &second, c, best);
         }
@@ -440,6 +480,7 @@ fn slow_worker(knobs: &Knobs, nginx: Option<&str>, report: &mut Report) {
     let w2 = Worker::start("w2", 0);
     let slow = Worker::start("slow", 20);
     let workers = [&w1, &w2, &slow];
+    let worker_pids: Vec<i32> = workers.iter().map(|w| w.pid()).collect();
     let least = procs::start_custodia("custodia least_conn", &workers, Balance::LeastConn, false);
     let least_time =
         procs::start_custodia("custodia least_time", &workers, Balance::LeastTime, false);
@@ -464,16 +505,16 @@ fn slow_worker(knobs: &Knobs, nginx: Option<&str>, report: &mut Report) {
             });
             continue;
         };
-        let (result, cpu) = run_once(
+        let (result, measured) = run_once(
             proxy.addr,
             Some(proxy.pid()),
+            &worker_pids,
             None,
             concurrency,
             knobs,
             Some(marker.clone()),
         );
         let share = result.marked as f64 / result.requests.max(1) as f64;
-        let measured = Measured::from_result(&result, cpu);
         eprintln!(
             "  slow worker {name:<22} {:>8.0} req/s  p99 {:>7.3} ms  to slow {:.1}%  errors {}",
             measured.rps,

@@ -4,8 +4,10 @@
 
 use std::time::Duration;
 
-/// Clock ticks per second for /proc/PID/stat times.
-fn ticks_per_second() -> f64 {
+use crate::machine_cpu::CpuTimes;
+
+/// Clock ticks per second for /proc/PID/stat and /proc/stat times.
+pub fn ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if ticks > 0 {
@@ -54,6 +56,12 @@ pub fn process_group(pid: i32) -> Vec<i32> {
 /// reading it does not scan /proc inside the measured window).
 pub fn group_cpu(pids: &[i32]) -> Duration {
     pids.iter().copied().filter_map(process_cpu).sum()
+}
+
+/// The whole machine's CPU time so far (all cores), or None where /proc/stat cannot be read.
+pub fn machine_cpu() -> Option<CpuTimes> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    CpuTimes::parse(&stat).ok()
 }
 
 /// VmRSS of one process, bytes.

@@ -35,7 +35,7 @@ fn quiet(mut command: Command) -> Command {
 pub struct Worker {
     pub addr: SocketAddr,
     pub id: String,
-    _process: ChildGuard,
+    process: ChildGuard,
 }
 
 impl Worker {
@@ -51,8 +51,12 @@ impl Worker {
         Worker {
             addr,
             id: id.to_string(),
-            _process: process,
+            process,
         }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.process.pid()
     }
 }
 

@@ -7,6 +7,7 @@ use std::path::Path;
 use plotters::prelude::*;
 
 use crate::load::LoadResult;
+use crate::machine_cpu::MachineShare;
 
 pub const DIRECT: &str = "direct to a worker";
 pub const AUTH_OFF: &str = "custodia, session check off";
@@ -33,18 +34,22 @@ pub struct Measured {
     pub requests: u64,
     pub errors: u64,
     pub non_2xx: u64,
+    /// Where the machine's CPU went over the window; None when it was not read.
+    pub machine: Option<MachineShare>,
 }
 
 impl Measured {
-    pub fn from_result(result: &LoadResult, cpu: Option<f64>) -> Measured {
+    /// A load run's figures; the CPU figures are the probe's to fill in.
+    pub fn from_result(result: &LoadResult) -> Measured {
         Measured {
             rps: result.throughput(),
             p50_ms: result.p50_ms(),
             p99_ms: result.p99_ms(),
-            cpu_us_per_request: cpu,
+            cpu_us_per_request: None,
             requests: result.requests,
             errors: result.errors,
             non_2xx: result.non_2xx,
+            machine: None,
         }
     }
 }
@@ -161,6 +166,85 @@ fn goal_ratios(out: &mut String, rows: &[Row], concurrency: &[usize]) {
     }
 }
 
+/// The throughput the goal asks for, as a multiple of nginx's.
+const THROUGHPUT_GOAL: f64 = 1.2;
+
+/// Where each request's share of the machine went, for the goal rows, and what proxy CPU per
+/// request the throughput goal would need given what the rest of the machine cost.
+fn machine_breakdown(out: &mut String, rows: &[Row], concurrency: &[usize]) {
+    let targets = [AUTH_OFF, AUTH_ON, NGINX, NGINX_COOKIE];
+    let measured = |t: &str, c: usize| {
+        find_in(rows, t, c).and_then(|m| Some((m, m.machine?, m.cpu_us_per_request?)))
+    };
+    if !concurrency
+        .iter()
+        .any(|&c| targets.iter().any(|t| measured(t, c).is_some()))
+    {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "| target | concurrency | req/s | machine µs/req | proxy | workers | rest | idle | stolen |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for &c in concurrency {
+        for t in targets {
+            let Some((m, machine, proxy)) = measured(t, c) else {
+                continue;
+            };
+            let _ = writeln!(
+                out,
+                "| {t} | {c} | {:.0} | {:.1} | {proxy:.1} | {:.1} | {:.1} | {:.0}% | {:.0}% |",
+                m.rps,
+                machine.busy_us,
+                machine.workers_us,
+                machine.rest_us(proxy),
+                machine.idle_share * 100.0,
+                machine.steal_share * 100.0,
+            );
+        }
+    }
+    let _ = writeln!(out);
+    for &c in concurrency {
+        let (Some((ours, machine, proxy)), Some(nginx)) =
+            (measured(AUTH_ON, c), find_in(rows, NGINX_COOKIE, c))
+        else {
+            continue;
+        };
+        let target = THROUGHPUT_GOAL * nginx.rps;
+        let ratio = ours.rps / nginx.rps.max(1e-9);
+        if ratio >= THROUGHPUT_GOAL {
+            let _ = writeln!(
+                out,
+                "- c={c}, session check on: {ratio:.2}× nginx's throughput, the goal of \
+                 {THROUGHPUT_GOAL:.1}× met."
+            );
+            continue;
+        }
+        let others = machine.workers_us + machine.rest_us(proxy);
+        let budget = machine.proxy_budget_us(ours.rps, proxy, target);
+        let verdict = if budget > 0.0 {
+            format!(
+                "the proxy would have {budget:.1} µs a request; it took {proxy:.1} µs \
+                 ({:.0}% less needed)",
+                (1.0 - budget / proxy.max(1e-9)) * 100.0
+            )
+        } else {
+            "the workers and the rest alone would take more than the machine has at that rate"
+                .to_string()
+        };
+        let _ = writeln!(
+            out,
+            "- c={c}, session check on: {ratio:.2}× nginx's throughput. {THROUGHPUT_GOAL:.1}× \
+             nginx's {:.0} req/s is {target:.0} req/s: with the cores as busy as in this window, \
+             and the workers and the rest costing what they did behind Custodia ({others:.1} µs \
+             a request), {verdict}.",
+            nginx.rps
+        );
+    }
+    let _ = writeln!(out);
+}
+
 /// One row of a ratio table: throughput, p99 and CPU per request of `over` against `under`.
 fn ratio_row(
     out: &mut String,
@@ -229,9 +313,20 @@ impl Report {
                  the cookie.\n"
             );
             goal_ratios(&mut out, &self.rows, &self.concurrency);
+            let _ = writeln!(out, "\n### Where the machine's CPU goes, per request\n");
             let _ = writeln!(
                 out,
-                "\n### The Pingora floor: bare Pingora / nginx, Custodia / bare Pingora, and the fast path\n"
+                "The proxy, the three workers and the load generator share the machine's cores, \
+                 so what the proxy can serve is bounded by what the others leave it. Per request \
+                 answered in the measured window: the busy time of all cores (/proc/stat), the \
+                 proxy's and the workers' CPU time (/proc/PID/stat), and the rest: the load \
+                 generator, and anything else the machine ran. Idle and stolen (by the \
+                 hypervisor): shares of the window's core time.\n"
+            );
+            machine_breakdown(&mut out, &self.rows, &self.concurrency);
+            let _ = writeln!(
+                out,
+                "### The Pingora floor: bare Pingora / nginx, Custodia / bare Pingora, and the fast path\n"
             );
             let _ = writeln!(
                 out,
@@ -283,7 +378,8 @@ impl Report {
             rows_table(&mut out, &self.wrk_rows);
             let _ = writeln!(out);
             goal_ratios(&mut out, &self.wrk_rows, &self.concurrency);
-            let _ = writeln!(out);
+            let _ = writeln!(out, "\nWhere the machine's CPU goes under wrk:\n");
+            machine_breakdown(&mut out, &self.wrk_rows, &self.concurrency);
         }
 
         if !self.slow.is_empty() {

@@ -31,8 +31,7 @@ pub struct WrkSpec<'a> {
     pub measure: Duration,
 }
 
-/// A warm-up run (not counted), then the measured run with `probe` read around it. The CPU
-/// figure is `probe`'s reading over the requests wrk counted; the caller divides.
+/// A warm-up run (not counted), then the measured run with `probe` read around it.
 pub fn run(bin: &str, spec: &WrkSpec, probe: &mut dyn WindowProbe) -> Result<WrkRun, String> {
     if !spec.warmup.is_zero() {
         wrk(bin, spec, spec.warmup)?;
@@ -43,16 +42,17 @@ pub fn run(bin: &str, spec: &WrkSpec, probe: &mut dyn WindowProbe) -> Result<Wrk
     parse(&output?)
 }
 
-/// One measured wrk run as a row of the report.
-pub fn measured(run: &WrkRun, cpu_us_per_request: Option<f64>) -> Measured {
+/// One measured wrk run as a row of the report; the CPU figures are the probe's to fill in.
+pub fn measured(run: &WrkRun) -> Measured {
     Measured {
         rps: run.requests as f64 / run.seconds.max(1e-9),
         p50_ms: run.p50_ms,
         p99_ms: run.p99_ms,
-        cpu_us_per_request,
+        cpu_us_per_request: None,
         requests: run.requests,
         errors: run.errors,
         non_2xx: run.non_2xx,
+        machine: None,
     }
 }
 
