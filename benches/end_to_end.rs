@@ -126,7 +126,7 @@ struct CpuProbe {
 struct CpuReading {
     proxy: Duration,
     workers: Duration,
-    machine: Option<CpuTimes>,
+    machine: CpuTimes,
 }
 
 impl CpuProbe {
@@ -156,15 +156,12 @@ impl CpuProbe {
         let proxy = self.end.proxy.saturating_sub(self.start.proxy);
         measured.cpu_us_per_request =
             (!self.proxy.is_empty()).then(|| proxy.as_secs_f64() * 1e6 / requests);
-        measured.machine = match (self.start.machine, self.end.machine) {
-            (Some(start), Some(end)) => Some(MachineShare::new(
-                end.since(&start),
-                measure::ticks_per_second(),
-                self.end.workers.saturating_sub(self.start.workers),
-                measured.requests,
-            )),
-            _ => None,
-        };
+        measured.machine = Some(MachineShare::new(
+            self.end.machine.since(&self.start.machine),
+            measure::ticks_per_second(),
+            self.end.workers.saturating_sub(self.start.workers),
+            measured.requests,
+        ));
     }
 }
 

@@ -37,11 +37,15 @@ impl CpuTimes {
         if fields.len() < 4 {
             return Err(format!("/proc/stat: too few fields in `{line}`"));
         }
-        let field = |i: usize| fields.get(i).copied().unwrap_or(0);
+        let sum = |indices: &[usize]| {
+            indices.iter().fold(0u64, |total, &i| {
+                total.saturating_add(fields.get(i).copied().unwrap_or(0))
+            })
+        };
         Ok(CpuTimes {
-            busy: field(0) + field(1) + field(2) + field(5) + field(6),
-            idle: field(3) + field(4),
-            steal: field(7),
+            busy: sum(&[0, 1, 2, 5, 6]),
+            idle: sum(&[3, 4]),
+            steal: sum(&[7]),
         })
     }
 
@@ -55,7 +59,9 @@ impl CpuTimes {
     }
 
     fn total(&self) -> u64 {
-        self.busy + self.idle + self.steal
+        self.busy
+            .saturating_add(self.idle)
+            .saturating_add(self.steal)
     }
 
     fn share(&self, part: u64) -> f64 {

@@ -58,10 +58,12 @@ pub fn group_cpu(pids: &[i32]) -> Duration {
     pids.iter().copied().filter_map(process_cpu).sum()
 }
 
-/// The whole machine's CPU time so far (all cores), or None where /proc/stat cannot be read.
-pub fn machine_cpu() -> Option<CpuTimes> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    CpuTimes::parse(&stat).ok()
+/// The whole machine's CPU time so far (all cores). A machine without a readable /proc/stat
+/// cannot be measured here: the run stops and says why.
+pub fn machine_cpu() -> CpuTimes {
+    let stat = std::fs::read_to_string("/proc/stat")
+        .unwrap_or_else(|e| panic!("cannot read /proc/stat: {e}"));
+    CpuTimes::parse(&stat).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// VmRSS of one process, bytes.
