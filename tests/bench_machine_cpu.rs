@@ -85,6 +85,7 @@ fn per_request_figures_divide_the_window_by_the_requests() {
     assert_eq!(share.steal_share, 0.0);
     // The proxy took 12 µs: the load generator and the rest took the other 8.
     assert!((share.rest_us(12.0) - 8.0).abs() < 1e-9);
+    assert!((share.others_us(12.0) - 18.0).abs() < 1e-9);
     // Never negative, even when the proxy's reading and the machine's disagree.
     assert_eq!(share.rest_us(40.0), 0.0);
 }

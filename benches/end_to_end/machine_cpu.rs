@@ -105,10 +105,15 @@ impl MachineShare {
         (self.busy_us - proxy_us - self.workers_us).max(0.0)
     }
 
+    /// Everything busy but the proxy: the workers and the rest.
+    pub fn others_us(&self, proxy_us: f64) -> f64 {
+        self.workers_us + self.rest_us(proxy_us)
+    }
+
     /// The proxy CPU per request at which the machine, serving `rps` in this window, would serve
     /// `target_rps` instead: the cores as busy as they were, and the workers and the rest
     /// costing per request what they cost. Negative when they alone would take more than that.
     pub fn proxy_budget_us(&self, rps: f64, proxy_us: f64, target_rps: f64) -> f64 {
-        self.busy_us * rps / target_rps.max(1e-9) - self.workers_us - self.rest_us(proxy_us)
+        self.busy_us * rps / target_rps.max(1e-9) - self.others_us(proxy_us)
     }
 }

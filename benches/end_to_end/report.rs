@@ -221,7 +221,7 @@ fn machine_breakdown(out: &mut String, rows: &[Row], concurrency: &[usize]) {
             );
             continue;
         }
-        let others = machine.workers_us + machine.rest_us(proxy);
+        let others = machine.others_us(proxy);
         let budget = machine.proxy_budget_us(ours.rps, proxy, target);
         let verdict = if budget > 0.0 {
             format!(
