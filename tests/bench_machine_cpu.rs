@@ -102,3 +102,17 @@ fn the_proxy_budget_is_what_the_cores_leave_at_the_target_rate() {
     // 120,000 req/s: 15 µs a request, less than the workers and the rest alone.
     assert!(share.proxy_budget_us(served, 12.0, 120_000.0) < 0.0);
 }
+
+#[test]
+fn only_a_window_with_busy_cores_is_cpu_bound() {
+    // 10% idle, as at concurrency 32: the rate is what the cores could do.
+    assert!(window().cpu_bound());
+    // 55% idle, as at concurrency 1: the rate is the round trip's, whatever the CPU costs.
+    let half_idle = CpuTimes {
+        busy: 90,
+        idle: 110,
+        steal: 0,
+    };
+    let share = MachineShare::new(half_idle, 100.0, Duration::from_millis(300), 10_000);
+    assert!(!share.cpu_bound(), "{share:?}");
+}

@@ -69,6 +69,11 @@ impl CpuTimes {
     }
 }
 
+/// Above this share of idle core time, a window's rate was set by each request's round trip
+/// (concurrency 1 leaves the two cores about half idle), not by what the cores could do; CPU-bound
+/// windows here are 0–11% idle.
+pub const MAX_IDLE_WHEN_CPU_BOUND: f64 = 0.25;
+
 /// One window's machine-wide figures, per request.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct MachineShare {
@@ -97,6 +102,12 @@ impl MachineShare {
             idle_share: delta.share(delta.idle),
             steal_share: delta.share(delta.steal),
         }
+    }
+
+    /// Whether the cores were kept busy: only then does CPU per request bound the rate, and a
+    /// CPU budget for a higher rate mean anything.
+    pub fn cpu_bound(&self) -> bool {
+        self.idle_share <= MAX_IDLE_WHEN_CPU_BOUND
     }
 
     /// Everything busy that was neither the proxy nor the workers: the load generator, and

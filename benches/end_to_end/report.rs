@@ -221,6 +221,16 @@ fn machine_breakdown(out: &mut String, rows: &[Row], concurrency: &[usize]) {
             );
             continue;
         }
+        if !machine.cpu_bound() {
+            let _ = writeln!(
+                out,
+                "- c={c}, session check on: {ratio:.2}× nginx's throughput, short of \
+                 {THROUGHPUT_GOAL:.1}×. The cores were {:.0}% idle, so this rate was set by each \
+                 request's round trip, not by CPU: no proxy CPU budget says what would reach it.",
+                machine.idle_share * 100.0
+            );
+            continue;
+        }
         let others = machine.others_us(proxy);
         let budget = machine.proxy_budget_us(ours.rps, proxy, target);
         let verdict = if budget > 0.0 {
