@@ -21,6 +21,11 @@ const LOGINS_PER_MINUTE: usize = 3;
 /// fine, the limits come first) in front of a recording upstream. `trusted` are the peers
 /// whose `X-Forwarded-For` is believed.
 fn auth_stack(trusted: &str) -> (RecordingServer, Proxy) {
+    auth_stack_with(trusted, false)
+}
+
+/// [`auth_stack`], keeping the proxy's output (its access log) when `capturing`.
+fn auth_stack_with(trusted: &str, capturing: bool) -> (RecordingServer, Proxy) {
     let upstream = RecordingServer::start();
     let addr = free_addr();
     let dead_idp = free_addr();
@@ -37,15 +42,29 @@ fn auth_stack(trusted: &str) -> (RecordingServer, Proxy) {
             "APP_SECRET_KEY",
             "0123456789abcdef0123456789abcdef0123456789abcdef",
         ),
+        // The access log is info events.
+        ("RUST_LOG", if capturing { "info" } else { "warn" }),
     ];
-    let proxy = Proxy::start_at(addr, &sections, &env);
+    let proxy = if capturing {
+        Proxy::start_at_capturing(addr, &sections, &env)
+    } else {
+        Proxy::start_at(addr, &sections, &env)
+    };
     (upstream, proxy)
 }
 
 /// `GET path` from `source` (a loopback address) with an optional `X-Forwarded-For`.
 fn get_from(proxy: &Proxy, source: Option<IpAddr>, path: &str, xff: Option<&str>) -> Outcome {
+    get_with_lines(proxy, source, path, xff.as_slice())
+}
+
+/// `GET path` from `source` with one `X-Forwarded-For` line per entry of `xff`.
+fn get_with_lines(proxy: &Proxy, source: Option<IpAddr>, path: &str, xff: &[&str]) -> Outcome {
     let mut stream = raw_tcp::connect(proxy.addr, source);
-    let xff = xff.map_or(String::new(), |v| format!("X-Forwarded-For: {v}\r\n"));
+    let xff: String = xff
+        .iter()
+        .map(|v| format!("X-Forwarded-For: {v}\r\n"))
+        .collect();
     let request = format!("GET {path} HTTP/1.1\r\nHost: h\r\n{xff}Connection: close\r\n\r\n");
     raw_tcp::exchange(&mut stream, request.as_bytes())
 }
@@ -114,6 +133,64 @@ async fn logins_are_rate_limited_per_real_client() {
         .find(|(labels, _)| labels.contains("reason=\"login_rate\""))
         .map(|(_, v)| *v);
     assert!(login_rate.is_some_and(|v| v >= 3.0), "{rejected:?}");
+}
+
+/// A trusted proxy that adds its own `X-Forwarded-For` line (HAProxy's `option forwardfor`)
+/// instead of extending the client's: the lines are one list, read from the right, so a client
+/// cannot pick its own budget, its own name in the access log or the upstream's
+/// `X-Real-IP` by sending a line first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_forwarded_for_on_several_lines_is_one_list() {
+    let (upstream, proxy) = auth_stack_with("\"127.0.0.1/32\"", true);
+    let real = "203.0.113.50";
+    for i in 0..LOGINS_PER_MINUTE {
+        let chosen = format!("198.51.100.{i}");
+        let outcome = get_with_lines(&proxy, None, "/login", &[&chosen, real]);
+        assert_ne!(outcome.status(), Some(429), "{outcome:?}");
+    }
+    let limited = get_with_lines(&proxy, None, "/login", &["198.51.100.77", real]);
+    assert_eq!(
+        limited.status(),
+        Some(429),
+        "a new first line is not a new client: {limited:?}"
+    );
+
+    let forwarded = get_with_lines(&proxy, None, "/page", &["198.51.100.9", real]);
+    assert_eq!(forwarded.status(), Some(200), "{forwarded:?}");
+    let seen = upstream
+        .requests()
+        .into_iter()
+        .map(|r| String::from_utf8_lossy(&r).to_ascii_lowercase())
+        .find(|r| r.starts_with("get /page"))
+        .expect("the page request reached the upstream");
+    assert!(
+        seen.contains(&format!("x-real-ip: {real}\r\n")),
+        "the real client: {seen}"
+    );
+    assert!(
+        seen.contains(&format!(
+            "x-forwarded-for: 198.51.100.9, {real}, 127.0.0.1\r\n"
+        )),
+        "every line, then the peer: {seen}"
+    );
+
+    // The access log names the real client for answers the proxy gives itself (the 429s) too.
+    support::process::eventually(
+        "the access log to have the 429 lines",
+        Duration::from_secs(10),
+        || {
+            let output = proxy.output();
+            let refused: Vec<&str> = output
+                .lines()
+                .filter(|l| l.contains("\"status\":429"))
+                .collect();
+            (!refused.is_empty()).then(|| {
+                for line in refused {
+                    assert!(line.contains(&format!("\"client\":\"{real}\"")), "{line}");
+                }
+            })
+        },
+    );
 }
 
 #[test]

@@ -407,6 +407,45 @@ async fn idp_error_access_denied_is_a_4xx_page() {
     .await;
 }
 
+/// Anyone can link a browser to `/callback?error=…&error_description=…`: the text is shown only
+/// for a sign-in this browser started, and never reaches the log as lines of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crafted_idp_error_shows_no_text_and_forges_no_log_lines() {
+    let stack = AuthConfig::new().capture_output().start().await;
+    let browser = stack.browser();
+    let words = "Your account is locked, call 555-0100";
+    let mut url = browser.url("/callback");
+    url.query_pairs_mut()
+        .append_pair("error", "access_denied\r\nFORGED error line")
+        .append_pair(
+            "error_description",
+            &format!("{words}\n2026-01-01T00:00:00Z INFO forged"),
+        )
+        .append_pair("state", "not-a-login-of-this-browser");
+    let reply = browser.get_html(url.as_str()).await;
+    assert_refused(&stack, &browser, &reply, "a crafted ?error=").await;
+    assert!(!reply.body.contains("555-0100"), "{}", reply.describe());
+
+    // A sign-in this browser started: the IdP's words are shown (escaped).
+    let pending = stack.begin_login(&browser, None).await;
+    let mut url = browser.url("/callback");
+    url.query_pairs_mut()
+        .append_pair("error", "access_denied")
+        .append_pair("error_description", words)
+        .append_pair("state", &pending.state);
+    let reply = browser.get_html(url.as_str()).await;
+    assert!(reply.body.contains("555-0100"), "{}", reply.describe());
+
+    let output = stack.output();
+    assert!(output.contains("FORGED"), "the error is logged: {output}");
+    for line in output.lines() {
+        assert!(
+            !line.starts_with("FORGED") && !line.starts_with("2026-01-01T00:00:00Z INFO forged"),
+            "a line of the client's making: {line:?}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------- who may sign in
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -448,6 +487,67 @@ async fn allowed_email_and_domain_let_the_user_in() {
         stack.login(&browser, None).await;
         stack.assert_signed_in(&browser).await;
     }
+}
+
+/// Allow-lists hold for sessions too, not just for sign-ins: a reload that drops someone ends
+/// their session at once, rather than when it expires hours later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_drops_a_user_from_the_lists_ends_their_session() {
+    let (mut stack, browser, _) =
+        signed_in(AuthConfig::new().allowed_domains(&["example.test"])).await;
+    stack.assert_signed_in(&browser).await;
+
+    stack.config.allowed_domains = vec!["else.test".to_string()];
+    stack.reload_with(&stack.upstreams(), false);
+    eventually_async(
+        "the reloaded lists to end the session",
+        Duration::from_secs(10),
+        || async {
+            (browser.get_json("/api/me").await.status == StatusCode::UNAUTHORIZED).then_some(())
+        },
+    )
+    .await;
+    stack
+        .assert_guest(&browser, "dropped from allowed_domains")
+        .await;
+    assert!(stack.session_checks("not_allowed").await >= 1.0);
+
+    // Allowed again: the same cookie works again (nothing about it was wrong).
+    stack.config.allowed_domains = vec!["example.test".to_string()];
+    stack.reload_with(&stack.upstreams(), false);
+    eventually_async(
+        "the session to be admitted again",
+        Duration::from_secs(10),
+        || async { (browser.get_json("/api/me").await.status == StatusCode::OK).then_some(()) },
+    )
+    .await;
+}
+
+// ---------------------------------------------------------------- abandoned logins
+
+/// Every `/login` leaves a login cookie for ten minutes; a browser that starts many without
+/// finishing them keeps only the latest few, so its `Cookie` header never grows too large
+/// for its next request (which would be a 431 on every page, `/login` included).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_logins_keep_only_the_latest_few_login_cookies() {
+    let stack = AuthConfig::new().start().await;
+    let browser = stack.browser();
+    for _ in 0..12 {
+        stack.begin_login(&browser, None).await;
+    }
+    let held: Vec<String> = browser
+        .cookies()
+        .into_iter()
+        .map(|(name, _)| name)
+        .filter(|name| is_login_cookie(name))
+        .collect();
+    assert_eq!(held.len(), 4, "login cookies held: {held:?}");
+    // The latest one still completes.
+    let pending = stack.begin_login(&browser, None).await;
+    let callback = stack.authorize_at_idp(&pending.authorize_url).await;
+    let reply = browser.get_html(callback.as_str()).await;
+    assert_eq!(reply.status, StatusCode::FOUND, "{}", reply.describe());
+    stack.assert_signed_in(&browser).await;
 }
 
 // ---------------------------------------------------------------- open redirects

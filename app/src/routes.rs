@@ -12,7 +12,7 @@
 //! socket; [`crate::server`] adds the configured delay and runs it under hyper.
 
 use std::fmt::{self, Write as _};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -80,6 +80,8 @@ pub struct AppState {
     hello_tail: String,
     shutting_down: AtomicBool,
     in_flight: AtomicUsize,
+    /// Identity assertions refused so far (for the log's back-off).
+    assertions_refused: AtomicU64,
 }
 
 impl fmt::Debug for AppState {
@@ -102,6 +104,7 @@ impl AppState {
             settings,
             shutting_down: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
+            assertions_refused: AtomicU64::new(0),
         }
     }
 
@@ -151,7 +154,20 @@ impl AppState {
         match verify_assertion(token, key, now_unix) {
             Ok(identity) => Some(identity),
             Err(error) => {
-                tracing::debug!(%error, "identity assertion refused; serving as guest");
+                // Only the proxy sends assertions: a refused one means the two disagree (the
+                // assertion key, the clocks). Said at warn, but not once per request: the 1st,
+                // 2nd, 4th, 8th… refusal.
+                let refused = self.assertions_refused.fetch_add(1, Ordering::Relaxed) + 1;
+                if refused.is_power_of_two() {
+                    tracing::warn!(
+                        %error,
+                        refused,
+                        "identity assertion refused; serving as guest \
+                         (is CUSTODIA_ASSERTION_KEY the proxy's? are the clocks in sync?)"
+                    );
+                } else {
+                    tracing::debug!(%error, "identity assertion refused; serving as guest");
+                }
                 None
             }
         }

@@ -227,7 +227,7 @@ impl ProxyHttp for Edge {
                 .map(|v| v.as_bytes())
         };
         let response = match endpoint {
-            Some(Endpoint::Login) => flow::login(auth, req.uri.query(), now),
+            Some(Endpoint::Login) => flow::login(auth, req.uri.query(), cookies(), now),
             Some(Endpoint::Callback) => {
                 let query = req.uri.query().map(str::to_owned);
                 let cookie_values: Vec<Vec<u8>> = cookies().map(<[u8]>::to_vec).collect();
@@ -433,13 +433,14 @@ impl ProxyHttp for Edge {
             (None, Some(e)) => status_for(e),
             (None, None) => 0,
         };
+        let req = session.req_header();
         let client = ctx.client.or_else(|| {
-            session
+            let peer = session
                 .client_addr()
                 .and_then(|a| a.as_inet())
-                .map(|a| a.ip())
+                .map(|a| a.ip());
+            real_client(&ctx.runtime, peer, req)
         });
-        let req = session.req_header();
         record(&Finished {
             runtime: &ctx.runtime,
             method: &req.method,
@@ -556,7 +557,9 @@ pub(crate) fn rewrite_upstream_request(
     let (client_ip, proto, forwarded_host) = match peer_ip {
         Some(peer) => match auth.trusted.vouch_for(peer) {
             Some(trusted) => (
-                Some(trusted.client_ip(header(&headers::X_FORWARDED_FOR_NAME))),
+                Some(
+                    trusted.client_ip(received.list_str(&headers::X_FORWARDED_FOR_NAME).as_deref()),
+                ),
                 trusted
                     .forwarded_proto(header(&headers::X_FORWARDED_PROTO_NAME))
                     .unwrap_or("http"),
@@ -581,6 +584,24 @@ pub(crate) fn rewrite_upstream_request(
         headers::set_identity(upstream_request, identity)?;
     }
     Ok(client_ip)
+}
+
+/// The real client of a request answered without going upstream (a login redirect, a 401, a
+/// 429), for the access log: as [`rewrite_upstream_request`] finds it, so the lines an
+/// operator reads about abuse name the client behind the ngrok agent, not the agent.
+pub(crate) fn real_client(
+    runtime: &Runtime,
+    peer_ip: Option<IpAddr>,
+    req: &impl RequestHead,
+) -> Option<IpAddr> {
+    let peer = peer_ip?;
+    Some(match runtime.auth.as_ref() {
+        Some(auth) => auth.trusted.client_ip(
+            peer,
+            req.list_str(&headers::X_FORWARDED_FOR_NAME).as_deref(),
+        ),
+        None => peer,
+    })
 }
 
 /// What a finished request leaves behind, on either path.

@@ -99,7 +99,7 @@ pub fn set_forwarding(
 ) -> pingora_core::Result<()> {
     let peer = peer_ip.map(ip_value);
     // Read before any edit (see `UpstreamHead`): the client's list with the peer appended.
-    let joined = match (&peer, upstream.received().first_str(&X_FORWARDED_FOR_NAME)) {
+    let joined = match (&peer, upstream.received().list_str(&X_FORWARDED_FOR_NAME)) {
         (Some(ip), Some(prior)) if !prior.trim().is_empty() => {
             let joined = format!("{prior}, {}", ip.to_str().unwrap_or_default());
             // A received value, a comma and an address: always a valid value.

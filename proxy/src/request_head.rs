@@ -42,6 +42,24 @@ pub trait RequestHead {
     fn first_str(&self, name: &HeaderName) -> Option<&str> {
         self.first(name).and_then(|v| std::str::from_utf8(v).ok())
     }
+
+    /// Every value of `name` as the one comma-separated list they are (RFC 9110 §5.3), if all
+    /// of it is text. A list header such as `X-Forwarded-For` may arrive as several lines (a
+    /// proxy that adds its own line instead of extending the last): reading only the first
+    /// would believe whatever the client put there.
+    fn list_str(&self, name: &HeaderName) -> Option<std::borrow::Cow<'_, str>> {
+        let mut values = self.values(name);
+        let first = std::str::from_utf8(values.next()?).ok()?;
+        let Some(second) = values.next() else {
+            return Some(std::borrow::Cow::Borrowed(first));
+        };
+        let mut joined = String::from(first);
+        for value in std::iter::once(second).chain(values) {
+            joined.push_str(", ");
+            joined.push_str(std::str::from_utf8(value).ok()?);
+        }
+        Some(std::borrow::Cow::Owned(joined))
+    }
 }
 
 impl RequestHead for RequestHeader {
@@ -333,6 +351,23 @@ mod tests {
             read[8], "Some(\"text/html\")",
             "surrounding space is not the value"
         );
+    }
+
+    #[test]
+    fn a_list_header_on_several_lines_reads_as_one_list_on_both_paths() {
+        let xff = HeaderName::from_static("x-forwarded-for");
+        let raw = "GET / HTTP/1.1\r\nX-Forwarded-For: 203.0.113.9\r\nHost: a\r\n\
+                   x-forwarded-for: 198.51.100.1, 10.0.0.2\r\n\r\n";
+        for list in [view(raw).list_str(&xff), pingora(raw).list_str(&xff)] {
+            assert_eq!(list.as_deref(), Some("203.0.113.9, 198.51.100.1, 10.0.0.2"));
+        }
+        let one = view(RAW);
+        assert_eq!(one.list_str(&COOKIE).as_deref(), Some("a=1, b=2"));
+        assert!(matches!(
+            one.list_str(&ACCEPT),
+            Some(std::borrow::Cow::Borrowed("text/html"))
+        ));
+        assert_eq!(one.list_str(&xff), None);
     }
 
     #[test]

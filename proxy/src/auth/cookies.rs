@@ -215,6 +215,40 @@ impl CookieSettings {
         self.set_cookie(&self.login_cookie_name(state), "", 0)
     }
 
+    /// `Set-Cookie` values deleting the oldest of the login cookies in the request's `Cookie`
+    /// headers so that, with the one a new login adds, at most `keep + 1` remain. Each
+    /// abandoned login leaves its cookie for [`crate::auth::login_state::LOGIN_STATE_TTL`]:
+    /// without a bound, enough of them make the browser's `Cookie` header too large for any
+    /// request (431), `/login` included. Browsers send older cookies first (RFC 6265 §5.4).
+    pub fn clear_stale_login_cookies<'a>(
+        &self,
+        cookie_headers: impl Iterator<Item = &'a [u8]>,
+        keep: usize,
+    ) -> Vec<String> {
+        let prefix = if self.secure {
+            SECURE_LOGIN_PREFIX
+        } else {
+            LOGIN_PREFIX
+        };
+        let names: Vec<&[u8]> = cookie_headers
+            .flat_map(cookie_parts)
+            .filter_map(cookie_part_name)
+            // Ours are base64url after the prefix; anything else is not ours to name back.
+            .filter(|name| {
+                name.starts_with(prefix.as_bytes())
+                    && name
+                        .iter()
+                        .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            })
+            .collect();
+        let stale = names.len().saturating_sub(keep);
+        names
+            .iter()
+            .take(stale)
+            .map(|name| self.set_cookie(&String::from_utf8_lossy(name), "", 0))
+            .collect()
+    }
+
     /// The login cookie for `state` from the request's `Cookie` headers.
     pub fn read_login_cookie<'a>(
         &self,
@@ -873,6 +907,30 @@ mod tests {
             assert_eq!(name.len(), "__Host-custodia_login_".len() + 16);
             assert!(is_custodia_cookie_name(name.as_bytes()));
         }
+    }
+
+    #[test]
+    fn abandoned_login_cookies_beyond_the_bound_are_cleared_oldest_first() {
+        let names: Vec<String> = (0..6)
+            .map(|n| SECURE.login_cookie_name(&format!("tab-{n}")))
+            .collect();
+        let mut header = String::from("theme=dark");
+        for name in &names {
+            header.push_str(&format!("; {name}=v1.x"));
+        }
+        // Look-alikes that are not this config's login cookies stay.
+        header.push_str("; custodia_login_plainform=v; __Host-custodia_login_a.b=v");
+        let cleared = SECURE.clear_stale_login_cookies([header.as_bytes()].into_iter(), 3);
+        let expected: Vec<String> = names[..3]
+            .iter()
+            .map(|name| format!("{name}=; Max-Age=0; Path=/; HttpOnly; SameSite=Lax; Secure"))
+            .collect();
+        assert_eq!(cleared, expected);
+        let few = SECURE.clear_stale_login_cookies([header.as_bytes()].into_iter(), 6);
+        assert!(few.is_empty(), "within the bound nothing is cleared");
+        assert!(SECURE
+            .clear_stale_login_cookies(std::iter::empty(), 0)
+            .is_empty());
     }
 
     #[test]

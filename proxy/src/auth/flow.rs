@@ -186,7 +186,15 @@ pub fn check_session<'a>(
             &found,
             now,
             || match cookie_text(&found) {
-                Some(sealed) => open_session(&auth.keys, sealed, now),
+                Some(sealed) => {
+                    let session = open_session(&auth.keys, sealed, now)?;
+                    // The lists may have changed since the sign-in (a reload starts a new memo,
+                    // so this runs again for every session after one).
+                    if !email_allowed(&auth.settings, session.email.as_deref()) {
+                        return Err(SessionError::NotAllowed);
+                    }
+                    Ok(session)
+                }
                 // Not cookie octets: as if there were no session cookie.
                 None => Err(SessionError::Absent),
             },
@@ -197,6 +205,7 @@ pub fn check_session<'a>(
         Ok(_) => SessionCheck::Valid,
         Err(SessionError::Absent) => SessionCheck::Absent,
         Err(SessionError::Expired) => SessionCheck::Expired,
+        Err(SessionError::NotAllowed) => SessionCheck::NotAllowed,
         Err(_) => SessionCheck::Invalid,
     });
     result
@@ -261,8 +270,16 @@ fn query_param(query: Option<&str>, name: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
+/// Logins one browser may have under way at once (tabs); starting one more forgets the oldest.
+pub const MAX_PENDING_LOGINS: usize = 4;
+
 /// `GET /login[?rd=/path]`: start an authorization code flow.
-pub fn login(auth: &AuthRuntime, query: Option<&str>, now: u64) -> AuthResponse {
+pub fn login<'a>(
+    auth: &AuthRuntime,
+    query: Option<&str>,
+    cookie_headers: impl Iterator<Item = &'a [u8]>,
+    now: u64,
+) -> AuthResponse {
     let return_to = query_param(query, "rd")
         .and_then(|rd| safe_return_target(&rd))
         .unwrap_or_else(|| "/".into());
@@ -293,12 +310,27 @@ pub fn login(auth: &AuthRuntime, query: Option<&str>, now: u64) -> AuthResponse 
         exp: now + LOGIN_STATE_TTL.as_secs(),
     };
     let sealed = seal_login_state(&auth.keys, &state);
-    AuthResponse::redirect(request.url).with_cookie(auth.cookies.set_login_cookie(
-        &request.state,
-        &sealed,
-        LOGIN_STATE_TTL,
-    ))
+    let mut response = AuthResponse::redirect(request.url);
+    for stale in auth
+        .cookies
+        .clear_stale_login_cookies(cookie_headers, MAX_PENDING_LOGINS - 1)
+    {
+        response = response.with_cookie(stale);
+    }
+    response.with_cookie(
+        auth.cookies
+            .set_login_cookie(&request.state, &sealed, LOGIN_STATE_TTL),
+    )
 }
+
+/// At most [`MAX_SHOWN_CHARS`] characters of a text the identity provider (or anyone) sent.
+fn truncated(text: &str) -> &str {
+    text.char_indices()
+        .nth(MAX_SHOWN_CHARS)
+        .map_or(text, |(end, _)| &text[..end])
+}
+
+const MAX_SHOWN_CHARS: usize = 300;
 
 fn login_failed(reason: &'static str) {
     metrics::auth()
@@ -321,17 +353,33 @@ pub async fn callback<'a>(
     };
     if let Some(error) = query_param(query, "error") {
         let description = query_param(query, "error_description").unwrap_or_default();
-        tracing::warn!(%error, %description, "the identity provider reported a failed sign-in");
+        // Anyone can send a browser here with any text: logged escaped (no forged lines), and
+        // shown on our page only for a sign-in this browser really started (no words put in
+        // the site's mouth by a crafted link).
+        tracing::warn!(
+            error = ?truncated(&error),
+            description = ?truncated(&description),
+            "the identity provider reported a failed sign-in"
+        );
         let (status, reason) = if error == "access_denied" {
             (403, "access_denied")
         } else {
             (400, "idp_error")
         };
         login_failed(reason);
-        let detail = if description.is_empty() {
-            format!("The identity provider answered: {error}.")
-        } else {
-            format!("The identity provider answered: {error} ({description}).")
+        let started_here = state.as_deref().is_some_and(|state| {
+            let name = auth.cookies.login_cookie_name(state);
+            super::cookies::read_cookie(cookie_headers.clone(), &name)
+                .is_some_and(|sealed| open_login_state(&auth.keys, &sealed, state, now).is_ok())
+        });
+        let detail = match (started_here, description.is_empty()) {
+            (false, _) => "The identity provider did not complete the sign-in.".to_string(),
+            (true, true) => format!("The identity provider answered: {}.", truncated(&error)),
+            (true, false) => format!(
+                "The identity provider answered: {} ({}).",
+                truncated(&error),
+                truncated(&description)
+            ),
         };
         return clear_login(AuthResponse::page(
             status,
@@ -416,7 +464,12 @@ pub async fn callback<'a>(
         }
     };
     if !is_allowed(&auth.settings, &user) {
-        tracing::warn!(sub = %user.sub, "sign-in refused: email not allowed");
+        let why = if email_allowed(&auth.settings, user.email.as_deref()) {
+            "the identity provider did not say the email is verified"
+        } else {
+            "email not allowed"
+        };
+        tracing::warn!(sub = ?user.sub, "sign-in refused: {why}");
         login_failed("not_allowed");
         return clear_login(AuthResponse::page(
             403,
@@ -433,6 +486,22 @@ pub async fn callback<'a>(
         iat: now,
         exp: now + ttl.as_secs(),
     };
+    // The workers refuse assertions over this size (and would serve the user as a guest):
+    // a profile that large is refused here, where the user is told.
+    let assertion = sign_assertion(auth.settings.assertion_key.0.as_bytes(), &session, now);
+    if assertion.len() > custodia_identity::MAX_TOKEN_LEN {
+        tracing::warn!(
+            sub = ?session.sub,
+            bytes = assertion.len(),
+            "sign-in refused: the profile is too large to forward to the workers"
+        );
+        login_failed("session_too_large");
+        return clear_login(AuthResponse::page(
+            400,
+            "Sign-in did not complete",
+            "Your profile at the identity provider is too large to sign in with.",
+        ));
+    }
     let sealed = seal_session(&auth.keys, &session);
     let cookies = match auth.cookies.set_session_cookies(&sealed, ttl) {
         Ok(c) => c,
@@ -466,18 +535,35 @@ pub async fn callback<'a>(
     }
 }
 
-/// allowed_emails / allowed_domains; an email must not be marked unverified.
+/// May this user sign in? With `allowed_emails` / `allowed_domains` set, only with an email they
+/// admit that the identity provider says it verified (`email_verified: true`; a missing claim
+/// proves nothing about who owns the address, so it does not count).
 pub fn is_allowed(settings: &AuthSettings, user: &VerifiedUser) -> bool {
-    if settings.allowed_emails.is_empty() && settings.allowed_domains.is_empty() {
+    if no_allow_lists(settings) {
         return true;
     }
-    let Some(email) = user.email.as_deref().map(str::to_ascii_lowercase) else {
+    user.email_verified == Some(true) && email_allowed(settings, user.email.as_deref())
+}
+
+fn no_allow_lists(settings: &AuthSettings) -> bool {
+    settings.allowed_emails.is_empty() && settings.allowed_domains.is_empty()
+}
+
+/// `email` against `allowed_emails` / `allowed_domains` (ASCII case-insensitive). Anything but
+/// one `local@domain` (two `@`, an empty side) matches neither list.
+pub fn email_allowed(settings: &AuthSettings, email: Option<&str>) -> bool {
+    if no_allow_lists(settings) {
+        return true;
+    }
+    let Some(email) = email.map(str::to_ascii_lowercase) else {
         return false;
     };
-    if user.email_verified == Some(false) {
+    let Some((local, domain)) = email.split_once('@') else {
+        return false;
+    };
+    if local.is_empty() || domain.is_empty() || domain.contains('@') {
         return false;
     }
-    let domain = email.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
     settings.allowed_emails.contains(&email) || settings.allowed_domains.iter().any(|d| d == domain)
 }
 
@@ -583,7 +669,25 @@ mod tests {
             &lists,
             &user(Some("Boss@Corp.example"), Some(true))
         ));
-        assert!(is_allowed(&lists, &user(Some("anyone@team.example"), None)));
+        assert!(is_allowed(
+            &lists,
+            &user(Some("anyone@team.example"), Some(true))
+        ));
+        assert!(
+            !is_allowed(&lists, &user(Some("anyone@team.example"), None)),
+            "no email_verified claim: not known to be verified"
+        );
+        for forged in [
+            "a@evil.example@team.example",
+            "@team.example",
+            "team.example",
+            "x@",
+        ] {
+            assert!(
+                !is_allowed(&lists, &user(Some(forged), Some(true))),
+                "{forged}"
+            );
+        }
         assert!(!is_allowed(
             &lists,
             &user(Some("x@evil.example"), Some(true))
@@ -597,6 +701,15 @@ mod tests {
             &user(Some("x@sub.team.example.evil"), Some(true))
         ));
         assert!(!is_allowed(&lists, &user(None, None)), "no email");
+    }
+
+    #[test]
+    fn a_session_is_checked_against_the_lists_of_today() {
+        assert!(email_allowed(&settings(&[], &[]), None), "no lists");
+        let lists = settings(&[], &["team.example"]);
+        assert!(email_allowed(&lists, Some("Ann@Team.Example")));
+        assert!(!email_allowed(&lists, Some("ann@other.example")));
+        assert!(!email_allowed(&lists, None));
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub enum OidcError {
     CodeRejected(String),
     #[error("the identity provider could not be reached: {0}")]
     Unreachable(String),
+    #[error("the identity provider's answer could not be read: {0}")]
+    BadAnswer(String),
     #[error("the identity provider returned no ID token")]
     NoIdToken,
     #[error("the ID token failed verification: {0}")]
@@ -232,12 +234,15 @@ impl OidcProvider {
             .set_pkce_verifier(PkceCodeVerifier::new(pkce_verifier.to_string()));
         let response = request.request_async(&self.http).await.map_err(|e| {
             use openidconnect::RequestTokenError::*;
-            match e {
+            match &e {
                 ServerResponse(r) => OidcError::CodeRejected(match r.error_description() {
                     Some(d) => format!("{} ({d})", r.error()),
                     None => r.error().to_string(),
                 }),
-                other => OidcError::Unreachable(error_chain(&other)),
+                // It answered, with something that is not a token response (an HTML error
+                // page, malformed JSON, a claim of the wrong type): not a network problem.
+                Parse(..) | Other(_) => OidcError::BadAnswer(error_chain(&e)),
+                Request(_) => OidcError::Unreachable(error_chain(&e)),
             }
         })?;
         let id_token = response.id_token().ok_or(OidcError::NoIdToken)?.clone();
@@ -250,7 +255,10 @@ impl OidcProvider {
             let verifier = current
                 .client
                 .id_token_verifier()
-                .set_allowed_algs(vec![CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256]);
+                .set_allowed_algs(vec![CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256])
+                .set_issue_time_verifier_fn(|iat| {
+                    check_issue_time(iat.timestamp(), super::flow::now_unix())
+                });
             match id_token.claims(&verifier, &nonce) {
                 Ok(claims) => {
                     return Ok(VerifiedUser {
@@ -341,6 +349,22 @@ impl std::fmt::Debug for OidcProvider {
             .field("ready", &self.is_ready())
             .finish_non_exhaustive()
     }
+}
+
+/// How far ahead of our clock an ID token's `iat` may be: clocks drift, but a token issued
+/// well in the future was minted wrongly (or to be replayed later) and is refused.
+const MAX_ISSUED_AHEAD: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// The `iat` check of an ID token (seconds since the epoch), against `now`.
+fn check_issue_time(iat: i64, now: u64) -> Result<(), String> {
+    let latest = now.saturating_add(MAX_ISSUED_AHEAD.as_secs());
+    if u64::try_from(iat).is_ok_and(|iat| iat > latest) {
+        return Err(format!(
+            "issued in the future (iat {iat}, {}s ahead of this clock)",
+            iat.unsigned_abs().saturating_sub(now)
+        ));
+    }
+    Ok(())
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -452,5 +476,29 @@ mod tests {
             provider.authorize(),
             Err(OidcError::NotReady { .. })
         ));
+    }
+
+    #[test]
+    fn an_id_token_issued_well_ahead_of_our_clock_is_refused() {
+        let now = 1_800_000_000;
+        let ahead = MAX_ISSUED_AHEAD.as_secs() as i64;
+        assert_eq!(check_issue_time(now as i64, now), Ok(()));
+        assert_eq!(
+            check_issue_time(now as i64 - 3600, now),
+            Ok(()),
+            "issued earlier"
+        );
+        assert_eq!(
+            check_issue_time(now as i64 + ahead, now),
+            Ok(()),
+            "clock drift"
+        );
+        let refused = check_issue_time(now as i64 + 86_400, now).unwrap_err();
+        assert!(refused.contains("86400s ahead"), "{refused}");
+        assert_eq!(
+            check_issue_time(-1, now),
+            Ok(()),
+            "before the epoch is not ahead"
+        );
     }
 }

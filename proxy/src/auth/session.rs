@@ -15,7 +15,8 @@ use super::seal::{seal, unseal, Purpose, SealError};
 /// Metric label for a request whose session opened and has not expired.
 pub const VALID_LABEL: &str = "valid";
 /// Every label of the "session checks by result" metric, for registering them up front.
-pub const SESSION_RESULT_LABELS: [&str; 4] = [VALID_LABEL, "absent", "expired", "invalid"];
+pub const SESSION_RESULT_LABELS: [&str; 5] =
+    [VALID_LABEL, "absent", "expired", "invalid", "not_allowed"];
 
 /// A signed-in user. Times are unix seconds.
 ///
@@ -59,6 +60,10 @@ pub enum SessionError {
     Invalid,
     #[error("session has expired")]
     Expired,
+    /// Sealed by us, but for an email `allowed_emails` / `allowed_domains` no longer admit (the
+    /// lists changed since the sign-in).
+    #[error("the session's email is not allowed by allowed_emails / allowed_domains")]
+    NotAllowed,
 }
 
 impl SessionError {
@@ -69,6 +74,7 @@ impl SessionError {
             SessionError::Absent => "absent",
             SessionError::Malformed | SessionError::Invalid => "invalid",
             SessionError::Expired => "expired",
+            SessionError::NotAllowed => "not_allowed",
         }
     }
 }
@@ -177,11 +183,13 @@ mod tests {
         assert_eq!(SessionError::Expired.as_label(), "expired");
         assert_eq!(SessionError::Invalid.as_label(), "invalid");
         assert_eq!(SessionError::Malformed.as_label(), "invalid");
+        assert_eq!(SessionError::NotAllowed.as_label(), "not_allowed");
         for e in [
             SessionError::Absent,
             SessionError::Malformed,
             SessionError::Invalid,
             SessionError::Expired,
+            SessionError::NotAllowed,
         ] {
             assert!(SESSION_RESULT_LABELS.contains(&e.as_label()));
         }

@@ -564,7 +564,9 @@ impl Exchange<'_> {
             upstream_elapsed: self.upstream_elapsed,
             lease: self.lease.as_ref(),
             request_id: &self.request_id,
-            client: self.client_ip.or(self.peer),
+            client: self
+                .client_ip
+                .or_else(|| edge::real_client(self.runtime, self.peer, &self.req)),
             identity: self.identity.as_ref(),
         });
         self.lease = None;

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use pingora_limits::rate::{Rate, RateComponents};
 
+use crate::request_head::RequestHead;
+
 const WINDOW: Duration = Duration::from_secs(60);
 /// Sketch size: 3 × 16384 counters per half-window (~0.8 MB in all).
 const HASHES: usize = 3;
@@ -63,11 +65,9 @@ pub fn over_limit(
         .map(|a| a.ip())?;
     let forwarded = session
         .req_header()
-        .headers
-        .get(crate::headers::X_FORWARDED_FOR)
-        .and_then(|v| v.to_str().ok());
+        .list_str(&crate::headers::X_FORWARDED_FOR_NAME);
     let retry_after = rate
-        .check(trusted.client_ip(peer, forwarded), per_minute)
+        .check(trusted.client_ip(peer, forwarded.as_deref()), per_minute)
         .err()?;
     crate::metrics::rejections().login_rate.inc();
     Some(crate::auth::flow::AuthResponse {

@@ -35,15 +35,16 @@ pub enum SessionCheck {
     Absent,
     Expired,
     Invalid,
+    NotAllowed,
 }
 
 impl SessionCheck {
-    const LABELS: [&'static str; 4] = ["valid", "absent", "expired", "invalid"];
+    const LABELS: [&'static str; 5] = ["valid", "absent", "expired", "invalid", "not_allowed"];
 }
 
 /// `custodia_auth_session_checks_total`, counted on every request with auth on: per thread.
 struct SessionChecks {
-    by_result: Sharded<[AtomicU64; 4]>,
+    by_result: Sharded<[AtomicU64; 5]>,
     desc: Desc,
 }
 
