@@ -10,7 +10,7 @@ use std::io::Read;
 use std::time::{Duration, Instant};
 
 use support::custodia::{client, upstream_section, Proxy, Worker};
-use support::echo::{RecordingServer, ScriptedServer};
+use support::echo::{RecordingServer, ScriptedServer, PAUSE};
 use support::process::{eventually, eventually_async};
 use support::raw_tcp;
 
@@ -227,6 +227,56 @@ async fn a_worker_closing_its_idle_connections_costs_no_request() {
         Duration::from_secs(5),
         || (half_closed_to_worker() == 0).then_some(()),
     );
+}
+
+/// A worker that sends more than its framing said, in a later write: the bytes after its answer
+/// must never be taken for the answer to another request (another client's, in production).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_a_worker_sends_after_its_answer_never_answer_another_request() {
+    let worker = ScriptedServer::start(|request_line| {
+        let bytes = if request_line.starts_with("GET /late-extra ") {
+            [
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".as_slice(),
+                PAUSE,
+                b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nEVIL!",
+            ]
+            .concat()
+        } else {
+            let who = request_line.split(['?', ' ']).nth(2).unwrap_or("");
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{who}",
+                who.len()
+            )
+            .into_bytes()
+        };
+        (bytes, false)
+    });
+    for fast_path in ["true", "false"] {
+        let upstream = upstream_section("least_conn", &[(worker.addr, 1)]);
+        let proxy = Proxy::start_with_server(&format!("fast_path = {fast_path}\n"), &upstream);
+        // One client connection: its requests are served by one proxy thread, whose pool the
+        // worker's connection goes back to.
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(1)
+            .build()
+            .unwrap();
+        let late = client.get(proxy.url("/late-extra")).send().await.unwrap();
+        assert_eq!(late.text().await.unwrap(), "ok");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for who in ["first", "second", "third"] {
+            let response = client
+                .get(proxy.url(&format!("/echo?{who}")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200, "fast_path = {fast_path}");
+            assert_eq!(
+                response.text().await.unwrap(),
+                who,
+                "fast_path = {fast_path}: each request gets its own answer"
+            );
+        }
+    }
 }
 
 /// Read everything until the proxy closes or `patience` passes.

@@ -242,7 +242,8 @@ fn record_connection(stream: TcpStream, log: &std::sync::Mutex<Vec<Vec<u8>>>) {
 /// Answers each request with what `answer` returns for its request line: the raw response
 /// bytes, and whether to close the connection after them (after a pause, so the close comes
 /// while the proxy holds the connection idle). Health checks get `200 ok`. For framings and
-/// connection behaviour no ordinary worker shows.
+/// connection behaviour no ordinary worker shows. [`PAUSE`] in the bytes splits them into two
+/// writes 50 ms apart.
 pub struct ScriptedServer {
     pub addr: SocketAddr,
     _acceptor: Acceptor,
@@ -261,6 +262,14 @@ impl ScriptedServer {
     }
 }
 
+/// In a [`ScriptedServer`]'s answer: send what comes before, wait 50 ms, send the rest.
+#[allow(dead_code)]
+pub const PAUSE: &[u8] = b"\0custodia-test-pause\0";
+
+fn memchr_pause(bytes: &[u8]) -> Option<usize> {
+    bytes.windows(PAUSE.len()).position(|w| w == PAUSE)
+}
+
 fn scripted_connection(stream: TcpStream, answer: &dyn Fn(&str) -> (Vec<u8>, bool)) {
     let mut reader = BufReader::new(stream.try_clone().expect("clone"));
     let mut writer = stream;
@@ -273,8 +282,22 @@ fn scripted_connection(stream: TcpStream, answer: &dyn Fn(&str) -> (Vec<u8>, boo
         } else {
             answer(&request_line)
         };
-        if writer.write_all(&bytes).is_err() {
-            return;
+        let mut rest: &[u8] = &bytes;
+        loop {
+            let (now, later) = match memchr_pause(rest) {
+                Some(at) => (&rest[..at], Some(&rest[at + PAUSE.len()..])),
+                None => (rest, None),
+            };
+            if writer.write_all(now).is_err() {
+                return;
+            }
+            match later {
+                Some(later) => {
+                    std::thread::sleep(Duration::from_millis(50));
+                    rest = later;
+                }
+                None => break,
+            }
         }
         if close {
             std::thread::sleep(Duration::from_millis(50));

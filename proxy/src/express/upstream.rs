@@ -6,9 +6,12 @@
 //! connection). Instead, while a thread's pool holds any, a sweeper task on that thread looks
 //! at them every [`SWEEP_EVERY`] with one non-blocking peek each and closes those the worker
 //! closed (no `CLOSE_WAIT` socket lingers) or that were idle longer than
-//! `[upstream] idle_timeout`. One the worker closes between two sweeps fails on its next use
-//! before any answer arrives; the caller then tries a new connection to the same worker, which
-//! is safe for the requests the fast path takes (`GET`, `HEAD`).
+//! `[upstream] idle_timeout`. Taking one checks it too, from tokio's readiness (no system call
+//! unless something arrived): a connection with anything to read — bytes the worker sent after
+//! its answer, its end of stream — is dropped, never reused ([`take`]). One the worker closes
+//! just before its next use fails before any answer arrives; the caller then tries a new
+//! connection to the same worker, which is safe for the requests the fast path takes (`GET`,
+//! `HEAD`).
 //!
 //! The buffers answers are read into are kept per thread the same way ([`read_buffer`],
 //! [`recycle`]).
@@ -148,19 +151,40 @@ pub fn recycle(mut buf: BytesMut) {
     });
 }
 
-/// The most recently used idle connection to `addr`, unless it expired by `now`.
+/// The most recently used idle connection to `addr` that has not expired by `now` and has
+/// nothing to read: one the worker wrote to after its answer (more than its framing said, a
+/// body after a HEAD's, a late second answer) or closed is dropped, never reused. Reused, its
+/// leftover bytes would be read as the answer to the next request, and the answer to that one
+/// as the answer to the request after it, of another client.
 pub fn take(addr: SocketAddr, now: Instant) -> Option<Conn> {
     POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
         let list = pool.idle.get_mut(&addr)?;
-        let idle = list.pop()?;
-        if idle.expires > now {
-            return Some(idle.conn);
+        while let Some(idle) = list.pop() {
+            if idle.expires <= now {
+                // The rest are older still.
+                list.clear();
+                return None;
+            }
+            if nothing_to_read(&idle.conn.stream) {
+                return Some(idle.conn);
+            }
         }
-        // The rest are older still.
-        list.clear();
         None
     })
+}
+
+/// Whether nothing has arrived on an idle connection since its answer was read. Tokio's
+/// readiness says so without a system call: the answer's last read, short of the buffer, left
+/// the socket drained and its readiness cleared, and anything arriving since (bytes, the end of
+/// stream) set it again when the thread's reactor saw it. Only when it is set, a peek decides.
+fn nothing_to_read(stream: &TcpStream) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match stream.poll_read_ready(&mut cx) {
+        Poll::Pending => true,
+        Poll::Ready(Ok(())) => still_open(stream),
+        Poll::Ready(Err(_)) => false,
+    }
 }
 
 /// Keep a connection whose last exchange ended cleanly for the next request to `addr`, until
@@ -251,6 +275,74 @@ mod tests {
         let conn = connect(addr, Duration::from_secs(5)).await.unwrap();
         let (worker, _) = listener.accept().await.unwrap();
         (conn, worker)
+    }
+
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
+    /// The worker's answer, read as the fast path reads one: into a buffer larger than it.
+    async fn answered(conn: &mut Conn, worker: &mut TcpStream, answer: &[u8]) {
+        worker.write_all(answer).await.unwrap();
+        let mut buf = BytesMut::with_capacity(4096);
+        let far = Instant::now() + Duration::from_secs(30);
+        while buf.len() < answer.len() {
+            assert!(conn.read_by(&mut buf, far).await.unwrap() > 0);
+        }
+    }
+
+    /// Lets this thread's reactor see what arrived on the sockets.
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_clean_idle_connection_is_reused() {
+        let (mut conn, mut worker) = pair().await;
+        let addr = conn.stream.peer_addr().unwrap();
+        answered(&mut conn, &mut worker, OK).await;
+        put(addr, conn, Instant::now() + Duration::from_secs(60));
+        settle().await;
+        assert!(take(addr, Instant::now()).is_some());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_idle_connection_with_bytes_after_its_answer_is_never_reused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut clean = connect(addr, Duration::from_secs(5)).await.unwrap();
+        let (mut clean_worker, _) = listener.accept().await.unwrap();
+        let mut dirty = connect(addr, Duration::from_secs(5)).await.unwrap();
+        let (mut dirty_worker, _) = listener.accept().await.unwrap();
+        let clean_port = clean.stream.local_addr().unwrap();
+        let expires = || Instant::now() + Duration::from_secs(60);
+
+        answered(
+            &mut clean,
+            &mut clean_worker,
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+        )
+        .await;
+        put(addr, clean, expires());
+        // The most recent one: its worker sends more than its framing said, in a later write.
+        answered(&mut dirty, &mut dirty_worker, OK).await;
+        put(addr, dirty, expires());
+        dirty_worker
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nEVIL!")
+            .await
+            .unwrap();
+        settle().await;
+        let taken = take(addr, Instant::now()).expect("the clean connection");
+        assert_eq!(
+            taken.stream.local_addr().unwrap(),
+            clean_port,
+            "the connection with bytes after its answer is dropped, the clean one taken"
+        );
+        assert_eq!(idle_count(addr), 0);
+
+        // One the worker closed is not taken either.
+        put(addr, taken, expires());
+        drop(clean_worker);
+        settle().await;
+        assert!(take(addr, Instant::now()).is_none());
     }
 
     #[tokio::test(flavor = "current_thread")]
