@@ -279,6 +279,66 @@ async fn bytes_a_worker_sends_after_its_answer_never_answer_another_request() {
     }
 }
 
+/// `GET path` (raw bytes, `Connection: close`) through a proxy with the fast path on, then
+/// through one with it off, both in front of `worker`: `(fast_path, outcome)` each.
+fn raw_get_on_both_paths(
+    worker: std::net::SocketAddr,
+    path: &str,
+) -> Vec<(&'static str, raw_tcp::Outcome)> {
+    let upstream = upstream_section("least_conn", &[(worker, 1)]);
+    ["true", "false"]
+        .into_iter()
+        .map(|fast_path| {
+            let proxy = Proxy::start_with_server(&format!("fast_path = {fast_path}\n"), &upstream);
+            let request = format!("GET {path} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n");
+            (fast_path, raw_tcp::send(proxy.addr, request.as_bytes()))
+        })
+        .collect()
+}
+
+/// An answer with many header lines (150; Pingora's path takes up to 256) is relayed on both
+/// paths alike, not a 502 on one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_with_many_header_lines_is_relayed_on_both_paths() {
+    let worker = ScriptedServer::start(|_| {
+        let mut head = String::from("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n");
+        for i in 0..150 {
+            head.push_str(&format!("x-line-{i}: {i}\r\n"));
+        }
+        head.push_str("\r\nok");
+        (head.into_bytes(), false)
+    });
+    // Raw: reqwest itself reads at most 100 header lines.
+    for (fast_path, outcome) in raw_get_on_both_paths(worker.addr, "/many") {
+        assert_eq!(
+            outcome.status(),
+            Some(200),
+            "fast_path = {fast_path}: {outcome:?}"
+        );
+        assert_eq!(outcome.header("x-line-149"), Some("149"), "{outcome:?}");
+    }
+}
+
+/// A worker switching protocols for a request that asked for no upgrade gets a 502 on both
+/// paths, never a tunnel the client cannot use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unasked_protocol_switch_is_a_502_on_both_paths() {
+    let worker = ScriptedServer::start(|_| {
+        (
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"
+                .to_vec(),
+            false,
+        )
+    });
+    for (fast_path, outcome) in raw_get_on_both_paths(worker.addr, "/switch") {
+        assert_eq!(
+            outcome.status(),
+            Some(502),
+            "fast_path = {fast_path}: {outcome:?}"
+        );
+    }
+}
+
 /// Read everything until the proxy closes or `patience` passes.
 fn read_for(stream: &mut std::net::TcpStream, patience: Duration) -> String {
     stream.set_read_timeout(Some(patience)).unwrap();

@@ -126,6 +126,21 @@ fn request_smuggling_is_refused_and_nothing_is_forwarded() {
             Expect::Status(400),
         ),
         case(
+            "content-length list 5, 5",
+            "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5, 5\r\n\r\nhello",
+            Expect::Status(400),
+        ),
+        case(
+            "two equal content-lengths",
+            "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+            Expect::Status(400),
+        ),
+        case(
+            "a GET with content-length list 0, 0",
+            "GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 0, 0\r\n\r\n",
+            Expect::Status(400),
+        ),
+        case(
             "content-length not a number",
             "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: +5\r\n\r\nhello",
             Expect::Status(400),

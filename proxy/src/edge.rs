@@ -370,6 +370,15 @@ impl ProxyHttp for Edge {
             session.set_keepalive(None);
         }
         if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            if !session.is_upgrade_req() {
+                // A protocol switch nobody asked for: relayed, it would leave the client on a
+                // connection neither side can read (the fast path refuses it the same way).
+                return Err(Error::explain(
+                    ErrorType::InvalidHTTPHeader,
+                    "101 Switching Protocols to a request without Upgrade",
+                )
+                .into_up());
+            }
             // A tunnel from now on: the client deadline no longer applies.
             if let Some(stream) = ClientStream::of(session) {
                 stream.tunnel();

@@ -14,6 +14,7 @@
 //! | what | answer |
 //! |---|---|
 //! | `Content-Length` together with `Transfer-Encoding` (Pingora drops the length) | 400 |
+//! | `Content-Length` other than one number sent once (`5, 5`, two equal lines) | 400 |
 //! | `Transfer-Encoding` other than exactly `chunked` (`gzip, chunked`, two headers) | 400 |
 //! | a head with bare LF line ends (httparse accepts them) | 400 |
 //! | HTTP/0.9, missing or malformed `Host` | 400 |
@@ -72,11 +73,10 @@ pub fn check(
     let seen = check_headers(req)?;
     let chunked = check_framing(&seen, raw_head)?;
     let declared = match seen.content_length {
-        // Pingora has already refused lengths that are not numbers or disagree.
+        // Digits only (`check_framing`); too many of them is over any limit.
         Some(v) => std::str::from_utf8(v)
             .ok()
-            .and_then(|s| s.split(',').next())
-            .and_then(|s| s.trim().parse::<u64>().ok())
+            .and_then(|s| s.parse::<u64>().ok())
             .unwrap_or(u64::MAX),
         None => 0,
     };
@@ -167,6 +167,7 @@ struct KeyHeaders<'a> {
     host: Option<&'a [u8]>,
     hosts: usize,
     content_length: Option<&'a [u8]>,
+    content_lengths: usize,
     transfer_encoding: Option<&'a [u8]>,
     transfer_encodings: usize,
 }
@@ -184,6 +185,7 @@ fn check_headers(req: &impl RequestHead) -> Result<KeyHeaders<'_>, Box<Error>> {
             seen.hosts += 1;
             seen.host.get_or_insert(value);
         } else if is(b"content-length") {
+            seen.content_lengths += 1;
             seen.content_length.get_or_insert(value);
         } else if is(b"transfer-encoding") {
             seen.transfer_encodings += 1;
@@ -229,6 +231,18 @@ fn check_framing(seen: &KeyHeaders<'_>, raw_head: Option<&[u8]>) -> Result<bool,
     if let Some(raw) = raw_head {
         if has_bare_lf(raw) {
             return refuse(400, Reason::Malformed, "bare LF in the request head");
+        }
+    }
+    // One length, digits only, as nginx requires: `5, 5` or two equal lines are lists the
+    // workers need not accept (hyper answers 400), and an ambiguity a smuggler looks for.
+    if let Some(length) = seen.content_length {
+        let one_number = !length.is_empty() && length.iter().all(u8::is_ascii_digit);
+        if seen.content_lengths > 1 || !one_number {
+            return refuse(
+                400,
+                Reason::Malformed,
+                "Content-Length must be one number, sent once",
+            );
         }
     }
     let Some(first) = seen.transfer_encoding else {
@@ -401,6 +415,12 @@ mod tests {
             (req(b"/", &[host, ("cookie", &"a".repeat(20_000))]), None, 200),
             (req(b"/", &[host, ("cookie", &"a".repeat(25_000))]), None, 431),
             (req(b"/", &[host, ("content-length", "1001")]), None, 413),
+            (req(b"/", &[host, ("content-length", "5, 5")]), None, 400),
+            (req(b"/", &[host, ("content-length", "5"), ("content-length", "5")]), None, 400),
+            (req(b"/", &[host, ("content-length", "+5")]), None, 400),
+            (req(b"/", &[host, ("content-length", "")]), None, 400),
+            (req(b"/", &[host, ("content-length", "99999999999999999999999")]), None, 413),
+            (req(b"/", &[host, ("content-length", "0")]), None, 200),
         ];
         for (i, (r, raw, want)) in cases.into_iter().enumerate() {
             assert_eq!(status(check(&r, raw, &limits())), want, "case {i}");

@@ -13,8 +13,9 @@ use http::HeaderValue;
 
 use crate::limits::ShutdownSignal;
 
-/// Header lines read from a worker's response.
-const MAX_HEADERS: usize = 100;
+/// Header lines read from a worker's response: Pingora's limit, so an answer Pingora's path
+/// relays is relayed here too.
+const MAX_HEADERS: usize = 256;
 
 /// How the response body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
