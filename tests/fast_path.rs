@@ -319,6 +319,26 @@ async fn an_answer_with_many_header_lines_is_relayed_on_both_paths() {
     }
 }
 
+/// A worker's answer whose body framing is broken from its first bytes is a 502 with a page,
+/// not a 200 cut short: nothing had gone to the client yet. (Pingora's path sends the head
+/// before it reads the body, and can only close.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_answer_is_a_502_while_nothing_has_gone_out() {
+    let worker = ScriptedServer::start(|_| {
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nnot a chunk\r\n0\r\n\r\n"
+                .to_vec(),
+            false,
+        )
+    });
+    let (fast_path, outcome) = raw_get_on_both_paths(worker.addr, "/broken")
+        .into_iter()
+        .next()
+        .unwrap();
+    assert_eq!(fast_path, "true");
+    assert_eq!(outcome.status(), Some(502), "{outcome:?}");
+}
+
 /// A worker switching protocols for a request that asked for no upgrade gets a 502 on both
 /// paths, never a tunnel the client cannot use.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -404,12 +404,20 @@ impl Exchange<'_> {
         let mut body = Body::new(head.framing);
         let mut reusable = head.reusable;
         let mut data = body_start;
+        let mut head_sent = false;
         loop {
             let (done, extra) = match body.frame(&data, &mut out) {
                 Ok(step) => step,
                 Err(e) => {
                     self.log_failure(&slot.label, &e);
-                    // The head may be out already: the client cannot be told; close.
+                    self.keepalive = false;
+                    if !head_sent {
+                        // Nothing has gone out yet: the client can still be told.
+                        self.status = 502;
+                        let _ = self.error_page(client, 502).await;
+                        return false;
+                    }
+                    // The head is out: the client cannot be told; close.
                     let _ = write_out(client, &out).await;
                     return false;
                 }
@@ -433,6 +441,7 @@ impl Exchange<'_> {
                 if write_out(client, &out).await.is_err() {
                     return false;
                 }
+                head_sent = true;
                 out.clear();
             }
             data.clear();
