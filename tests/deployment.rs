@@ -283,10 +283,40 @@ fn flag_value<'a>(args: &'a [String], flag: &str) -> &'a str {
         .unwrap_or_else(|| panic!("{flag} without a value in {args:?}"))
 }
 
-/// A proxy config file validated exactly as the binary does, with `.env.example`'s values.
+/// `.env.example`'s values with the key an operator generates in place of its
+/// `APP_SECRET_KEY` placeholder (which the proxy refuses:
+/// [`the_env_examples_placeholder_key_is_refused`]).
+fn deployment_env() -> HashMap<String, String> {
+    let mut env = env_example_values();
+    env.insert(
+        "APP_SECRET_KEY".to_string(),
+        "5f0c7a1d9e2b4c6f8a0d1e3f5a7c9b1d2e4f6a8c0b2d4e6f8a1c3e5f7b9d0a2c".to_string(),
+    );
+    env
+}
+
+/// A proxy config file validated exactly as the binary does, with [`deployment_env`].
 fn proxy_config_from(text: &str, label: &str) -> ProxyConfig {
-    proxy_config::parse_with_env(text, Path::new(label), &env_example_values())
+    proxy_config::parse_with_env(text, Path::new(label), &deployment_env())
         .unwrap_or_else(|e| panic!("{label} is invalid with .env.example's values: {e}"))
+}
+
+/// Copying `.env.example` without generating a key must not start a proxy whose session
+/// cookies anyone with the repository can forge.
+#[test]
+fn the_env_examples_placeholder_key_is_refused() {
+    let error = proxy_config::parse_with_env(
+        &read("config/compose.toml"),
+        Path::new("config/compose.toml"),
+        &env_example_values(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("APP_SECRET_KEY is still the example's placeholder")
+            && error.contains("openssl rand -hex 32"),
+        "{error}"
+    );
 }
 
 fn compose_toml() -> ProxyConfig {
@@ -753,7 +783,7 @@ fn check_config(path: &Path, env: &HashMap<String, String>) -> std::process::Out
 
 #[test]
 fn the_container_configs_pass_the_proxys_own_check() {
-    let env = env_example_values();
+    let env = deployment_env();
     let compose_toml = root().join("config/compose.toml");
     let out = check_config(&compose_toml, &env);
     let stdout = String::from_utf8_lossy(&out.stdout);

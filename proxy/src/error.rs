@@ -11,6 +11,20 @@ pub enum ProxyError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    #[error(
+        "cannot listen on {addr} ({key}): {source}{hint}",
+        hint = if source.kind() == std::io::ErrorKind::AddrInUse {
+            " (another process holds it: another custodia-proxy? Use --upgrade to take over \
+             from a running one)"
+        } else {
+            ""
+        }
+    )]
+    Listen {
+        addr: std::net::SocketAddr,
+        key: &'static str,
+        source: std::io::Error,
+    },
     #[error("cannot write pid file {}: {source}", path.display())]
     PidFile {
         path: PathBuf,

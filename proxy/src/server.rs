@@ -114,6 +114,9 @@ pub fn run(config: ProxyConfig, options: StartOptions) -> Result<(), ProxyError>
         max_attempts(&config),
     ));
 
+    if !options.upgrade {
+        check_addresses_are_free(&config)?;
+    }
     let opt = Opt {
         upgrade: options.upgrade,
         ..Opt::default()
@@ -180,6 +183,25 @@ pub fn run(config: ProxyConfig, options: StartOptions) -> Result<(), ProxyError>
     );
     server.run(RunArgs::default());
     remove_pid_file(&config);
+    Ok(())
+}
+
+/// Fail at once when a listening address is taken. Pingora binds in its service threads,
+/// retries for half a minute, then panics in that thread only: the process would stay up,
+/// write its pid file and report ready while serving nothing. And the public sockets are
+/// `SO_REUSEPORT` (one per thread), so a second instance would bind next to the first and
+/// take a share of its clients. A plain bind (no `SO_REUSEPORT`) is refused by any listener
+/// on the address, ours included; `--upgrade` skips this, as it takes the sockets over.
+fn check_addresses_are_free(config: &ProxyConfig) -> Result<(), ProxyError> {
+    let public = config.server.listen.iter().map(|a| (*a, "server.listen"));
+    let admin = config.admin.iter().map(|a| (a.listen, "admin.listen"));
+    for (addr, key) in public.chain(admin) {
+        std::net::TcpListener::bind(addr).map_err(|source| ProxyError::Listen {
+            addr,
+            key,
+            source,
+        })?;
+    }
     Ok(())
 }
 

@@ -181,3 +181,130 @@ fn a_missing_file_or_flag_is_a_clear_error() {
     let out = proxy(&["--frobnicate"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Kills the process when dropped.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Running {
+    fn start(config: &Path) -> Running {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_custodia-proxy"));
+        command
+            .args(["--config", config.to_str().unwrap()])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("RUST_LOG", "warn")
+            .current_dir(std::env::temp_dir())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        Running(command.spawn().expect("start custodia-proxy"))
+    }
+
+    /// The exit code and stderr, if it exits within `patience`.
+    fn exits_within(mut self, patience: std::time::Duration) -> Option<(Option<i32>, String)> {
+        let deadline = std::time::Instant::now() + patience;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                let mut stderr = String::new();
+                if let Some(mut pipe) = self.0.stderr.take() {
+                    std::io::Read::read_to_string(&mut pipe, &mut stderr).unwrap();
+                }
+                return Some((status.code(), stderr));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+fn free_port() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A plain load balancer on `listen` with its admin listener on `admin`.
+fn serving_config(dir: &str, listen: std::net::SocketAddr, admin: std::net::SocketAddr) -> String {
+    format!(
+        "[server]\nlisten = \"{listen}\"\nthreads = 2\npid_file = \"{dir}/proxy.pid\"\n\
+         upgrade_sock = \"{dir}/upgrade.sock\"\n[admin]\nlisten = \"{admin}\"\n\
+         [upstream]\nbackends = [\"127.0.0.1:1\"]\n"
+    )
+}
+
+/// Starts a proxy on `config` and returns its stderr once it has exited with 1.
+fn refused_to_start(config: &Path) -> String {
+    let (code, stderr) = Running::start(config)
+        .exits_within(std::time::Duration::from_secs(20))
+        .expect("the proxy exits");
+    assert_eq!(code, Some(1), "{stderr}");
+    stderr
+}
+
+/// A taken address stops the start at once with exit 1 and says which: never a process that
+/// stays up, writes its pid file and reports ready while serving nothing.
+#[test]
+fn a_taken_listen_address_is_a_clear_error_at_start() {
+    let dir = std::env::temp_dir().join(format!("custodia-cli-{}-taken", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = holder.local_addr().unwrap();
+    for (listen, admin, key) in [
+        (taken, free_port(), "server.listen"),
+        (free_port(), taken, "admin.listen"),
+    ] {
+        let config = dir.join("taken.toml");
+        std::fs::write(
+            &config,
+            serving_config(dir.to_str().unwrap(), listen, admin),
+        )
+        .unwrap();
+        let stderr = refused_to_start(&config);
+        assert!(
+            stderr.contains(&format!("cannot listen on {taken} ({key})")),
+            "{stderr}"
+        );
+        assert!(!dir.join("proxy.pid").exists(), "no pid file");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A second instance on a running one's addresses is refused (its sockets are SO_REUSEPORT,
+/// so the kernel alone would let it take a share of the first one's clients).
+#[test]
+fn a_second_instance_on_the_same_addresses_is_refused() {
+    let dir = std::env::temp_dir().join(format!("custodia-cli-{}-second", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (listen, admin) = (free_port(), free_port());
+    let config = dir.join("proxy.toml");
+    std::fs::write(
+        &config,
+        serving_config(dir.to_str().unwrap(), listen, admin),
+    )
+    .unwrap();
+    let mut first = Running::start(&config);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::net::TcpStream::connect(listen).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first never listened"
+        );
+        assert!(first.0.try_wait().unwrap().is_none(), "the first exited");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let stderr = refused_to_start(&config);
+    assert!(
+        stderr.contains(&format!("cannot listen on {listen}")),
+        "{stderr}"
+    );
+    assert!(first.0.try_wait().unwrap().is_none(), "the first runs on");
+    drop(first);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -20,6 +20,12 @@ use super::file::{BalanceName, FileConfig, LogFormatName};
 use super::model::*;
 use super::ConfigError;
 
+/// Proxy worker threads at most (each holds its own listening sockets and upstream pool).
+const MAX_THREADS: usize = 1024;
+
+/// The levels `log.level` names (a directive without `=`).
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
 /// Read and validate a configuration file, with secrets from the environment and `.env`.
 pub fn load(path: &Path) -> Result<ProxyConfig, ConfigError> {
     load_with_env(path, &ProcessEnv::with_dotenv())
@@ -79,6 +85,16 @@ fn into_model(
             ));
         }
     }
+    if server.threads > MAX_THREADS {
+        return Err(invalid(
+            find_key(text, "threads"),
+            "server.threads",
+            format!(
+                "{} threads is more than the {MAX_THREADS} allowed (0 = one per CPU core)",
+                server.threads
+            ),
+        ));
+    }
     let threads = if server.threads == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     } else {
@@ -113,6 +129,22 @@ fn into_model(
     }
 
     let health = upstream.health;
+    if health.interval.0.is_zero() || health.timeout.0.is_zero() {
+        let key = if health.interval.0.is_zero() {
+            "interval"
+        } else {
+            "timeout"
+        };
+        return Err(invalid(
+            find_key(text, key),
+            if key == "interval" {
+                "upstream.health.interval"
+            } else {
+                "upstream.health.timeout"
+            },
+            format!("the health check {key} must be longer than 0s"),
+        ));
+    }
     if health.timeout.0 > health.interval.0 {
         return Err(invalid(
             find_key(text, "timeout"),
@@ -140,6 +172,20 @@ fn into_model(
     }
 
     let log = file.log;
+    // A bare word is a valid directive, for a module of that name: `level = "warning"` would
+    // parse, enable a module nobody has and leave every log line (the access log too) off.
+    if let Some(word) = log.level.split(',').map(str::trim).find(|d| {
+        !d.is_empty() && !d.contains('=') && !LEVELS.contains(&d.to_ascii_lowercase().as_str())
+    }) {
+        return Err(invalid(
+            find_key_in_section(text, "log", "level"),
+            "log.level",
+            format!(
+                "`{word}` is not a level: expected one of trace, debug, info, warn, error, off, \
+                 or `module=level` (e.g. \"info,custodia_proxy=debug\")"
+            ),
+        ));
+    }
     if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&log.level) {
         return Err(invalid(
             find_key_in_section(text, "log", "level"),
