@@ -511,6 +511,48 @@ async fn settings_that_need_an_upgrade_are_reported_and_keep_their_values() {
     }
 }
 
+/// The secrets are in the service's environment, not in the operator's shell: `--reload` checks
+/// the file as the running proxy will read it, and goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_checks_the_file_with_the_running_proxys_environment() {
+    let echo = EchoServer::start();
+    let addr = free_addr();
+    let idp = free_addr(); // nothing listens: the proxy runs on, the IdP is not needed here
+    let section = |policy: &str| {
+        format!(
+            "{}\n[auth]\nissuer = \"http://{idp}/\"\nclient_id = \"custodia-test\"\n\
+             public_url = \"http://{addr}\"\ndefault_policy = \"{policy}\"\n",
+            upstream_section("least_conn", &[(echo.addr, 1)])
+        )
+    };
+    let proxy = Ops::start_at(
+        addr,
+        &section("required"),
+        &[
+            ("APP_SECRET_KEY", "5f0c7a1d9e2b4c6f8a0d1e3f5a7c9b1d"),
+            ("AUTH0_CLIENT_SECRET", "service-only-secret"),
+        ],
+    );
+    let client = reqwest::Client::new();
+    let before = client.get(proxy.url("/page")).send().await.unwrap();
+    assert_eq!(before.status(), 401);
+
+    proxy.rewrite(&section("public"));
+    // `reload_command` runs with no secret in its environment.
+    let out = proxy.reload_command();
+    assert!(
+        out.status.success(),
+        "--reload: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually_async("the reload to apply", Duration::from_secs(10), || {
+        let request = client.get(proxy.url("/page")).send();
+        async move { (request.await.ok()?.status() == 200).then_some(()) }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_without_a_running_proxy_is_a_clear_error() {
     let dir = TempDir::new("no-proxy");

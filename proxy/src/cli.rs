@@ -13,8 +13,9 @@ usage: custodia-proxy --config FILE [--check | --reload | --upgrade]
 
   --config FILE   the TOML configuration (see config/README.md)
   --check         validate FILE, print a summary and exit (0 valid, 1 invalid)
-  --reload        validate FILE, then tell the running custodia-proxy (the pid in
-                  FILE's server.pid_file) to reload it: sends SIGHUP
+  --reload        validate FILE as the running custodia-proxy (the pid in FILE's
+                  server.pid_file) will read it, with that process's environment and
+                  .env, then tell it to reload: sends SIGHUP
   --upgrade       take the listening sockets over from a running custodia-proxy
                   (start this, then send SIGQUIT to the old process)
   --probe URL     health check (for containers without curl): GET URL over HTTP/1.1,
@@ -115,6 +116,9 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
         eprintln!("custodia-proxy: --config FILE is required\n\n{USAGE}");
         return 2;
     };
+    if reload {
+        return reload_running(&path);
+    }
     let config = match config::load(&path) {
         Ok(config) => config,
         Err(e) => {
@@ -125,21 +129,6 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
     if check {
         print!("{}", config::summary(&config));
         return 0;
-    }
-    if reload {
-        return match signal_running(&config.server.pid_file) {
-            Ok(pid) => {
-                println!(
-                    "custodia-proxy: asked process {pid} to reload {} (its log says whether it did)",
-                    path.display()
-                );
-                0
-            }
-            Err(message) => {
-                eprintln!("custodia-proxy: cannot reload: {message}");
-                1
-            }
-        };
     }
     crate::logging::init(&config.log);
     match server::run(config, StartOptions { upgrade }) {
@@ -152,36 +141,45 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
     }
 }
 
-/// Send SIGHUP to the process whose pid is in `pid_file`; its pid, or why not.
-fn signal_running(pid_file: &std::path::Path) -> Result<i32, String> {
-    let text = std::fs::read_to_string(pid_file).map_err(|e| {
-        format!(
-            "no running custodia-proxy: cannot read the pid file {} ({e})",
-            pid_file.display()
-        )
-    })?;
-    let pid = text
-        .trim()
-        .parse::<i32>()
-        .ok()
-        .filter(|pid| *pid > 0)
-        .ok_or_else(|| format!("the pid file {} holds no pid", pid_file.display()))?;
-    // SAFETY: kill(2) has no memory effects; signal 0 only checks that the process exists.
-    let alive = unsafe { libc::kill(pid, 0) } == 0;
-    if !alive {
-        return Err(format!(
-            "no running custodia-proxy: process {pid} (from {}) does not exist",
-            pid_file.display()
-        ));
+/// `--reload`: check `path` as the running proxy will read it (its environment and `.env`, not
+/// this shell's: the secrets are often only in the service's), then send it SIGHUP.
+fn reload_running(path: &std::path::Path) -> i32 {
+    let invalid = |e: config::ConfigError| {
+        eprintln!("custodia-proxy: invalid configuration: {e}");
+        1
+    };
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let Some(pid_file) = crate::running::pid_file_named_in(&text) else {
+        // Not TOML (or not readable): the loader says why, with the line.
+        return config::load(path).map_or_else(invalid, |_| 1);
+    };
+    let pid = match crate::running::running_pid(&pid_file) {
+        Ok(pid) => pid,
+        Err(message) => {
+            eprintln!("custodia-proxy: cannot reload: {message}");
+            return 1;
+        }
+    };
+    let checked = match crate::running::environment_of(pid) {
+        Some(env) => config::load_with_env(path, &env),
+        None => config::load(path),
+    };
+    if let Err(e) = checked {
+        return invalid(e);
     }
-    // SAFETY: as above; SIGHUP asks custodia-proxy to reload.
-    if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
-        return Err(format!(
-            "cannot signal process {pid}: {}",
-            std::io::Error::last_os_error()
-        ));
+    match crate::running::send_sighup(pid) {
+        Ok(()) => {
+            println!(
+                "custodia-proxy: asked process {pid} to reload {} (its log says whether it did)",
+                path.display()
+            );
+            0
+        }
+        Err(message) => {
+            eprintln!("custodia-proxy: cannot reload: {message}");
+            1
+        }
     }
-    Ok(pid)
 }
 
 #[cfg(test)]
@@ -207,23 +205,6 @@ mod tests {
         assert!(args(&["--config", "a", "--check", "--upgrade"]).is_err());
         assert!(args(&["--config", "a", "--reload"]).unwrap().reload);
         assert!(args(&["--config", "a", "--reload", "--upgrade"]).is_err());
-    }
-
-    #[test]
-    fn reload_without_a_running_process_says_so() {
-        let missing = std::env::temp_dir().join("custodia-no-such-pid-file.pid");
-        let message = signal_running(&missing).unwrap_err();
-        assert!(message.contains("no running custodia-proxy"), "{message}");
-        let dir = std::env::temp_dir().join(format!("custodia-cli-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let stale = dir.join("stale.pid");
-        // Pid numbers wrap well below i32::MAX on Linux: this one cannot exist.
-        std::fs::write(&stale, "2147483646\n").unwrap();
-        let message = signal_running(&stale).unwrap_err();
-        assert!(message.contains("does not exist"), "{message}");
-        std::fs::write(&stale, "garbage").unwrap();
-        assert!(signal_running(&stale).unwrap_err().contains("holds no pid"));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

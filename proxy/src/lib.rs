@@ -26,6 +26,7 @@ pub use custodia_probe as probe;
 pub mod reload;
 pub mod request_guard;
 pub mod request_head;
+pub mod running;
 pub mod runtime;
 pub mod server;
 pub mod upstream_head;

@@ -271,11 +271,14 @@ impl Default for ServerSection {
             grace_period: HumanDuration(Duration::from_secs(5)),
             keepalive_timeout: HumanDuration(Duration::from_secs(60)),
             fast_path: true,
-            pid_file: "/tmp/custodia-proxy.pid".into(),
+            pid_file: DEFAULT_PID_FILE.into(),
             upgrade_sock: "/tmp/custodia-proxy-upgrade.sock".into(),
         }
     }
 }
+
+/// `[server] pid_file` when the file names none.
+pub const DEFAULT_PID_FILE: &str = "/tmp/custodia-proxy.pid";
 
 /// `[upstream]`: the app workers and how requests reach them.
 #[derive(Debug, Deserialize)]

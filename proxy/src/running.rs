@@ -1,0 +1,122 @@
+//! The running proxy a command (`--reload`) talks to: its pid, from the pid file, and the
+//! environment it will read the config file with when it reloads.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::config::env::parse_dotenv;
+
+/// Where the pid file is, as `text` (a config file) says, before anything else in it is
+/// checked: `None` when it is not TOML at all.
+pub fn pid_file_named_in(text: &str) -> Option<PathBuf> {
+    let table: toml::Table = text.parse().ok()?;
+    let named = table
+        .get("server")
+        .and_then(|server| server.get("pid_file"))
+        .and_then(|file| file.as_str());
+    Some(PathBuf::from(
+        named.unwrap_or(crate::config::file::DEFAULT_PID_FILE),
+    ))
+}
+
+/// The pid in `pid_file`, of a process that exists; or why not.
+pub fn running_pid(pid_file: &Path) -> Result<i32, String> {
+    let text = std::fs::read_to_string(pid_file).map_err(|e| {
+        format!(
+            "no running custodia-proxy: cannot read the pid file {} ({e})",
+            pid_file.display()
+        )
+    })?;
+    let pid = text
+        .trim()
+        .parse::<i32>()
+        .ok()
+        .filter(|pid| *pid > 0)
+        .ok_or_else(|| format!("the pid file {} holds no pid", pid_file.display()))?;
+    // SAFETY: kill(2) has no memory effects; signal 0 only checks that the process exists.
+    let alive = unsafe { libc::kill(pid, 0) } == 0;
+    if !alive {
+        return Err(format!(
+            "no running custodia-proxy: process {pid} (from {}) does not exist",
+            pid_file.display()
+        ));
+    }
+    Ok(pid)
+}
+
+/// What process `pid` reads its config with: its own environment variables over the `.env`
+/// in its working directory (as [`crate::config::env::ProcessEnv`] does in it). `None` when
+/// this user may not read them; the caller then checks with its own.
+pub fn environment_of(pid: i32) -> Option<HashMap<String, String>> {
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    let variables = std::fs::read(proc.join("environ")).ok()?;
+    let mut env = std::fs::read_to_string(proc.join("cwd/.env"))
+        .map(|text| parse_dotenv(&text))
+        .unwrap_or_default();
+    for entry in variables.split(|&b| b == 0) {
+        let entry = String::from_utf8_lossy(entry);
+        if let Some((name, value)) = entry.split_once('=') {
+            env.insert(name.to_string(), value.to_string());
+        }
+    }
+    Some(env)
+}
+
+/// Ask process `pid` to reload.
+pub fn send_sighup(pid: i32) -> Result<(), String> {
+    // SAFETY: kill(2) has no memory effects; SIGHUP asks custodia-proxy to reload.
+    if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
+        return Err(format!(
+            "cannot signal process {pid}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pid_file_is_read_from_the_file_or_defaulted() {
+        assert_eq!(
+            pid_file_named_in("[server]\npid_file = \"/run/x.pid\"\n[upstream]\nbogus = 1\n"),
+            Some(PathBuf::from("/run/x.pid"))
+        );
+        assert_eq!(
+            pid_file_named_in("[upstream]\nbackends = []\n"),
+            Some(PathBuf::from(crate::config::file::DEFAULT_PID_FILE))
+        );
+        assert_eq!(pid_file_named_in("not [toml"), None);
+    }
+
+    #[test]
+    fn a_process_environment_is_read_over_its_dotenv() {
+        let env = environment_of(std::process::id() as i32).unwrap();
+        assert_eq!(
+            env.get("PATH").cloned(),
+            std::env::var("PATH").ok(),
+            "this process's own variables"
+        );
+    }
+
+    #[test]
+    fn reload_without_a_running_process_says_so() {
+        let missing = std::env::temp_dir().join("custodia-no-such-pid-file.pid");
+        let message = running_pid(&missing).unwrap_err();
+        assert!(message.contains("no running custodia-proxy"), "{message}");
+        let dir =
+            std::env::temp_dir().join(format!("custodia-running-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let stale = dir.join("stale.pid");
+        // Pid numbers wrap well below i32::MAX on Linux: this one cannot exist.
+        std::fs::write(&stale, "2147483646\n").unwrap();
+        let message = running_pid(&stale).unwrap_err();
+        assert!(message.contains("does not exist"), "{message}");
+        std::fs::write(&stale, "garbage").unwrap();
+        assert!(running_pid(&stale).unwrap_err().contains("holds no pid"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
