@@ -536,6 +536,21 @@ async fn reload_checks_the_file_with_the_running_proxys_environment() {
     let client = reqwest::Client::new();
     let before = client.get(proxy.url("/page")).send().await.unwrap();
     assert_eq!(before.status(), 401);
+    // The auth series alerts look for are there at 0 before anything happened to them.
+    for (name, labels) in [
+        ("custodia_auth_idp_errors_total", &["stage=\"token\""][..]),
+        (
+            "custodia_auth_logins_total",
+            &["outcome=\"failed\"", "reason=\"state_mismatch\""][..],
+        ),
+        ("custodia_auth_logins_total", &["outcome=\"completed\""][..]),
+    ] {
+        assert_eq!(
+            proxy.value(name, labels).await,
+            Some(0.0),
+            "{name}{labels:?}"
+        );
+    }
 
     proxy.rewrite(&section("public"));
     // `reload_command` runs with no secret in its environment.

@@ -56,8 +56,10 @@ Options:
 
 Environment:
   CUSTODIA_ASSERTION_KEY  HMAC-SHA256 key (at least 32 bytes) shared with custodia-proxy to
-                          verify X-Custodia-Identity; unset means every request is a guest.
-                          Generate one with: openssl rand -hex 32
+                          verify X-Custodia-Identity. Generate one with: openssl rand -hex 32
+  APP_SECRET_KEY          when CUSTODIA_ASSERTION_KEY is unset, the key is derived from it, as
+                          custodia-proxy derives its own (the seed's .env works unchanged);
+                          with neither set, every request is served as a guest
   RUST_LOG                log filter [default: info]; logs go to stderr
 
 Routes: GET / , /api/hello , /api/me , /healthz

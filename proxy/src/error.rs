@@ -25,6 +25,9 @@ pub enum ProxyError {
         key: &'static str,
         source: std::io::Error,
     },
+    /// `--upgrade` with nothing to take over from.
+    #[error("cannot --upgrade: {0}")]
+    Upgrade(String),
     #[error("cannot write pid file {}: {source}", path.display())]
     PidFile {
         path: PathBuf,

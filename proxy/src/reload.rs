@@ -109,6 +109,18 @@ impl Reloader {
                     "configuration reloaded"
                 );
                 for key in &done.need_upgrade {
+                    if *key == "upstream.retries" {
+                        // Raised past what Pingora was started with: the new value, as far as
+                        // it can go.
+                        tracing::warn!(
+                            key = *key,
+                            retries = runtime.config.upstream.retries,
+                            "`{key}` is higher than a running process can go: {} retries until \
+                             an upgrade (--upgrade + SIGQUIT) or restart",
+                            runtime.config.upstream.retries
+                        );
+                        continue;
+                    }
                     tracing::warn!(
                         key = *key,
                         "`{key}` changed but cannot change in a running process: the old value stays until an upgrade (--upgrade + SIGQUIT) or restart"

@@ -114,7 +114,10 @@ pub fn run(config: ProxyConfig, options: StartOptions) -> Result<(), ProxyError>
         max_attempts(&config),
     ));
 
-    if !options.upgrade {
+    if options.upgrade {
+        // Without an old process, Pingora waits for listening sockets that never come.
+        crate::running::running_pid(&config.server.pid_file).map_err(ProxyError::Upgrade)?;
+    } else {
         check_addresses_are_free(&config)?;
     }
     let opt = Opt {

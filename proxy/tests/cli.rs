@@ -276,6 +276,27 @@ fn a_taken_listen_address_is_a_clear_error_at_start() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `--upgrade` with no running proxy to take over from says so at once.
+#[test]
+fn an_upgrade_with_nothing_to_take_over_from_says_so() {
+    let dir = std::env::temp_dir().join(format!("custodia-cli-{}-upgrade", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("proxy.toml");
+    std::fs::write(
+        &config,
+        serving_config(dir.to_str().unwrap(), free_port(), free_port()),
+    )
+    .unwrap();
+    let out = proxy(&["--config", config.to_str().unwrap(), "--upgrade"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot --upgrade: no running custodia-proxy"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A second instance on a running one's addresses is refused (its sockets are SO_REUSEPORT,
 /// so the kernel alone would let it take a share of the first one's clients).
 #[test]

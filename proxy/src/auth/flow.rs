@@ -333,6 +333,10 @@ fn truncated(text: &str) -> &str {
 const MAX_SHOWN_CHARS: usize = 300;
 
 fn login_failed(reason: &'static str) {
+    debug_assert!(
+        metrics::LOGIN_FAILURES.contains(&reason),
+        "{reason} is not in metrics::LOGIN_FAILURES (its series would appear only once used)"
+    );
     metrics::auth()
         .logins
         .with_label_values(&["failed", reason])
@@ -427,18 +431,23 @@ pub async fn callback<'a>(
         Ok(user) => user,
         Err(e) => {
             tracing::warn!(error = %e, "sign-in failed at the code exchange");
+            if matches!(e, OidcError::Unreachable(_) | OidcError::BadAnswer(_)) {
+                metrics::auth()
+                    .idp_errors
+                    .with_label_values(&["token"])
+                    .inc();
+            }
             let (status, reason, detail) = match &e {
-                OidcError::Unreachable(_) => {
-                    metrics::auth()
-                        .idp_errors
-                        .with_label_values(&["token"])
-                        .inc();
-                    (
-                        502,
-                        "idp_unreachable",
-                        "The identity provider could not be reached. Please try again.",
-                    )
-                }
+                OidcError::Unreachable(_) => (
+                    502,
+                    "idp_unreachable",
+                    "The identity provider could not be reached. Please try again.",
+                ),
+                OidcError::BadAnswer(_) => (
+                    502,
+                    "idp_bad_answer",
+                    "The identity provider's answer could not be read. Please try again.",
+                ),
                 OidcError::NotReady { .. } => (
                     503,
                     "idp_unavailable",

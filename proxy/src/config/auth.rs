@@ -258,17 +258,33 @@ fn url_parts(text: &str) -> Option<UrlParts> {
     {
         return None;
     }
-    let host = if let Some(v6) = authority.strip_prefix('[') {
-        v6.split(']').next()?.to_string()
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (host, after) = v6.split_once(']')?;
+        let port = match after {
+            "" => None,
+            _ => Some(after.strip_prefix(':')?),
+        };
+        (host, port)
     } else {
-        authority
-            .rsplit_once(':')
-            .map_or(authority, |(h, _)| h)
-            .to_string()
+        match authority.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        }
     };
-    if host.is_empty() || text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    // A port is 1–65535 in digits: anything else makes a redirect_uri no browser can follow.
+    let valid_port = |p: &str| {
+        !p.is_empty()
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && p.parse::<u16>().is_ok_and(|p| p > 0)
+    };
+    if host.is_empty()
+        || host.contains(['[', ']'])
+        || !port.is_none_or(valid_port)
+        || text.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
         return None;
     }
+    let host = host.to_string();
     Some(UrlParts {
         scheme,
         authority: authority.to_ascii_lowercase(),

@@ -450,6 +450,36 @@ fn auth_problems_are_errors_never_auth_off() {
             "no secret in: {message}"
         );
     }
+    for bad_port in [
+        "https://x.app:abc",
+        "https://x.app:99999",
+        "https://x.app:0",
+        "https://x.app:",
+        "http://[::1]x",
+    ] {
+        let message = parse_with_env(
+            &format!(
+                "[upstream]\nbackends = [\"127.0.0.1:1\"]\n[auth]\npublic_url = \"{bad_port}\"\n"
+            ),
+            Path::new("a.toml"),
+            &stack_env(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(message.contains("auth.public_url"), "{bad_port}: {message}");
+    }
+    for good in [
+        "https://x.app:8443",
+        "http://[::1]:8080",
+        "http://127.0.0.1:8080",
+    ] {
+        parse_with_env(
+            &format!("[upstream]\nbackends = [\"127.0.0.1:1\"]\n[auth]\npublic_url = \"{good}\"\n"),
+            Path::new("a.toml"),
+            &stack_env(),
+        )
+        .unwrap_or_else(|e| panic!("{good}: {e}"));
+    }
     let public_url = parse_with_env(
         "[upstream]\nbackends = [\"127.0.0.1:1\"]\n[auth]\npublic_url = \"https://x.app/path\"\n",
         Path::new("a.toml"),

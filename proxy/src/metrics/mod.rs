@@ -66,6 +66,24 @@ impl Collector for SessionChecks {
     }
 }
 
+/// `custodia_auth_idp_errors_total{stage}`.
+pub const IDP_STAGES: [&str; 2] = ["discovery", "token"];
+
+/// `custodia_auth_logins_total{outcome="failed",reason}`: why sign-ins fail.
+pub const LOGIN_FAILURES: [&str; 11] = [
+    "idp_unavailable",
+    "access_denied",
+    "idp_error",
+    "bad_request",
+    "state_mismatch",
+    "idp_unreachable",
+    "idp_bad_answer",
+    "invalid_id_token",
+    "code_rejected",
+    "not_allowed",
+    "session_too_large",
+];
+
 impl AuthMetrics {
     fn new() -> AuthMetrics {
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
@@ -93,10 +111,25 @@ impl AuthMetrics {
             .unwrap_or_else(|e| unreachable!("constant metric descriptor: {e}")),
             idp_errors: counter_vec(
                 "custodia_auth_idp_errors_total",
-                "Failed calls to the identity provider by stage (discovery, token, jwks).",
+                "Failed calls to the identity provider by stage (discovery, token).",
                 &["stage"],
             ),
         }
+    }
+
+    /// The series an alert or a dashboard looks for exist at 0 from the start (`absent()`
+    /// would otherwise fire, and rates show nothing, until the first of each).
+    fn with_every_series(self) -> AuthMetrics {
+        for stage in IDP_STAGES {
+            self.idp_errors.with_label_values(&[stage]);
+        }
+        for outcome in ["started", "completed"] {
+            self.logins.with_label_values(&[outcome, "none"]);
+        }
+        for reason in LOGIN_FAILURES {
+            self.logins.with_label_values(&["failed", reason]);
+        }
+        self
     }
 
     /// Count one session cookie check.
@@ -131,7 +164,7 @@ impl Collector for Static {
 /// The process-wide auth counters.
 pub fn auth() -> &'static AuthMetrics {
     static AUTH: std::sync::OnceLock<AuthMetrics> = std::sync::OnceLock::new();
-    AUTH.get_or_init(AuthMetrics::new)
+    AUTH.get_or_init(|| AuthMetrics::new().with_every_series())
 }
 
 /// Reloads of the configuration file and what is loaded now.
