@@ -453,6 +453,34 @@ async fn chunked_and_unframed_answers_are_relayed_whole_on_a_connection_that_sta
         .contains("connection: close"));
 }
 
+/// Requests pipelined behind one Pingora's path serves (a POST with a body, or everything
+/// with the fast path off) are answered, in order, on both paths: Pingora closed such a
+/// connection after the first answer and the rest went unanswered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_pipelined_behind_pingoras_path_are_answered_in_order() {
+    let worker = Worker::start("w");
+    let upstream = upstream_section("least_conn", &[(worker.addr, 1)]);
+    let pipelined: &[u8] = b"GET /api/hello?first HTTP/1.1\r\nHost: a\r\n\r\n\
+        POST /api/hello HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc\
+        GET /api/hello?third HTTP/1.1\r\nHost: a\r\n\r\n\
+        GET /api/hello?fourth HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    for fast_path in ["true", "false"] {
+        let proxy = Proxy::start_with_server(&format!("fast_path = {fast_path}\n"), &upstream);
+        let mut stream = raw_tcp::connect(proxy.addr, None);
+        std::io::Write::write_all(&mut stream, pipelined).unwrap();
+        let all = read_for(&mut stream, Duration::from_secs(5));
+        let statuses: Vec<&str> = all
+            .match_indices("HTTP/1.1 ")
+            .map(|(at, _)| &all[at + 9..at + 12])
+            .collect();
+        assert_eq!(
+            statuses,
+            ["200", "405", "200", "200"],
+            "fast_path = {fast_path}: four answers in order: {all}"
+        );
+    }
+}
+
 /// A pipelined request whose head arrives in two pieces, the first with the request before
 /// it, the second while the first is still at the worker: the piece that came early is not
 /// lost when the rest comes.

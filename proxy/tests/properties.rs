@@ -1296,7 +1296,10 @@ proptest! {
 #[test]
 fn the_shipped_config_passes_the_check() {
     let mut env = HashMap::new();
-    env.insert("APP_SECRET_KEY".to_string(), "k".repeat(32));
+    env.insert(
+        "APP_SECRET_KEY".to_string(),
+        "5f0c7a1d9e2b4c6f8a0d1e3f5a7c9b1d".to_string(),
+    );
     env.insert("AUTH0_CLIENT_SECRET".to_string(), "secret".to_string());
     env.insert("AUTH0_CLIENT_ID".to_string(), "client".to_string());
     env.insert(
