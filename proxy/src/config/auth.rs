@@ -301,29 +301,45 @@ fn is_loopback_host(host: &str) -> bool {
 }
 
 fn check_routes(routes: Vec<RouteEntry>) -> Result<Vec<(String, RoutePolicy)>, AuthProblem> {
-    let mut out: Vec<(String, RoutePolicy)> = Vec::with_capacity(routes.len());
-    for route in routes {
+    if let Some((_, problem)) = first_bad_route(&routes) {
+        return Err(problem);
+    }
+    Ok(routes
+        .into_iter()
+        .map(|route| (route.prefix, policy(route.policy)))
+        .collect())
+}
+
+/// The first `[[route]]` whose prefix is not a normalised absolute path or repeats an earlier
+/// one: its index (for the line the error names) and the problem.
+pub fn first_bad_route(routes: &[RouteEntry]) -> Option<(usize, AuthProblem)> {
+    for (index, route) in routes.iter().enumerate() {
         let normalised = crate::auth::normalise_path(&route.prefix).ok();
         if !route.prefix.starts_with('/') || normalised.as_deref() != Some(route.prefix.as_str()) {
-            return Err((
-                "route.prefix",
-                format!(
-                    "`{}` must be a normalised absolute path such as \"/api/\" (no `..`, `//`, `%` escapes or `?`)",
-                    route.prefix
+            return Some((
+                index,
+                (
+                    "route.prefix",
+                    format!(
+                        "`{}` must be a normalised absolute path such as \"/api/\" (no `..`, `//`, `%` escapes or `?`)",
+                        route.prefix
+                    ),
                 ),
             ));
         }
         // Matching ignores ASCII case, so prefixes differing only in case collide.
-        if out
+        if routes[..index]
             .iter()
-            .any(|(p, _)| p.eq_ignore_ascii_case(&route.prefix))
+            .any(|earlier| earlier.prefix.eq_ignore_ascii_case(&route.prefix))
         {
-            return Err((
-                "route.prefix",
-                format!("`{}` is listed twice", route.prefix),
+            return Some((
+                index,
+                (
+                    "route.prefix",
+                    format!("`{}` is listed twice", route.prefix),
+                ),
             ));
         }
-        out.push((route.prefix, policy(route.policy)));
     }
-    Ok(out)
+    None
 }

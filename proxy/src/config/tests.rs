@@ -296,6 +296,8 @@ fn errors_name_the_key_and_the_line() {
         ("[upstream]\nbackends = [\"127.0.0.1:1\"]\n[admin]\nlisten = \"127.0.0.1:8080\"\n",
          "admin.listen", "must be separate"),
         ("[upstream]\nbackends = [\"no port\"]\n", "upstream.backends", "invalid address"),
+        ("[upstream]\nbackends = [\"127.0.0.1:1\", { addr = \"127.0.0.1:2\", weight = \"heavy\" }]\n",
+         "upstream.backends[1].weight", "invalid type"),
         ("[upstream]\nbackends = [{ addr = \"127.0.0.1:1\", weight = 0 }]\n",
          "upstream.backends", "nonzero"),
         ("[upstream]\nbackends = [\"127.0.0.1:1\", \"127.0.0.1:1\"]\n",
@@ -330,6 +332,27 @@ fn errors_name_the_key_and_the_line() {
         assert!(message.contains(words), "{text:?} → {message}");
         assert!(message.starts_with("test.toml:"), "{text:?} → {message}");
     }
+}
+
+#[test]
+fn a_bad_route_is_reported_at_its_own_line() {
+    let text = "[upstream]\nbackends = [\"127.0.0.1:1\"]\n[auth]\npublic_url = \"http://127.0.0.1:8080\"\n\
+                \n[[route]]\nprefix = \"/\"\npolicy = \"optional\"\n\
+                \n[[route]]\npolicy = \"public\"\nprefix = \"/healthz\"\n\
+                \n[[route]]\nprefix = \"/api/\"\npolicy = \"required\"\n\
+                \n[[route]]\nprefix = \"/API/\"\npolicy = \"public\"\n";
+    let message = parse_with_env(text, Path::new("t.toml"), &stack_env())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.starts_with("t.toml:19:") && message.contains("`/API/` is listed twice"),
+        "{message}"
+    );
+    let bad = text.replace("prefix = \"/healthz\"", "prefix = \"/a/../b\"");
+    let message = parse_with_env(&bad, Path::new("t.toml"), &stack_env())
+        .unwrap_err()
+        .to_string();
+    assert!(message.starts_with("t.toml:12:"), "{message}");
 }
 
 #[test]

@@ -47,7 +47,11 @@ pub fn parse(text: &str, path: &Path) -> Result<ProxyConfig, ConfigError> {
 pub fn parse_with_env(text: &str, path: &Path, env: &dyn Env) -> Result<ProxyConfig, ConfigError> {
     let deserializer = toml::Deserializer::new(text);
     let file: FileConfig = serde_path_to_error::deserialize(deserializer).map_err(|err| {
-        let key = err.path().to_string();
+        // A `Spanned` value shows in the path as its private field: not a key operators wrote.
+        let key = err
+            .path()
+            .to_string()
+            .replace(".$__serde_spanned_private_value", "");
         let inner = err.into_inner();
         let line = inner.span().map(|span| line_of(text, span.start));
         ConfigError::Invalid {
@@ -222,6 +226,12 @@ fn into_model(
         .filter_map(|r| r.max_body_size.map(|size| (r.prefix.clone(), size.0)))
         .collect();
     route_body_sizes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
+    if file.auth.is_some() {
+        if let Some((index, (key, message))) = super::auth::first_bad_route(&routes) {
+            let span = nth_route_prefix(text, index).or(Some(routes_span.clone()));
+            return Err(invalid(span, key, message));
+        }
+    }
     let auth = match file.auth {
         Some(section) => {
             let auth_span = section.public_url.span();
@@ -313,6 +323,34 @@ fn find_key_in_section(text: &str, section: &str, key: &str) -> Option<std::ops:
     let header = format!("[{section}]");
     let start = text.find(&header)?;
     find_key(&text[start..], key).map(|r| r.start + start..r.end + start)
+}
+
+/// The `prefix =` line of the `index`-th `[[route]]` table (they are read in the order written).
+fn nth_route_prefix(text: &str, index: usize) -> Option<std::ops::Range<usize>> {
+    let mut offset = 0;
+    let mut seen = 0;
+    for line in text.split_inclusive('\n') {
+        offset += line.len();
+        if line.trim_start().starts_with("[[route]]") {
+            seen += 1;
+            if seen == index + 1 {
+                let rest = text.get(offset..)?;
+                // Within this table: up to the next header.
+                let end = rest
+                    .split_inclusive('\n')
+                    .scan(0, |at, l| {
+                        let start = *at;
+                        *at += l.len();
+                        Some((start, l))
+                    })
+                    .find(|(_, l)| l.trim_start().starts_with('['))
+                    .map_or(rest.len(), |(start, _)| start);
+                return find_key(rest.get(..end)?, "prefix")
+                    .map(|r| r.start + offset..r.end + offset);
+            }
+        }
+    }
+    None
 }
 
 /// Best-effort location of `key =` for errors that concern a key rather than a value.
