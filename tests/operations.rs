@@ -48,6 +48,16 @@ impl Ops {
     }
 
     fn start_at(addr: SocketAddr, sections: &str, env: &[(&str, &str)]) -> Ops {
+        Ops::start_with_grace(addr, sections, env, "1s")
+    }
+
+    /// [`Ops::start_at`] with `server.grace_period = grace`.
+    fn start_with_grace(
+        addr: SocketAddr,
+        sections: &str,
+        env: &[(&str, &str)],
+        grace: &str,
+    ) -> Ops {
         let dir = TempDir::new("ops");
         let admin = free_addr();
         let config = dir.path().join("proxy.toml");
@@ -59,7 +69,10 @@ impl Ops {
             .collect();
         std::fs::write(
             &config,
-            config_text(addr, admin, &pid_file, &upgrade_sock, 2, sections),
+            config_text(addr, admin, &pid_file, &upgrade_sock, 2, sections).replace(
+                "grace_period = \"1s\"",
+                &format!("grace_period = {grace:?}"),
+            ),
         )
         .unwrap();
         let process = spawn_proxy(dir.path(), &config, "a", &[], &env);
@@ -1106,6 +1119,46 @@ async fn sigterm_lets_an_in_flight_request_finish() {
         .await
         .unwrap();
     assert!(exited.is_some(), "the proxy exits after draining");
+}
+
+/// With nothing left to drain, SIGTERM ends the process at once, not when a long grace period
+/// runs out (every `docker stop` and rolling update waited it out): idle keep-alive clients
+/// are closed, and the pid file is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_nothing_in_flight_exits_without_waiting_out_the_grace_period() {
+    let worker = Worker::start("w");
+    let mut proxy = Ops::start_with_grace(
+        free_addr(),
+        &upstream_section("least_conn", &[(worker.addr, 1)]),
+        &[],
+        "120s",
+    );
+    // A keep-alive client that has been answered and stays connected, idle.
+    let mut idle = std::net::TcpStream::connect(proxy.addr).unwrap();
+    std::io::Write::write_all(&mut idle, b"GET /api/hello HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+    let mut answer = [0u8; 512];
+    idle.set_read_timeout(Some(PATIENCE)).unwrap();
+    assert!(std::io::Read::read(&mut idle, &mut answer).unwrap() > 0);
+    assert!(proxy.pid_file.exists());
+
+    proxy.process.signal(libc::SIGTERM);
+    let pid_file = proxy.pid_file.clone();
+    // Far below the 120 s grace period; the bound only keeps a broken build from hanging.
+    let exited =
+        tokio::task::spawn_blocking(move || proxy.process.wait_exit(Duration::from_secs(30)))
+            .await
+            .unwrap();
+    assert_eq!(
+        exited,
+        Some(Some(0)),
+        "exits, status 0, with nothing to drain"
+    );
+    assert!(!pid_file.exists(), "the pid file is removed");
+    assert_eq!(
+        std::io::Read::read(&mut idle, &mut answer).unwrap_or(0),
+        0,
+        "the idle client's connection was closed"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

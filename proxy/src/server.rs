@@ -21,7 +21,7 @@ use crate::config::ProxyConfig;
 use crate::discovery::Discovery;
 use crate::edge::Edge;
 use crate::error::ProxyError;
-use crate::limits::{ConnectionGate, LoginRate, ShutdownSignal};
+use crate::limits::{ConnectionGate, ExitWhenDrained, LoginRate, ShutdownSignal};
 use crate::reload::{Reloader, SignalReload};
 use crate::runtime::{Runtime, SharedRuntime};
 
@@ -165,6 +165,10 @@ pub fn run(config: ProxyConfig, options: StartOptions) -> Result<(), ProxyError>
         "identity provider discovery",
         DiscoveryService::new(shared.clone()),
     ));
+    server.add_service(background_service(
+        "exit when drained",
+        ExitWhenDrained::new(open_connections.clone(), config.server.pid_file.clone()),
+    ));
     if let Some(admin) = &config.admin {
         let mut service = Service::new("admin".to_string(), AdminApp::new(shared.clone()));
         service.add_tcp(&admin.listen.to_string());
@@ -185,7 +189,7 @@ pub fn run(config: ProxyConfig, options: StartOptions) -> Result<(), ProxyError>
         "custodia-proxy starting; {auth}"
     );
     server.run(RunArgs::default());
-    remove_pid_file(&config);
+    remove_pid_file(&config.server.pid_file);
     Ok(())
 }
 
@@ -210,8 +214,7 @@ fn check_addresses_are_free(config: &ProxyConfig) -> Result<(), ProxyError> {
 
 /// Remove the pid file unless another process (the one an upgrade handed over to) wrote its
 /// own pid there since.
-fn remove_pid_file(config: &ProxyConfig) {
-    let path = &config.server.pid_file;
+pub(crate) fn remove_pid_file(path: &std::path::Path) {
     let ours = std::fs::read_to_string(path)
         .ok()
         .and_then(|text| text.trim().parse::<u32>().ok())
