@@ -22,6 +22,7 @@ pub mod logging;
 pub mod memory;
 pub mod metrics;
 pub mod pages;
+pub mod process_exit;
 pub use custodia_probe as probe;
 pub mod reload;
 pub mod request_guard;

@@ -21,7 +21,8 @@ use crate::config::ProxyConfig;
 use crate::discovery::Discovery;
 use crate::edge::Edge;
 use crate::error::ProxyError;
-use crate::limits::{ConnectionGate, ExitWhenDrained, LoginRate, ShutdownSignal};
+use crate::limits::{ConnectionGate, LoginRate, ShutdownSignal};
+use crate::process_exit::ProcessExit;
 use crate::reload::{Reloader, SignalReload};
 use crate::runtime::{Runtime, SharedRuntime};
 
@@ -166,8 +167,12 @@ pub fn run(config: ProxyConfig, options: StartOptions) -> Result<(), ProxyError>
         DiscoveryService::new(shared.clone()),
     ));
     server.add_service(background_service(
-        "exit when drained",
-        ExitWhenDrained::new(open_connections.clone(), config.server.pid_file.clone()),
+        "process exit",
+        ProcessExit::new(
+            open_connections.clone(),
+            config.server.pid_file.clone(),
+            server.watch_execution_phase(),
+        ),
     ));
     if let Some(admin) = &config.admin {
         let mut service = Service::new("admin".to_string(), AdminApp::new(shared.clone()));

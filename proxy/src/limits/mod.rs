@@ -2,12 +2,10 @@
 //! keep-alive client costs ([`parking`]), login requests per client ([`login_rate`]). Request heads and body sizes: [`crate::request_guard`].
 
 pub mod connection;
-mod drained;
 pub mod login_rate;
 mod parking;
 mod shutdown;
 
 pub use connection::{ClientStream, ConnectionGate};
-pub use drained::ExitWhenDrained;
 pub use login_rate::LoginRate;
 pub use shutdown::ShutdownSignal;
