@@ -35,6 +35,14 @@ pub enum StackError {
         secs: u64,
         hint: String,
     },
+    #[error(
+        "{addr} ({what}) is taken: {source} (another custodia, or another program, listens there)"
+    )]
+    PortTaken {
+        what: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot locate this executable: {0}")]
     SelfExe(std::io::Error),
     #[error("cannot read {path}: {reason}")]
@@ -209,6 +217,8 @@ pub fn plan(config_path: &Path) -> Result<StackPlan, StackError> {
 pub async fn run(mut plan: StackPlan) -> Result<i32, StackError> {
     // Handlers first: a Ctrl-C during startup must still stop the children cleanly.
     let mut stop = StopSignals::install()?;
+    // A port another program holds would answer the readiness checks below as if ours did.
+    check_ports_are_free(&plan)?;
     let exe = std::env::current_exe().map_err(StackError::SelfExe)?;
     let mut processes = Vec::new();
 
@@ -261,6 +271,28 @@ pub async fn run(mut plan: StackPlan) -> Result<i32, StackError> {
     }
     eprintln!("custodia: stopped");
     Ok(status)
+}
+
+/// The workers' and the proxy's addresses, each bound once and let go: taken ones fail the start
+/// before anything is spawned.
+fn check_ports_are_free(plan: &StackPlan) -> Result<(), StackError> {
+    let workers = plan
+        .workers
+        .iter()
+        .enumerate()
+        .map(|(i, addr)| (format!("worker-{}", i + 1), *addr));
+    let proxy = plan
+        .listen
+        .iter()
+        .map(|addr| ("custodia-proxy".to_string(), *addr));
+    for (what, addr) in workers.chain(proxy) {
+        std::net::TcpListener::bind(addr).map_err(|source| StackError::PortTaken {
+            what,
+            addr,
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 fn spawn(name: &str, mut command: Command) -> Result<Process, StackError> {
@@ -366,17 +398,39 @@ impl StopSignals {
 }
 
 /// Wait for Ctrl-C, SIGTERM, or any child exiting; the exit status to report.
+/// Until Ctrl-C or SIGTERM (0), or until the proxy or the last worker has exited (1). A worker
+/// that dies is left dead, as in production: the proxy's health checks take it out and the
+/// others serve (which is what the local stack is for trying).
 async fn wait_for_stop(stop: &mut StopSignals, processes: &mut [Process]) -> i32 {
+    let mut reported = vec![false; processes.len()];
     loop {
         tokio::select! {
             _ = stop.interrupt.recv() => return 0,
             _ = stop.terminate.recv() => return 0,
             _ = tokio::time::sleep(Duration::from_millis(200)) => {
-                for p in processes.iter_mut() {
-                    if let Ok(Some(status)) = p.child.try_wait() {
-                        eprintln!("custodia: {} exited ({status}); stopping the stack", p.name);
-                        return 1;
+                for (p, reported) in processes.iter_mut().zip(reported.iter_mut()) {
+                    if *reported {
+                        continue;
                     }
+                    if let Ok(Some(status)) = p.child.try_wait() {
+                        *reported = true;
+                        if p.name == "custodia-proxy" {
+                            eprintln!("custodia: {} exited ({status}); stopping the stack", p.name);
+                            return 1;
+                        }
+                        eprintln!(
+                            "custodia: {} exited ({status}); the proxy serves from the other workers",
+                            p.name
+                        );
+                    }
+                }
+                let workers_left = processes
+                    .iter()
+                    .zip(&reported)
+                    .any(|(p, reported)| p.name != "custodia-proxy" && !reported);
+                if !workers_left {
+                    eprintln!("custodia: every worker has exited; stopping the stack");
+                    return 1;
                 }
             }
         }

@@ -11,15 +11,16 @@ use std::time::Duration;
 use support::custodia::{client, custodia_bin, STARTUP};
 use support::process::{free_addr, port_closed, wait_for_port, ChildGuard, TempDir};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_stack_serves_through_the_proxy_and_stops_on_ctrl_c() {
-    let dir = TempDir::new("stack");
-    let (listen, admin) = (free_addr(), free_addr());
-    let workers = [free_addr(), free_addr(), free_addr()];
+/// The shipped config with free ports and private pid/socket paths, written into `dir`.
+fn stack_config(
+    dir: &TempDir,
+    listen: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    workers: &[std::net::SocketAddr; 3],
+) -> std::path::PathBuf {
     let shipped =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/custodia.toml"))
             .expect("shipped config");
-    // The shipped file, with free ports and private pid/socket paths.
     let config = shipped
         .replace("127.0.0.1:8080", &listen.to_string())
         .replace("127.0.0.1:9090", &admin.to_string())
@@ -36,12 +37,59 @@ async fn the_stack_serves_through_the_proxy_and_stops_on_ctrl_c() {
         );
     let path = dir.path().join("custodia.toml");
     std::fs::write(&path, config).unwrap();
+    path
+}
 
-    let mut stack = ChildGuard::spawn(
+/// The pid of the process whose command line has `needle` (the worker on an address).
+fn pid_with_arg(needle: &str) -> Option<i32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            args.contains(&needle.as_bytes()).then_some(pid)
+        })
+}
+
+/// A local stack on free ports: its directory, public and admin addresses, workers, process.
+struct Stack {
+    _dir: TempDir,
+    listen: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    workers: [std::net::SocketAddr; 3],
+    process: ChildGuard,
+}
+
+fn start_stack(tag: &str) -> Stack {
+    let dir = TempDir::new(tag);
+    let (listen, admin) = (free_addr(), free_addr());
+    let workers = [free_addr(), free_addr(), free_addr()];
+    let path = stack_config(&dir, listen, admin, &workers);
+    let mut process = ChildGuard::spawn(
         "custodia (local stack)",
         Command::new(custodia_bin()).arg("--config").arg(&path),
     );
-    wait_for_port(listen, STARTUP, &mut stack);
+    wait_for_port(listen, STARTUP, &mut process);
+    Stack {
+        _dir: dir,
+        listen,
+        admin,
+        workers,
+        process,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stack_serves_through_the_proxy_and_stops_on_ctrl_c() {
+    let Stack {
+        listen,
+        admin,
+        workers,
+        process: mut stack,
+        ..
+    } = start_stack("stack");
 
     let home = client()
         .get(format!("http://{listen}/"))
@@ -72,4 +120,57 @@ async fn the_stack_serves_through_the_proxy_and_stops_on_ctrl_c() {
     for addr in [listen, admin].iter().chain(workers.iter()) {
         assert!(port_closed(*addr), "{addr} is closed after shutdown");
     }
+}
+
+/// A worker that dies is a worker down, not the end of the stack: the others go on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_worker_leaves_the_others_serving() {
+    let Stack {
+        listen,
+        workers,
+        process: mut stack,
+        ..
+    } = start_stack("stack-dead-worker");
+    let second = pid_with_arg(&workers[1].to_string()).expect("worker-2's process");
+    // SAFETY: kill(2) on a pid this test's stack started.
+    unsafe { libc::kill(second, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(stack.is_running(), "the stack runs on");
+    for _ in 0..9 {
+        let hello = client()
+            .get(format!("http://{listen}/api/hello"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(hello.status(), 200, "served by the other workers");
+    }
+    stack.signal(libc::SIGINT);
+    assert_eq!(stack.wait_exit(Duration::from_secs(20)), Some(Some(0)));
+}
+
+/// A port another program holds stops the start with a message naming it, before anything is
+/// started (its listener would have answered the stack's readiness check).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_port_stops_the_start_and_says_which() {
+    let dir = TempDir::new("stack-taken");
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = holder.local_addr().unwrap();
+    let path = stack_config(
+        &dir,
+        free_addr(),
+        free_addr(),
+        &[free_addr(), taken, free_addr()],
+    );
+    let out = Command::new(custodia_bin())
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{taken} (worker-2) is taken")),
+        "{stderr}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("local stack is up"));
 }
