@@ -95,6 +95,11 @@ pub enum CliError {
          Generate one with: openssl rand -hex 32"
     )]
     KeyTooShort { len: usize },
+    #[error("{name} is {weakness}. Generate one with: openssl rand -hex 32")]
+    WeakKey {
+        name: &'static str,
+        weakness: custodia_identity::SecretWeakness,
+    },
 }
 
 /// A parsed command line.
@@ -196,7 +201,30 @@ pub fn assertion_key(value: Option<&OsStr>) -> Result<Option<Vec<u8>>, CliError>
     if key.len() < MIN_KEY_LEN {
         return Err(CliError::KeyTooShort { len: key.len() });
     }
+    if let Some(weakness) = custodia_identity::secret_weakness(&key) {
+        return Err(CliError::WeakKey {
+            name: ASSERTION_KEY_ENV,
+            weakness,
+        });
+    }
     Ok(Some(key))
+}
+
+/// The assertion key derived from `APP_SECRET_KEY` (the seed's `.env` has only that), as the
+/// proxy derives it; refused when the proxy would refuse the secret.
+pub fn derived_assertion_key(secret: Option<&str>) -> Result<Option<Vec<u8>>, CliError> {
+    let Some(secret) = secret.filter(|s| !s.is_empty()) else {
+        return Ok(None);
+    };
+    if let Some(weakness) = custodia_identity::secret_weakness(secret.as_bytes()) {
+        return Err(CliError::WeakKey {
+            name: APP_SECRET_KEY_ENV,
+            weakness,
+        });
+    }
+    Ok(Some(
+        custodia_identity::derive_assertion_key(secret).into_bytes(),
+    ))
 }
 
 #[cfg(unix)]
@@ -229,11 +257,12 @@ pub fn run_cli(args: impl IntoIterator<Item = OsString>) -> i32 {
     };
     let assertion_key = match assertion_key(std::env::var_os(ASSERTION_KEY_ENV).as_deref()) {
         Ok(Some(key)) => Some(key),
-        // The seed's .env has only APP_SECRET_KEY: derive the same key the proxy derives.
-        Ok(None) => std::env::var(APP_SECRET_KEY_ENV)
-            .ok()
-            .filter(|secret| !secret.is_empty())
-            .map(|secret| custodia_identity::derive_assertion_key(&secret).into_bytes()),
+        Ok(None) => {
+            match derived_assertion_key(std::env::var(APP_SECRET_KEY_ENV).ok().as_deref()) {
+                Ok(key) => key,
+                Err(error) => return usage_error(&error),
+            }
+        }
         Err(error) => return usage_error(&error),
     };
     init_logging();
@@ -483,10 +512,38 @@ mod tests {
             assertion_key(Some(OsStr::new(&short))),
             Err(CliError::KeyTooShort { .. })
         ));
-        let hex = "ab".repeat(32);
+        let hex = "5f0c7a1d9e2b4c6f8a0d1e3f5a7c9b1d2e4f6a8c0b2d4e6f8a1c3e5f7b9d0a2c";
         assert_eq!(
-            assertion_key(Some(OsStr::new(&hex))).unwrap(),
-            Some(hex.into_bytes())
+            assertion_key(Some(OsStr::new(hex))).unwrap(),
+            Some(hex.as_bytes().to_vec())
+        );
+        assert!(matches!(
+            assertion_key(Some(OsStr::new(&"ab".repeat(32)))),
+            Err(CliError::WeakKey { .. })
+        ));
+    }
+
+    /// A worker refuses the secrets the proxy refuses: it would otherwise trust assertions
+    /// signed with a key derived from a public placeholder.
+    #[test]
+    fn the_app_secret_key_the_proxy_refuses_is_refused_here_too() {
+        assert_eq!(derived_assertion_key(None).unwrap(), None);
+        assert_eq!(derived_assertion_key(Some("")).unwrap(), None);
+        for weak in [
+            "x",
+            "change-me-run-openssl-rand-hex-32-and-paste-it-here",
+            &"a".repeat(40),
+        ] {
+            let message = derived_assertion_key(Some(weak)).unwrap_err().to_string();
+            assert!(
+                message.starts_with("APP_SECRET_KEY is ") && message.contains("openssl rand"),
+                "{message}"
+            );
+        }
+        let good = "5f0c7a1d9e2b4c6f8a0d1e3f5a7c9b1d";
+        assert_eq!(
+            derived_assertion_key(Some(good)).unwrap(),
+            Some(custodia_identity::derive_assertion_key(good).into_bytes())
         );
     }
 }

@@ -579,7 +579,7 @@ fn binary_prints_help_and_version() {
 #[cfg(unix)]
 #[test]
 fn binary_serves_and_stops_cleanly_on_sigterm() {
-    let key = "ab".repeat(32);
+    let key = "5f0c7a1d9e2b4c6f8a0d1e3f5a7c9b1d2e4f6a8c0b2d4e6f8a1c3e5f7b9d0a2c".to_string();
     let mut child = ChildGuard::spawn(&["--listen", "127.0.0.1:0"], Some(&key));
     let stderr = child.0.stderr.take().unwrap();
     let (lines_tx, lines) = std::sync::mpsc::channel();

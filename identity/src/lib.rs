@@ -34,6 +34,47 @@ pub const LEEWAY_SECS: u64 = 5;
 /// Longest token looked at; a real one is a few hundred bytes, this bounds the work per request.
 pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 
+/// Why a secret (`APP_SECRET_KEY`, an assertion key) is refused, whichever program reads it:
+/// the proxy seals sessions with it, and the workers derive the assertion key they trust from
+/// it, so a key one of them refuses must not be taken by the other.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecretWeakness {
+    #[error("too weak ({len} bytes; at least {MIN_KEY_LEN} needed)")]
+    TooShort { len: usize },
+    /// The examples' placeholders are public, and so is anything sealed or signed with them.
+    #[error("still the example's placeholder")]
+    Placeholder,
+    #[error("too weak (only {distinct} different characters; a random key has many more)")]
+    FewCharacters { distinct: usize },
+}
+
+/// Words of the placeholders in `.env.example` and the docs (compared in lower case).
+const PLACEHOLDER_MARKS: [&str; 4] = ["change-me", "changeme", "paste-it", "your-"];
+
+/// Fewer different characters than this is no random key (`openssl rand -hex 32` prints 16
+/// different ones, all but certainly; `aaaa…` has one).
+const MIN_DISTINCT_SECRET_BYTES: usize = 8;
+
+/// Whether `secret` is too weak to seal sessions or sign assertions with; `None` when it will do.
+pub fn secret_weakness(secret: &[u8]) -> Option<SecretWeakness> {
+    if secret.len() < MIN_KEY_LEN {
+        return Some(SecretWeakness::TooShort { len: secret.len() });
+    }
+    let lower = secret.to_ascii_lowercase();
+    if PLACEHOLDER_MARKS
+        .iter()
+        .any(|mark| lower.windows(mark.len()).any(|w| w == mark.as_bytes()))
+    {
+        return Some(SecretWeakness::Placeholder);
+    }
+    let mut seen = [false; 256];
+    for &byte in secret {
+        seen[usize::from(byte)] = true;
+    }
+    let distinct = seen.iter().filter(|&&s| s).count();
+    (distinct < MIN_DISTINCT_SECRET_BYTES).then_some(SecretWeakness::FewCharacters { distinct })
+}
+
 /// `base64url({"alg":"HS256","typ":"JWT"})`, the only header [`sign_assertion`] writes.
 const SIGNED_HEADER: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9";
 

@@ -22,7 +22,6 @@ use super::model::{AuthSettings, ClientAuth, RoutePolicy};
 pub type AuthProblem = (&'static str, String);
 
 const KEY_HINT: &str = "generate one with: openssl rand -hex 32";
-const MIN_SECRET_BYTES: usize = 32;
 
 pub fn policy(name: PolicyName) -> RoutePolicy {
     match name {
@@ -169,47 +168,12 @@ pub fn validate_auth(
 }
 
 fn check_secret(name: &'static str, value: &str) -> Result<(), AuthProblem> {
-    if value.len() < MIN_SECRET_BYTES {
-        return Err((
-            "auth",
-            format!(
-                "{name} is too weak ({} bytes; at least {MIN_SECRET_BYTES} needed): {KEY_HINT}",
-                value.len()
-            ),
-        ));
+    // A copied `.env.example` must not start a proxy whose sessions anyone can forge.
+    match custodia_identity::secret_weakness(value.as_bytes()) {
+        Some(weakness) => Err(("auth", format!("{name} is {weakness}: {KEY_HINT}"))),
+        None => Ok(()),
     }
-    // The example files' placeholders are public, and so is anything sealed with them: a
-    // copied `.env.example` must not start a proxy whose sessions anyone can forge.
-    let lower = value.to_ascii_lowercase();
-    if PLACEHOLDER_MARKS.iter().any(|mark| lower.contains(mark)) {
-        return Err((
-            "auth",
-            format!("{name} is still the example's placeholder: {KEY_HINT}"),
-        ));
-    }
-    let mut seen = [false; 256];
-    for byte in value.bytes() {
-        seen[usize::from(byte)] = true;
-    }
-    let distinct = seen.iter().filter(|&&s| s).count();
-    if distinct < MIN_DISTINCT_SECRET_BYTES {
-        return Err((
-            "auth",
-            format!(
-                "{name} is too weak (only {distinct} different characters; a random key has \
-                 many more): {KEY_HINT}"
-            ),
-        ));
-    }
-    Ok(())
 }
-
-/// Words of the placeholders in `.env.example` and the docs (compared in lower case).
-const PLACEHOLDER_MARKS: [&str; 4] = ["change-me", "changeme", "paste-it", "your-"];
-
-/// Fewer different characters than this is no random key (`openssl rand -hex 32` prints 16
-/// different ones, all but certainly; `aaaa…` has one).
-const MIN_DISTINCT_SECRET_BYTES: usize = 8;
 
 fn check_issuer(issuer: &str) -> Result<(), String> {
     let url = url_parts(issuer)
