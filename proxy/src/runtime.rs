@@ -78,6 +78,13 @@ impl Runtime {
         for (target, resolved) in config.upstream.backends.iter().zip(&resolution.targets) {
             for &addr in &resolved.addrs {
                 if members.iter().any(|m: &Member| m.slot.addr == addr) {
+                    // `localhost:9001` next to `127.0.0.1:9001`, or two names of one host.
+                    tracing::warn!(
+                        backend = %target,
+                        %addr,
+                        "this backend's address is already another backend's: it is balanced \
+                         once, with the first one's weight"
+                    );
                     continue;
                 }
                 members.push(Member {
