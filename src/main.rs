@@ -52,6 +52,13 @@ fn run_stack(args: &[OsString]) -> i32 {
                 Some(path) => config = PathBuf::from(path),
                 None => return usage_error("--config needs a file path"),
             },
+            Some(flag) if flag.starts_with("--config=") => {
+                config = PathBuf::from(&flag["--config=".len()..]);
+            }
+            Some("--help" | "-h") => {
+                println!("{USAGE}");
+                return 0;
+            }
             Some(other) => return usage_error(&format!("unknown argument `{other}`")),
             None => return usage_error("arguments must be UTF-8"),
         }

@@ -350,6 +350,13 @@ impl DevIdp {
         let Some(nonce) = params.get("nonce") else {
             return Err(refuse("invalid_request", "nonce is required"));
         };
+        // Each pending sign-in is kept for minutes: its size, not only their number, is bounded.
+        if state.len() > MAX_STATE_LEN || nonce.len() > MAX_STATE_LEN {
+            return Err(refuse(
+                "invalid_request",
+                "state and nonce must be at most 512 characters",
+            ));
+        }
         let Some(code_challenge) = params.get("code_challenge") else {
             return Err(refuse(
                 "invalid_request",
@@ -785,6 +792,9 @@ impl DevIdp {
     }
 }
 
+/// Longest `state` or `nonce` accepted (Custodia's are 43 characters).
+const MAX_STATE_LEN: usize = 512;
+
 /// The path of an issuer URL (`http://h:1/a/b` → `/a/b`, `http://h:1` → ``).
 fn issuer_path(issuer: &str) -> &str {
     let after_scheme = issuer.split_once("://").map_or(issuer, |(_, rest)| rest);
@@ -1142,6 +1152,8 @@ mod tests {
         assert_eq!(unregistered.status(), StatusCode::BAD_REQUEST);
         assert!(unregistered.headers().get(header::LOCATION).is_none());
 
+        // A nonce the size of a query string, kept for minutes per pending sign-in: refused.
+        let long_nonce = format!("&nonce={}", "n".repeat(MAX_STATE_LEN + 1));
         let cases = [
             (
                 "&code_challenge_method=plain",
@@ -1161,6 +1173,7 @@ mod tests {
             ),
             ("", "nonce=nn", "invalid_request"),
             ("&prompt=none", "", "login_required"),
+            (&long_nonce, "nonce=nn", "invalid_request"),
         ];
         for (add, remove, expected) in cases {
             let uri = authorize_uri(add).replacen(
