@@ -339,6 +339,69 @@ async fn a_broken_answer_is_a_502_while_nothing_has_gone_out() {
     assert_eq!(outcome.status(), Some(502), "{outcome:?}");
 }
 
+/// A worker's 103 Early Hints reach the client before its answer, on both paths (a proxy
+/// passes on the 1xx it did not ask for; the fast path dropped them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_hints_are_passed_on_before_the_answer_on_both_paths() {
+    let worker = ScriptedServer::start(|_| {
+        let bytes = [
+            b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\n".as_slice(),
+            PAUSE,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        ]
+        .concat();
+        (bytes, false)
+    });
+    let upstream = upstream_section("least_conn", &[(worker.addr, 1)]);
+    for fast_path in ["true", "false"] {
+        let proxy = Proxy::start_with_server(&format!("fast_path = {fast_path}\n"), &upstream);
+        let mut stream = raw_tcp::connect(proxy.addr, None);
+        std::io::Write::write_all(
+            &mut stream,
+            b"GET /page HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+        let all = read_for(&mut stream, Duration::from_secs(5));
+        let hints = all.find("HTTP/1.1 103").expect(&all);
+        let answer = all.find("HTTP/1.1 200 OK").expect(&all);
+        assert!(hints < answer, "fast_path = {fast_path}: {all}");
+        assert!(
+            all[hints..answer]
+                .to_ascii_lowercase()
+                .contains("link: </a.css>"),
+            "{all}"
+        );
+        assert!(all.ends_with("ok"), "{all}");
+    }
+}
+
+/// Answers no client may be given, on both paths: a status code outside 100–599 from the
+/// worker (502), and a request target with characters no URI has (400, never forwarded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_status_codes_and_targets_are_refused_on_both_paths() {
+    let worker = ScriptedServer::start(|request_line| {
+        assert!(!request_line.contains('`'), "forwarded: {request_line}");
+        (
+            b"HTTP/1.1 099 Odd\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+            false,
+        )
+    });
+    for (fast_path, outcome) in raw_get_on_both_paths(worker.addr, "/odd") {
+        assert_eq!(
+            outcome.status(),
+            Some(502),
+            "fast_path = {fast_path}: {outcome:?}"
+        );
+    }
+    for (fast_path, outcome) in raw_get_on_both_paths(worker.addr, "/a`b") {
+        assert_eq!(
+            outcome.status(),
+            Some(400),
+            "fast_path = {fast_path}: {outcome:?}"
+        );
+    }
+}
+
 /// A worker switching protocols for a request that asked for no upgrade gets a 502 on both
 /// paths, never a tunnel the client cannot use.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

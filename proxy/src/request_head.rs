@@ -158,12 +158,13 @@ pub struct NotViewable;
 
 impl ReceivedHead {
     /// A view of a request in `bytes` whose target is `target` (a slice of `bytes`). The
-    /// target must be origin-form visible ASCII without a fragment: anything else is left to
-    /// Pingora, whose request guard answers it.
+    /// target must be origin-form, of the characters a URI may hold (RFC 3986: visible ASCII but
+    /// `"<>\^`{|}`), without a fragment: anything else is left to Pingora, which refuses what it
+    /// cannot parse (a worker must not get a target the proxy's other path refuses).
     pub fn new(bytes: Bytes, method: Method, target: &[u8]) -> Result<ReceivedHead, NotViewable> {
         let visible = target
             .iter()
-            .all(|b| (0x21..=0x7e).contains(b) && *b != b'#');
+            .all(|b| (0x21..=0x7e).contains(b) && !b"#\"<>\\^`{|}".contains(b));
         if target.first() != Some(&b'/') || !visible {
             return Err(NotViewable);
         }

@@ -333,8 +333,15 @@ impl Exchange<'_> {
                 request_id: &self.request_id,
                 shutdown: self.shutdown,
             };
-            let (e, connect_failed) = match attempt(slot.addr, &wire, settings, client_side, chosen)
-                .await
+            let (e, connect_failed) = match attempt(
+                slot.addr,
+                &wire,
+                settings,
+                client_side,
+                chosen,
+                client,
+            )
+            .await
             {
                 Ok(answer) => {
                     let elapsed = answer.arrived.saturating_duration_since(chosen);
@@ -604,6 +611,7 @@ async fn attempt(
     settings: &UpstreamSettings,
     client_side: response::ClientSide<'_>,
     chosen: Instant,
+    client: &mut ClientStream,
 ) -> Result<Answer, Failed> {
     let mut pooled = upstream::take(addr, chosen);
     loop {
@@ -620,7 +628,7 @@ async fn attempt(
         };
         // A pooled connection is used at once: the choice's clock reading times its exchange.
         let now = reused.then_some(chosen);
-        match exchange_head(&mut conn, wire, settings, client_side, now).await {
+        match exchange_head(&mut conn, wire, settings, client_side, now, client).await {
             Ok((head, body_start, arrived)) => {
                 return Ok(Answer {
                     conn,
@@ -655,6 +663,7 @@ async fn exchange_head(
     settings: &UpstreamSettings,
     client_side: response::ClientSide<'_>,
     now: Option<Instant>,
+    client: &mut ClientStream,
 ) -> Result<(response::Head, BytesMut, Instant), HeadError> {
     let written = match conn.stream.try_write(wire) {
         Ok(n) => n,
@@ -705,7 +714,14 @@ async fn exchange_head(
                     buf.advance(head.len);
                     return Ok((head, buf, Instant::now()));
                 }
-                Ok(response::Parsed::Informational(len)) => buf.advance(len),
+                Ok(response::Parsed::Informational(len)) => {
+                    // A proxy passes on the 1xx it did not ask for (RFC 9110 §15.2), as they
+                    // come: 103 Early Hints are worth something only before the answer.
+                    let interim = buf.split_to(len);
+                    if let Err(e) = write_out(client, &interim).await {
+                        return Err(HeadError::Other(e));
+                    }
+                }
                 Ok(response::Parsed::Partial) if buf.len() > MAX_RESPONSE_HEAD => {
                     return Err(HeadError::Other(invalid("response head too large")))
                 }

@@ -85,6 +85,9 @@ pub fn parse(buf: &[u8], client: ClientSide<'_>) -> Result<Parsed, BadResponse> 
         Err(_) => return Err(BadResponse("unparseable head")),
     };
     let status = response.code.unwrap_or(0);
+    if !(100..600).contains(&status) {
+        return Err(BadResponse("status code outside 100–599"));
+    }
     if status == 101 {
         return Err(BadResponse("101 to a request that asked for no upgrade"));
     }
@@ -143,8 +146,9 @@ pub fn parse(buf: &[u8], client: ClientSide<'_>) -> Result<Parsed, BadResponse> 
         let name = line.name.as_bytes();
         let dropped = is_hop_by_hop(name)
             || name.eq_ignore_ascii_case(b"x-request-id")
-            // Chunked framing replaces a length (RFC 9112 §6.3).
-            || (chunked && name.eq_ignore_ascii_case(b"content-length") && framing != Framing::Empty);
+            // Chunked framing replaces a length (RFC 9112 §6.3), on a HEAD's answer too: a
+            // message never carries both.
+            || (chunked && name.eq_ignore_ascii_case(b"content-length"));
         if dropped {
             continue;
         }
@@ -180,7 +184,8 @@ pub fn parse(buf: &[u8], client: ClientSide<'_>) -> Result<Parsed, BadResponse> 
 }
 
 /// Headers about one connection, not the message (Transfer-Encoding is written again when the
-/// body is chunked).
+/// body is chunked). `Trailer` is not one: it announces the trailer fields relayed with the
+/// chunks.
 fn is_hop_by_hop(name: &[u8]) -> bool {
     [
         &b"connection"[..],
@@ -188,7 +193,6 @@ fn is_hop_by_hop(name: &[u8]) -> bool {
         b"proxy-connection",
         b"transfer-encoding",
         b"upgrade",
-        b"trailer",
     ]
     .iter()
     .any(|h| name.eq_ignore_ascii_case(h))
