@@ -136,7 +136,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> ConnectionGate<A> {
             .await;
         while let Some((reused, answered_at)) = served {
             let (stream, settings) = reused.consume();
-            if settings.as_ref().is_some_and(carries_pipelined_bytes) {
+            // Only Pingora's sessions (no `answered_at`) carry bytes over; the fast path hands
+            // on the settings it was given untouched.
+            if answered_at.is_none() && settings.as_ref().is_some_and(carries_pipelined_bytes) {
                 // The client sent its next request with the last one: no wait, and only
                 // Pingora's session can read what it already took of it.
                 served = self
