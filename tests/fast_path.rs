@@ -402,6 +402,38 @@ async fn invalid_status_codes_and_targets_are_refused_on_both_paths() {
     }
 }
 
+/// Headers a worker's `Connection` header names are about its connection to the proxy: they
+/// reach no client, on either path (both passed them on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_the_workers_connection_header_names_stay_at_the_proxy() {
+    let worker = ScriptedServer::start(|_| {
+        (
+            b"HTTP/1.1 200 OK\r\nconnection: x-secret, X-Other\r\nx-secret: s\r\n\
+              x-other: o\r\nx-kept: k\r\ncontent-length: 2\r\n\r\nok"
+                .to_vec(),
+            false,
+        )
+    });
+    for (fast_path, outcome) in raw_get_on_both_paths(worker.addr, "/page") {
+        assert_eq!(
+            outcome.status(),
+            Some(200),
+            "fast_path = {fast_path}: {outcome:?}"
+        );
+        assert_eq!(
+            outcome.header("x-secret"),
+            None,
+            "fast_path = {fast_path}: {outcome:?}"
+        );
+        assert_eq!(
+            outcome.header("x-other"),
+            None,
+            "fast_path = {fast_path}: {outcome:?}"
+        );
+        assert_eq!(outcome.header("x-kept"), Some("k"), "{outcome:?}");
+    }
+}
+
 /// A worker switching protocols for a request that asked for no upgrade gets a 502 on both
 /// paths, never a tunnel the client cannot use.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -383,6 +383,9 @@ impl ProxyHttp for Edge {
             if let Some(stream) = ClientStream::of(session) {
                 stream.tunnel();
             }
+        } else {
+            // (A 101 keeps its `Connection: upgrade` and `Upgrade`: the client switches on them.)
+            headers::remove_connection_named(upstream_response);
         }
         upstream_response.insert_header(headers::X_REQUEST_ID, ctx.request_id.clone())
     }

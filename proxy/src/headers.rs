@@ -123,6 +123,21 @@ pub fn set_forwarding(
     Ok(())
 }
 
+/// Remove from a worker's answer the headers its `Connection` header names: they are about
+/// that connection only (RFC 9110 §7.6.1), and go no further than the proxy.
+pub fn remove_connection_named(response: &mut pingora_http::ResponseHeader) {
+    let named: Vec<HeaderName> = response
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim_ascii()).ok())
+        .collect();
+    for name in named {
+        response.remove_header(&name);
+    }
+}
+
 thread_local! {
     /// The last address formatted on this thread: nearly every request comes from the same
     /// peer (the ngrok agent in production), and formatting one costs ~1.3k instructions.

@@ -98,6 +98,9 @@ pub fn parse(buf: &[u8], client: ClientSide<'_>) -> Result<Parsed, BadResponse> 
     let mut chunked = false;
     let mut worker_closes = response.version != Some(1);
     let mut has_date = false;
+    // The `Connection` values: the headers they name stay here (RFC 9110 §7.6.1).
+    let mut connection_lists: [&[u8]; 4] = [b""; 4];
+    let mut connection_count = 0;
     for line in response.headers.iter() {
         let name = line.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
@@ -116,6 +119,13 @@ pub fn parse(buf: &[u8], client: ClientSide<'_>) -> Result<Parsed, BadResponse> 
                 .value
                 .split(|&b| b == b',')
                 .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+            match connection_lists.get_mut(connection_count) {
+                Some(slot) => {
+                    *slot = line.value;
+                    connection_count += 1;
+                }
+                None => return Err(BadResponse("more than 4 Connection headers")),
+            }
         } else if name.eq_ignore_ascii_case(b"date") {
             has_date = true;
         }
@@ -144,8 +154,16 @@ pub fn parse(buf: &[u8], client: ClientSide<'_>) -> Result<Parsed, BadResponse> 
     head.put_slice(b"\r\n");
     for line in response.headers.iter() {
         let name = line.name.as_bytes();
+        let named_by_connection = || {
+            connection_lists
+                .iter()
+                .take(connection_count)
+                .flat_map(|list| list.split(|&b| b == b','))
+                .any(|token| token.trim_ascii().eq_ignore_ascii_case(name))
+        };
         let dropped = is_hop_by_hop(name)
             || name.eq_ignore_ascii_case(b"x-request-id")
+            || (connection_count > 0 && named_by_connection())
             // Chunked framing replaces a length (RFC 9112 §6.3), on a HEAD's answer too: a
             // message never carries both.
             || (chunked && name.eq_ignore_ascii_case(b"content-length"));
