@@ -162,9 +162,13 @@ impl ReceivedHead {
     /// `"<>\^`{|}`), without a fragment: anything else is left to Pingora, which refuses what it
     /// cannot parse (a worker must not get a target the proxy's other path refuses).
     pub fn new(bytes: Bytes, method: Method, target: &[u8]) -> Result<ReceivedHead, NotViewable> {
-        let visible = target
-            .iter()
-            .all(|b| (0x21..=0x7e).contains(b) && !b"#\"<>\\^`{|}".contains(b));
+        let visible = target.iter().all(|b| {
+            (0x21..=0x7e).contains(b)
+                && !matches!(
+                    b,
+                    b'#' | b'"' | b'<' | b'>' | b'\\' | b'^' | b'`' | b'{' | b'|' | b'}'
+                )
+        });
         if target.first() != Some(&b'/') || !visible {
             return Err(NotViewable);
         }
