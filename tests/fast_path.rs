@@ -434,6 +434,32 @@ async fn headers_the_workers_connection_header_names_stay_at_the_proxy() {
     }
 }
 
+/// A worker's 204 with body framing (`Transfer-Encoding: chunked`, `Content-Length: 0`)
+/// reaches the client without it on both paths: a 204 has no body to frame (RFC 9110 §8.6).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_204_reaches_the_client_without_body_framing_on_both_paths() {
+    let worker = ScriptedServer::start(|request| {
+        let framing = if request.contains("/chunked") {
+            "transfer-encoding: chunked"
+        } else {
+            "content-length: 0"
+        };
+        (
+            format!("HTTP/1.1 204 No Content\r\n{framing}\r\nx-kept: k\r\n\r\n").into_bytes(),
+            false,
+        )
+    });
+    for path in ["/chunked", "/sized"] {
+        for (fast_path, outcome) in raw_get_on_both_paths(worker.addr, path) {
+            let seen = format!("{path}, fast_path = {fast_path}: {outcome:?}");
+            assert_eq!(outcome.status(), Some(204), "{seen}");
+            assert_eq!(outcome.header("x-kept"), Some("k"), "{seen}");
+            assert_eq!(outcome.header("transfer-encoding"), None, "{seen}");
+            assert_eq!(outcome.header("content-length"), None, "{seen}");
+        }
+    }
+}
+
 /// A worker switching protocols for a request that asked for no upgrade gets a 502 on both
 /// paths, never a tunnel the client cannot use.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

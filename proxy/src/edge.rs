@@ -387,6 +387,11 @@ impl ProxyHttp for Edge {
             // (A 101 keeps its `Connection: upgrade` and `Upgrade`: the client switches on them.)
             headers::remove_connection_named(upstream_response);
         }
+        if upstream_response.status == http::StatusCode::NO_CONTENT {
+            // No body, so no framing for one (RFC 9110 §8.6, RFC 9112 §6.1), as on the fast path.
+            upstream_response.remove_header(&http::header::CONTENT_LENGTH);
+            upstream_response.remove_header(&http::header::TRANSFER_ENCODING);
+        }
         upstream_response.insert_header(headers::X_REQUEST_ID, ctx.request_id.clone())
     }
 

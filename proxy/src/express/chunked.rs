@@ -23,8 +23,10 @@ enum State {
     DataLf,
     /// The start of a trailer line, or the final CRLF.
     TrailerStart,
-    /// Inside a trailer field line, up to CR.
-    Trailer,
+    /// A trailer field's name, up to its colon.
+    TrailerName,
+    /// A trailer field's value, up to CR.
+    TrailerValue,
     TrailerLf,
     /// LF of the final CRLF.
     FinalLf,
@@ -108,16 +110,28 @@ impl ChunkedEnd {
                 }
                 State::TrailerStart => match b {
                     b'\r' => self.state = State::FinalLf,
-                    b'\n' => return Err(Malformed),
-                    _ => {
+                    _ if is_tchar(b) => {
                         self.line = 1;
-                        self.state = State::Trailer;
+                        self.state = State::TrailerName;
                     }
+                    // No name, a folded line, a bare LF.
+                    _ => return Err(Malformed),
                 },
-                State::Trailer => match b {
+                // A trailer line is a header field line (RFC 9112 §7.1.2): the client parses
+                // it as one, so the proxy passes on only what a header would be.
+                State::TrailerName => match b {
+                    b':' => {
+                        self.long_line()?;
+                        self.state = State::TrailerValue;
+                    }
+                    _ if is_tchar(b) => self.long_line()?,
+                    _ => return Err(Malformed),
+                },
+                State::TrailerValue => match b {
                     b'\r' => self.state = State::TrailerLf,
-                    b'\n' => return Err(Malformed),
-                    _ => self.long_line()?,
+                    b'\t' | b' '..=b'~' | 0x80..=0xff => self.long_line()?,
+                    // NUL, a bare LF, other controls.
+                    _ => return Err(Malformed),
                 },
                 State::TrailerLf => {
                     expect(b, b'\n')?;
@@ -153,6 +167,11 @@ fn expect(got: u8, want: u8) -> Result<(), Malformed> {
     }
 }
 
+/// A byte of a field name (RFC 9110 §5.6.2).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
 fn hex_value(b: u8) -> Option<u8> {
     match b {
         b'0'..=b'9' => Some(b - b'0'),
@@ -182,6 +201,13 @@ mod tests {
     }
 
     #[test]
+    fn relays_trailer_fields_with_any_visible_value() {
+        let body =
+            b"0\r\nx-checksum: sha-256=:abc/+=:\r\nserver-timing: db;dur=53, \xc3\xa9\r\n\r\n";
+        assert_eq!(ChunkedEnd::default().feed(body), Ok(Some(body.len())));
+    }
+
+    #[test]
     fn stops_at_the_end_and_leaves_what_follows() {
         let mut body = b"3\r\nabc\r\n0\r\n\r\n".to_vec();
         let len = body.len();
@@ -206,6 +232,13 @@ mod tests {
             b"5\r\nhelloXX",
             b"1234567890abcdef0\r\n",
             b"0\r\nbad\ntrailer",
+            // Trailer lines a client would not read as header fields.
+            b"0\r\nno colon\r\n\r\n",
+            b"0\r\n: empty name\r\n\r\n",
+            b"0\r\nx-a: 1\r\n folded\r\n\r\n",
+            b"0\r\nx-a: nul\0\r\n\r\n",
+            b"0\r\nx-a: cr\rx\r\n\r\n",
+            b"0\r\nx a: 1\r\n\r\n",
         ] {
             assert_eq!(ChunkedEnd::default().feed(bad), Err(Malformed), "{bad:?}");
         }

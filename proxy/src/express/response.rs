@@ -166,7 +166,9 @@ pub fn parse(buf: &[u8], client: ClientSide<'_>) -> Result<Parsed, BadResponse> 
             || (connection_count > 0 && named_by_connection())
             // Chunked framing replaces a length (RFC 9112 §6.3), on a HEAD's answer too: a
             // message never carries both.
-            || (chunked && name.eq_ignore_ascii_case(b"content-length"));
+            || (chunked && name.eq_ignore_ascii_case(b"content-length"))
+            // A 204 has no body to frame (RFC 9110 §8.6).
+            || (status == 204 && name.eq_ignore_ascii_case(b"content-length"));
         if dropped {
             continue;
         }
@@ -175,7 +177,8 @@ pub fn parse(buf: &[u8], client: ClientSide<'_>) -> Result<Parsed, BadResponse> 
         head.put_slice(line.value);
         head.put_slice(b"\r\n");
     }
-    if chunked || framing == Framing::UntilClose {
+    // A 204 has no body, so no framing for one (RFC 9112 §6.1).
+    if (chunked && status != 204) || framing == Framing::UntilClose {
         head.put_slice(b"transfer-encoding: chunked\r\n");
     }
     if !has_date {
@@ -328,6 +331,33 @@ mod tests {
         let to_head = head("HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", for_head);
         assert_eq!((to_head.framing, to_head.reusable), (Framing::Empty, true));
         assert!(String::from_utf8(to_head.client_head)
+            .unwrap()
+            .contains("Content-Length: 9"));
+    }
+
+    #[test]
+    fn a_204_reaches_the_client_without_body_framing() {
+        for raw in [
+            "HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n",
+            "HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nX-A: 1\r\n\r\n",
+        ] {
+            let h = head(raw, side(true));
+            assert_eq!((h.framing, h.reusable), (Framing::Empty, true), "{raw:?}");
+            let out = String::from_utf8(h.client_head)
+                .unwrap()
+                .to_ascii_lowercase();
+            assert!(out.contains("x-a: 1\r\n"), "{out}");
+            assert!(
+                !out.contains("transfer-encoding") && !out.contains("content-length"),
+                "{out}"
+            );
+        }
+        // A 304 may carry the length a 200 would have had.
+        let not_modified = head(
+            "HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+            side(true),
+        );
+        assert!(String::from_utf8(not_modified.client_head)
             .unwrap()
             .contains("Content-Length: 9"));
     }
