@@ -306,7 +306,7 @@ fn proxy_config_from(text: &str, label: &str) -> ProxyConfig {
 #[test]
 fn the_env_examples_placeholder_key_is_refused() {
     let error = proxy_config::parse_with_env(
-        &read("config/compose.toml"),
+        &compose_toml_text(),
         Path::new("config/compose.toml"),
         &env_example_values(),
     )
@@ -319,8 +319,39 @@ fn the_env_examples_placeholder_key_is_refused() {
     );
 }
 
+/// Starting the stack without setting `public_url` (README step 3) stops the proxy with the
+/// reason, instead of a healthy stack whose every login fails at Auth0.
+#[test]
+fn the_shipped_public_url_placeholder_is_refused() {
+    let error = proxy_config::parse_with_env(
+        &read("config/compose.toml"),
+        Path::new("config/compose.toml"),
+        &deployment_env(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("auth.public_url") && error.contains("NGROK_DOMAIN"),
+        "{error}"
+    );
+}
+
+/// config/compose.toml as an operator fills it in: `public_url` set to their NGROK_DOMAIN (the
+/// file ships a placeholder the proxy refuses).
+fn compose_toml_text() -> String {
+    let shipped = read("config/compose.toml");
+    assert!(
+        shipped.contains(PUBLIC_URL_PLACEHOLDER),
+        "config/compose.toml ships the placeholder the README tells operators to replace"
+    );
+    let domain = env_example_values()["NGROK_DOMAIN"].clone();
+    shipped.replace(PUBLIC_URL_PLACEHOLDER, &format!("https://{domain}"))
+}
+
+const PUBLIC_URL_PLACEHOLDER: &str = "https://YOUR-DOMAIN.ngrok-free.app";
+
 fn compose_toml() -> ProxyConfig {
-    proxy_config_from(&read("config/compose.toml"), "config/compose.toml")
+    proxy_config_from(&compose_toml_text(), "config/compose.toml")
 }
 
 fn admin_port(config: &ProxyConfig) -> u16 {
@@ -674,7 +705,26 @@ fn compose_wires_proxy_workers_ngrok_and_prometheus_together() {
             "the proxy gets {key}"
         );
     }
-    assert!(get(app, "environment").get("APP_SECRET_KEY").is_some());
+    // The workers accept whatever key the proxy may sign assertions with: derived from the
+    // secret or a previous one (a rotation), or given.
+    for key in [
+        "APP_SECRET_KEY",
+        "APP_SECRET_KEY_PREVIOUS",
+        "CUSTODIA_ASSERTION_KEY",
+    ] {
+        assert!(
+            get(app, "environment").get(key).is_some(),
+            "the workers get {key}"
+        );
+    }
+    // RUST_LOG overrides `[log] level`: it must not be set for the operator.
+    if let Some(rust_log) = get(proxy, "environment").get("RUST_LOG") {
+        assert_eq!(
+            rust_log.as_str(),
+            Some("${RUST_LOG:-}"),
+            "the proxy's RUST_LOG is empty unless .env sets it"
+        );
+    }
 
     // ngrok tunnels to the proxy's public port once the proxy is ready.
     let ngrok = get(&compose, "services.ngrok");
@@ -784,7 +834,9 @@ fn check_config(path: &Path, env: &HashMap<String, String>) -> std::process::Out
 #[test]
 fn the_container_configs_pass_the_proxys_own_check() {
     let env = deployment_env();
-    let compose_toml = root().join("config/compose.toml");
+    let filled_in = TempDir::new("deploy-compose");
+    let compose_toml = filled_in.path().join("compose.toml");
+    std::fs::write(&compose_toml, compose_toml_text()).unwrap();
     let out = check_config(&compose_toml, &env);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -1029,11 +1081,30 @@ fn the_kubernetes_manifests_agree_with_the_images_and_the_config() {
         secret_keys.is_subset(&env_keys),
         "{secret_keys:?} ⊆ .env.example"
     );
+    let mut worker_secrets = BTreeSet::new();
     for env in get(c, "env").as_sequence().unwrap() {
         if let Some(key) = env.get("valueFrom").and_then(|v| v.get("secretKeyRef")) {
             assert!(secret_keys.contains(text(key, "key")));
+            worker_secrets.insert(text(key, "key").to_string());
         }
     }
+    // The proxy takes the whole Secret; the workers every key it may sign assertions with.
+    for key in [
+        "APP_SECRET_KEY",
+        "APP_SECRET_KEY_PREVIOUS",
+        "CUSTODIA_ASSERTION_KEY",
+    ] {
+        assert!(worker_secrets.contains(key), "the workers get {key}");
+    }
+    let proxy_env = container(proxy)
+        .get("env")
+        .and_then(Value::as_sequence)
+        .map(|list| list.iter().map(|e| text(e, "name")).collect::<Vec<_>>())
+        .unwrap_or_default();
+    assert!(
+        !proxy_env.contains(&"RUST_LOG"),
+        "RUST_LOG would override the ConfigMap's [log] level"
+    );
 
     // Every pod: selected by its Service and PDB, resources requested, non-root as the image.
     let image_uid: u64 = Dockerfile::read("Dockerfile.proxy")

@@ -23,6 +23,9 @@ pub const ASSERTION_KEY_ENV: &str = "CUSTODIA_ASSERTION_KEY";
 /// When [`ASSERTION_KEY_ENV`] is unset, the assertion key is derived from this (the seed's
 /// session secret), exactly as custodia-proxy derives it.
 pub const APP_SECRET_KEY_ENV: &str = "APP_SECRET_KEY";
+/// Earlier values of [`APP_SECRET_KEY_ENV`] (comma-separated), as custodia-proxy reads them:
+/// assertions signed with keys derived from them are still accepted while a rotation rolls out.
+pub const APP_SECRET_KEY_PREVIOUS_ENV: &str = "APP_SECRET_KEY_PREVIOUS";
 
 /// Tokio worker threads. A worker is one of several processes (workers, proxy, load generator)
 /// sharing a small host, so it gets a small fixed pool rather than one thread per core. Two
@@ -45,7 +48,8 @@ Custodia app worker: the home page and JSON greeting API over HTTP/1.1.
 
 Options:
   --listen ADDR     address to listen on, IP:PORT (port 0 picks a free port)
-  --worker-id ID    name reported as \"worker\" in JSON answers [default: the bound address]
+  --worker-id ID    name reported as \"worker\" in JSON answers [default: the bound address;
+                    HOSTNAME:PORT when bound to 0.0.0.0 or ::, as in a container]
   --delay MS        fixed delay before every response except /healthz, in milliseconds
                     (or a duration such as 250ms, 1s): simulates a slow worker [default: 0]
   --probe URL       health check (for containers without curl): GET URL over HTTP/1.1,
@@ -59,7 +63,10 @@ Environment:
                           verify X-Custodia-Identity. Generate one with: openssl rand -hex 32
   APP_SECRET_KEY          when CUSTODIA_ASSERTION_KEY is unset, the key is derived from it, as
                           custodia-proxy derives its own (the seed's .env works unchanged);
-                          with neither set, every request is served as a guest
+                          with neither set, every request is served as a guest; an empty
+                          value counts as unset, as in custodia-proxy
+  APP_SECRET_KEY_PREVIOUS earlier APP_SECRET_KEY values, comma-separated: while a key rotation
+                          rolls out, assertions signed with keys derived from them still pass
   RUST_LOG                log filter [default: info]; logs go to stderr
 
 Routes: GET / , /api/hello , /api/me , /healthz
@@ -191,10 +198,11 @@ fn utf8(arg: OsString) -> Result<String, CliError> {
     })
 }
 
-/// The assertion key from the value of [`ASSERTION_KEY_ENV`]: `None` when unset, an error when
-/// set but shorter than [`MIN_KEY_LEN`] bytes.
+/// The assertion key from the value of [`ASSERTION_KEY_ENV`]: `None` when unset or empty (as
+/// custodia-proxy reads it: compose passes an unset variable on as empty), an error when set
+/// but shorter than [`MIN_KEY_LEN`] bytes.
 pub fn assertion_key(value: Option<&OsStr>) -> Result<Option<Vec<u8>>, CliError> {
-    let Some(value) = value else {
+    let Some(value) = value.filter(|v| !v.is_empty()) else {
         return Ok(None);
     };
     let key = os_bytes(value);
@@ -227,6 +235,49 @@ pub fn derived_assertion_key(secret: Option<&str>) -> Result<Option<Vec<u8>>, Cl
     ))
 }
 
+/// The assertion keys derived from [`APP_SECRET_KEY_PREVIOUS_ENV`]'s comma-separated values,
+/// each refused as the proxy refuses it.
+pub fn derived_previous_keys(list: Option<&str>) -> Result<Vec<Vec<u8>>, CliError> {
+    let mut keys = Vec::new();
+    for old in list.unwrap_or("").split(',').map(str::trim) {
+        if old.is_empty() {
+            continue;
+        }
+        if let Some(weakness) = custodia_identity::secret_weakness(old.as_bytes()) {
+            return Err(CliError::WeakKey {
+                name: APP_SECRET_KEY_PREVIOUS_ENV,
+                weakness,
+            });
+        }
+        keys.push(custodia_identity::derive_assertion_key(old).into_bytes());
+    }
+    Ok(keys)
+}
+
+/// What a worker bound to `bound` calls itself by default: the address, or the host's name
+/// with the port when the address is every interface's (in a container, each replica's
+/// `0.0.0.0:8000` would name none of them).
+fn default_worker_id(bound: SocketAddr) -> String {
+    if bound.ip().is_unspecified() {
+        if let Some(host) = host_name() {
+            return format!("{host}:{}", bound.port());
+        }
+    }
+    bound.to_string()
+}
+
+/// The kernel's host name (a container's own, in its UTS namespace).
+fn host_name() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let name = name.trim();
+    let usable = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    usable.then(|| name.to_string())
+}
+
 #[cfg(unix)]
 fn os_bytes(value: &OsStr) -> Vec<u8> {
     use std::os::unix::ffi::OsStrExt as _;
@@ -255,16 +306,24 @@ pub fn run_cli(args: impl IntoIterator<Item = OsString>) -> i32 {
         Ok(Command::Probe(url)) => return crate::probe::run_probe("custodia-app", &url),
         Err(error) => return usage_error(&error),
     };
-    let assertion_key = match assertion_key(std::env::var_os(ASSERTION_KEY_ENV).as_deref()) {
-        Ok(Some(key)) => Some(key),
-        Ok(None) => {
-            match derived_assertion_key(std::env::var(APP_SECRET_KEY_ENV).ok().as_deref()) {
-                Ok(key) => key,
-                Err(error) => return usage_error(&error),
+    let (assertion_key, previous_assertion_keys) =
+        match assertion_key(std::env::var_os(ASSERTION_KEY_ENV).as_deref()) {
+            Ok(Some(key)) => (Some(key), Vec::new()),
+            // Derived, as the proxy derives its own: from the current secret and the earlier
+            // ones a rotation still accepts.
+            Ok(None) => {
+                let secret = std::env::var(APP_SECRET_KEY_ENV).ok();
+                let previous = std::env::var(APP_SECRET_KEY_PREVIOUS_ENV).ok();
+                match (
+                    derived_assertion_key(secret.as_deref()),
+                    derived_previous_keys(previous.as_deref()),
+                ) {
+                    (Ok(key), Ok(previous)) => (key, previous),
+                    (Err(error), _) | (_, Err(error)) => return usage_error(&error),
+                }
             }
-        }
-        Err(error) => return usage_error(&error),
-    };
+            Err(error) => return usage_error(&error),
+        };
     init_logging();
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -299,13 +358,14 @@ pub fn run_cli(args: impl IntoIterator<Item = OsString>) -> i32 {
         };
         let worker_id = match (args.worker_id, listener.local_addr()) {
             (Some(id), _) => id,
-            (None, Ok(bound)) => bound.to_string(),
+            (None, Ok(bound)) => default_worker_id(bound),
             (None, Err(_)) => args.listen.to_string(),
         };
         let settings = AppSettings {
             worker_id,
             delay: args.delay,
             assertion_key,
+            previous_assertion_keys,
         };
         match serve(listener, settings, shutdown).await {
             Ok(()) => 0,
@@ -503,10 +563,8 @@ mod tests {
     #[test]
     fn assertion_key_is_optional_but_must_be_long_enough() {
         assert_eq!(assertion_key(None).unwrap(), None);
-        assert!(matches!(
-            assertion_key(Some(OsStr::new(""))),
-            Err(CliError::KeyTooShort { len: 0 })
-        ));
+        // Empty is unset, as the proxy reads it: compose passes an unset variable on as empty.
+        assert_eq!(assertion_key(Some(OsStr::new(""))).unwrap(), None);
         let short = "x".repeat(MIN_KEY_LEN - 1);
         assert!(matches!(
             assertion_key(Some(OsStr::new(&short))),
@@ -545,5 +603,37 @@ mod tests {
             derived_assertion_key(Some(good)).unwrap(),
             Some(custodia_identity::derive_assertion_key(good).into_bytes())
         );
+    }
+
+    #[test]
+    fn previous_secrets_give_previous_keys_and_weak_ones_are_refused() {
+        assert!(derived_previous_keys(None).unwrap().is_empty());
+        assert!(derived_previous_keys(Some(" , ")).unwrap().is_empty());
+        let (a, b) = (
+            "5f0c7a1d9e2b4c6f8a0d1e3f5a7c9b1d",
+            "9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d",
+        );
+        assert_eq!(
+            derived_previous_keys(Some(&format!("{a}, {b}"))).unwrap(),
+            [a, b].map(|s| custodia_identity::derive_assertion_key(s).into_bytes())
+        );
+        let message = derived_previous_keys(Some(&format!("{a},x")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.starts_with("APP_SECRET_KEY_PREVIOUS is "),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_worker_on_every_interface_is_named_by_its_host() {
+        let specific: SocketAddr = "127.0.0.1:8000".parse().unwrap();
+        assert_eq!(default_worker_id(specific), "127.0.0.1:8000");
+        let host = host_name().expect("this machine's host name");
+        for any in ["0.0.0.0:8000", "[::]:8000"] {
+            let any: SocketAddr = any.parse().unwrap();
+            assert_eq!(default_worker_id(any), format!("{host}:8000"));
+        }
     }
 }

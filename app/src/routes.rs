@@ -54,6 +54,8 @@ pub struct AppSettings {
     pub delay: Duration,
     /// HMAC key for identity assertions; `None` means every request is a guest.
     pub assertion_key: Option<Vec<u8>>,
+    /// Keys of a rotation still under way, tried when `assertion_key` refuses an assertion.
+    pub previous_assertion_keys: Vec<Vec<u8>>,
 }
 
 impl fmt::Debug for AppSettings {
@@ -67,6 +69,10 @@ impl fmt::Debug for AppSettings {
                     .assertion_key
                     .as_ref()
                     .map(|k| format!("<{} bytes>", k.len())),
+            )
+            .field(
+                "previous_assertion_keys",
+                &self.previous_assertion_keys.len(),
             )
             .finish()
     }
@@ -151,7 +157,16 @@ impl AppState {
             return None;
         };
         let token = value.to_str().ok()?;
-        match verify_assertion(token, key, now_unix) {
+        let verified = verify_assertion(token, key, now_unix).or_else(|error| {
+            // Signed by a proxy still on the key before a rotation, or refused for the
+            // current key's reason.
+            self.settings
+                .previous_assertion_keys
+                .iter()
+                .find_map(|old| verify_assertion(token, old, now_unix).ok())
+                .ok_or(error)
+        });
+        match verified {
             Ok(identity) => Some(identity),
             Err(error) => {
                 // Only the proxy sends assertions: a refused one means the two disagree (the
@@ -330,6 +345,7 @@ mod tests {
             worker_id: "w-\"1\"".into(),
             delay: Duration::ZERO,
             assertion_key: key.map(<[u8]>::to_vec),
+            previous_assertion_keys: Vec::new(),
         })
     }
 
@@ -464,6 +480,32 @@ mod tests {
             .body(())
             .unwrap();
         assert_eq!(handle(&req, &state).status(), StatusCode::UNAUTHORIZED);
+    }
+
+    /// During a key rotation, a proxy still signing with the key before it is believed; a key
+    /// that is neither the current nor a previous one is not.
+    #[test]
+    fn assertions_signed_with_a_previous_key_pass_while_a_rotation_rolls_out() {
+        const OLD: &[u8] = b"routes-test-old-key-routes-test-old-key";
+        let state = AppState::new(AppSettings {
+            assertion_key: Some(KEY.to_vec()),
+            previous_assertion_keys: vec![OLD.to_vec()],
+            ..AppSettings::default()
+        });
+        for (key, status) in [
+            (KEY, StatusCode::OK),
+            (OLD, StatusCode::OK),
+            (
+                &b"routes-test-other-key-routes-test-other"[..],
+                StatusCode::UNAUTHORIZED,
+            ),
+        ] {
+            let req = get("/api/me")
+                .header(IDENTITY_HEADER, signed(&alice(), key))
+                .body(())
+                .unwrap();
+            assert_eq!(handle(&req, &state).status(), status);
+        }
     }
 
     #[test]

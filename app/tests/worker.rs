@@ -93,6 +93,7 @@ fn settings(worker_id: &str, key: Option<&[u8]>, delay: Duration) -> AppSettings
         worker_id: worker_id.into(),
         delay,
         assertion_key: key.map(<[u8]>::to_vec),
+        previous_assertion_keys: Vec::new(),
     }
 }
 

@@ -195,6 +195,14 @@ fn check_public_url(text: &str) -> Result<String, String> {
             "`{text}` must be an origin only (scheme, host and port), without a path, query or fragment"
         ));
     }
+    // The shipped container config's placeholder: left in, the stack would come up healthy
+    // and every login would end at the IdP's "callback URL mismatch".
+    if url.host.to_ascii_lowercase().starts_with("your-domain.") {
+        return Err(format!(
+            "`{text}` is still the example's placeholder: set it to the address users open, \
+             https:// + your NGROK_DOMAIN (the IdP must allow it + \"/callback\")"
+        ));
+    }
     Ok(format!("{}://{}", url.scheme, url.authority))
 }
 

@@ -514,6 +514,21 @@ fn auth_problems_are_errors_never_auth_off() {
         public_url.contains("auth.public_url") && public_url.contains("origin"),
         "{public_url}"
     );
+    // config/compose.toml's placeholder, left in: refused, not a stack whose logins all fail.
+    let placeholder = parse_with_env(
+        "[upstream]\nbackends = [\"127.0.0.1:1\"]\n[auth]\n\
+         public_url = \"https://YOUR-DOMAIN.ngrok-free.app\"\n",
+        Path::new("a.toml"),
+        &stack_env(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        placeholder.contains("auth.public_url")
+            && placeholder.contains("placeholder")
+            && placeholder.contains("NGROK_DOMAIN"),
+        "{placeholder}"
+    );
 }
 
 #[test]
