@@ -613,6 +613,9 @@ struct PoolCollector {
     /// The backends' response times, counted per thread in their slots.
     responses: Desc,
     generation: IntGauge,
+    /// One scrape at a time: each refills the vectors above (reset, then the slots' totals),
+    /// and two at once would read each other's halves — counters doubled, series missing.
+    scraping: std::sync::Mutex<()>,
 }
 
 impl PoolCollector {
@@ -701,6 +704,7 @@ impl PoolCollector {
                 latency_estimate,
                 responses: family::desc(UPSTREAM_RESPONSE, UPSTREAM_RESPONSE_HELP, &["backend"]),
                 generation,
+                scraping: std::sync::Mutex::new(()),
             },
             _ => unreachable!("constant metric descriptors are valid"),
         }
@@ -722,6 +726,10 @@ impl Collector for PoolCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
+        let _one_at_a_time = self
+            .scraping
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         // Backends removed by a reload must disappear from the output.
         self.in_flight.reset();
         self.healthy.reset();
@@ -818,6 +826,53 @@ mod tests {
             bytes_out: 0,
             retries: 0,
         }
+    }
+
+    /// Two scrapes at once (two Prometheus replicas, or one and an operator's curl) read the
+    /// same totals and every series: counters neither doubled nor missing.
+    #[test]
+    fn concurrent_scrapes_read_the_same_backend_series() {
+        let config = crate::config::parse_with_env(
+            "[upstream]\nbackends = [\"127.0.0.1:1\", \"127.0.0.1:2\"]\n",
+            std::path::Path::new("a.toml"),
+            &std::collections::HashMap::new(),
+        )
+        .unwrap();
+        let registry = crate::balancer::SlotRegistry::new();
+        let runtime = crate::runtime::Runtime::build(config, &registry, 1, None).unwrap();
+        for _ in 0..7 {
+            drop(runtime.pool.pick(&[]));
+        }
+        let collector =
+            PoolCollector::new(std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(runtime)));
+        let scrape = |collector: &PoolCollector| -> (u64, usize) {
+            let families = collector.collect();
+            let family = |name: &str| families.iter().find(|f| f.name() == name);
+            let selected = family("custodia_upstream_selected_total").map_or(0.0, |f| {
+                f.get_metric()
+                    .iter()
+                    .map(|m| m.get_counter().get_value())
+                    .sum()
+            });
+            let healthy = family("custodia_upstream_healthy").map_or(0, |f| f.get_metric().len());
+            (selected as u64, healthy)
+        };
+        std::thread::scope(|scope| {
+            let scrapers: Vec<_> = (0..4)
+                .map(|_| {
+                    scope.spawn(|| {
+                        (0..500)
+                            .map(|_| scrape(&collector))
+                            .filter(|&seen| seen != (7, 2))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            for scraper in scrapers {
+                let wrong = scraper.join().unwrap();
+                assert!(wrong.is_empty(), "(selected, healthy series): {wrong:?}");
+            }
+        });
     }
 
     #[test]
