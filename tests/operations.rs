@@ -753,6 +753,44 @@ async fn a_dead_backend_counts_one_connect_failure_and_one_retry() {
     );
 }
 
+/// With nowhere else to go, a failed attempt is no failover: the request fails (503) and
+/// neither `failovers_total` nor `retries_total` says it moved, on either path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_dead_backend_counts_no_failover() {
+    let dead = free_addr();
+    let section = format!(
+        "[upstream]\nbackends = [\"{dead}\"]\nconnect_timeout = \"1s\"\nretries = 2\n\n\
+         [upstream.health]\ninterval = \"30s\"\ntimeout = \"1s\"\n\n[log]\naccess_log = false\n"
+    );
+    let proxy = Ops::start(&section);
+    let c = client();
+    for _ in 0..3 {
+        // GET takes the fast path, POST Pingora's.
+        let get = c.get(proxy.url("/api/hello")).send().await.unwrap();
+        let post = c.post(proxy.url("/api/hello")).body("x").send().await.unwrap();
+        assert!(get.status().is_server_error(), "{}", get.status());
+        assert!(post.status().is_server_error(), "{}", post.status());
+    }
+    let dead_label = format!("backend=\"{dead}\"");
+    assert_eq!(
+        proxy
+            .value("custodia_upstream_failovers_total", &[&dead_label])
+            .await,
+        Some(0.0)
+    );
+    assert_eq!(
+        proxy.value("custodia_upstream_retries_total", &[]).await,
+        Some(0.0)
+    );
+    assert!(
+        proxy
+            .value("custodia_upstream_connect_failures_total", &[&dead_label])
+            .await
+            .is_some_and(|n| n >= 1.0),
+        "the failures themselves are counted"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promtool_accepts_the_metrics() {
     let worker = Worker::start("p");

@@ -256,8 +256,9 @@ impl ProxyHttp for Edge {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        // A retry moves the request: the previous backend's count is released first.
-        ctx.lease = None;
+        // A retry moves the request: the previous backend's count is released first, and its
+        // failover counted once another backend has taken the request.
+        let moved_from = ctx.lease.take().map(|lease| lease.slot().clone());
         let Some(lease) = ctx.runtime.pool.pick(&ctx.failed) else {
             let all_down = ctx.runtime.pool.healthy_count() == 0;
             return Err(if ctx.failed.is_empty() || all_down {
@@ -269,6 +270,9 @@ impl ProxyHttp for Edge {
                 )
             });
         };
+        if let Some(failed) = moved_from {
+            failed.record_failover();
+        }
         ctx.attempts += 1;
         ctx.upstream_started = Some(Instant::now());
         let upstream = &ctx.runtime.config.upstream;
@@ -297,7 +301,6 @@ impl ProxyHttp for Edge {
         }
         // Nothing reached the worker: always safe to try another one.
         e.set_retry(ctx.may_retry());
-        record_failover(ctx, &e);
         if !e.retry() && ctx.runtime.pool.healthy_count() == 0 {
             // The last try of a pool that is all down: 503, as when no backend is left to try.
             return Error::because(ErrorType::HTTPStatus(503), "no healthy backend", e);
@@ -327,7 +330,6 @@ impl ProxyHttp for Edge {
             && session.response_written().is_none()
             && *e.esource() == ErrorSource::Upstream;
         e.set_retry(replayable && ctx.may_retry());
-        record_failover(ctx, &e);
         e.more_context(format!("backend {peer}"))
     }
 
@@ -674,15 +676,6 @@ pub(crate) fn record(f: &Finished<'_>) {
             bytes_out: f.bytes_out,
             sub: f.identity.map(|v| v.session.sub.as_str()),
         });
-    }
-}
-
-/// Count a failover against the backend that failed, when the request moves on.
-fn record_failover(ctx: &RequestCtx, e: &Error) {
-    if e.retry() {
-        if let Some(lease) = &ctx.lease {
-            lease.slot().record_failover();
-        }
     }
 }
 

@@ -311,8 +311,9 @@ impl Exchange<'_> {
         let settings = &runtime.config.upstream;
         let mut failed: Vec<SocketAddr> = Vec::new();
         loop {
-            // A retry moves the request: the previous backend's count is released first.
-            self.lease = None;
+            // A retry moves the request: the previous backend's count is released first, and
+            // its failover counted once another backend has taken the request.
+            let moved_from = self.lease.take().map(|lease| lease.slot().clone());
             let Some(lease) = runtime.pool.pick(&failed) else {
                 let all_down = runtime.pool.healthy_count() == 0;
                 let status = if failed.is_empty() || all_down {
@@ -322,6 +323,9 @@ impl Exchange<'_> {
                 };
                 return self.error_page(client, status).await;
             };
+            if let Some(failed) = moved_from {
+                failed.record_failover();
+            }
             self.attempts += 1;
             let chosen = Instant::now();
             let slot = lease.slot().clone();
@@ -364,7 +368,6 @@ impl Exchange<'_> {
             // Nothing of the answer has reached the client, and a GET or HEAD is safe to replay
             // (a failed connect never reached the worker at all).
             if may_retry {
-                slot.record_failover();
                 continue;
             }
             let status = if connect_failed && runtime.pool.healthy_count() == 0 {
