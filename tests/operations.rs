@@ -753,6 +753,34 @@ async fn a_dead_backend_counts_one_connect_failure_and_one_retry() {
     );
 }
 
+/// Connections held open to the admin listener (idle, or trickling a header) cannot use up the
+/// process's descriptors: above its cap a new one gets 503, the public listener serves on, and
+/// once they close the admin listener answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_caps_its_connections_and_public_traffic_goes_on() {
+    let worker = Worker::start("w");
+    let proxy = Ops::start(&upstream_section("least_conn", &[(worker.addr, 1)]));
+    let admin_get = |path: &str| {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+        support::raw_tcp::send(proxy.admin, request.as_bytes())
+    };
+    assert_eq!(admin_get("/healthz").status(), Some(200));
+    let held: Vec<std::net::TcpStream> = (0..64)
+        .map(|_| std::net::TcpStream::connect(proxy.admin).unwrap())
+        .collect();
+    // Each is accepted and counted; then the next is one too many.
+    eventually_async("a 503 above the cap", STARTUP, || async {
+        (admin_get("/healthz").status() == Some(503)).then_some(())
+    })
+    .await;
+    assert_eq!(worker_of(&client(), &proxy.url("/api/hello")).await, "w");
+    drop(held);
+    eventually_async("the admin listener back", STARTUP, || async {
+        (admin_get("/healthz").status() == Some(200)).then_some(())
+    })
+    .await;
+}
+
 /// With nowhere else to go, a failed attempt is no failover: the request fails (503) and
 /// neither `failovers_total` nor `retries_total` says it moved, on either path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -767,7 +795,12 @@ async fn a_lone_dead_backend_counts_no_failover() {
     for _ in 0..3 {
         // GET takes the fast path, POST Pingora's.
         let get = c.get(proxy.url("/api/hello")).send().await.unwrap();
-        let post = c.post(proxy.url("/api/hello")).body("x").send().await.unwrap();
+        let post = c
+            .post(proxy.url("/api/hello"))
+            .body("x")
+            .send()
+            .await
+            .unwrap();
         assert!(get.status().is_server_error(), "{}", get.status());
         assert!(post.status().is_server_error(), "{}", post.status());
     }

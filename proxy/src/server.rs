@@ -21,7 +21,7 @@ use crate::config::ProxyConfig;
 use crate::discovery::Discovery;
 use crate::edge::Edge;
 use crate::error::ProxyError;
-use crate::limits::{ConnectionGate, LoginRate, ShutdownSignal};
+use crate::limits::{AdminGate, ConnectionGate, LoginRate, ShutdownSignal};
 use crate::process_exit::ProcessExit;
 use crate::reload::{Reloader, SignalReload};
 use crate::runtime::{Runtime, SharedRuntime};
@@ -175,7 +175,8 @@ pub fn run(config: ProxyConfig, options: StartOptions) -> Result<(), ProxyError>
         ),
     ));
     if let Some(admin) = &config.admin {
-        let mut service = Service::new("admin".to_string(), AdminApp::new(shared.clone()));
+        let app = AdminGate::new(AdminApp::new(shared.clone()));
+        let mut service = Service::new("admin".to_string(), app);
         service.add_tcp(&admin.listen.to_string());
         server.add_service(service);
     }

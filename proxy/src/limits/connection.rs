@@ -321,7 +321,7 @@ pub(super) const READ_AHEAD: usize = 4096;
 
 /// Answer 503 without forwarding anything. The request is read briefly first so closing does
 /// not reset the connection before the client has our answer.
-async fn refuse(mut stream: Stream) {
+pub(super) async fn refuse(mut stream: Stream) {
     let mut scratch = [0u8; 4096];
     let short = Duration::from_millis(200);
     let _ = tokio::time::timeout(short, stream.read(&mut scratch)).await;
