@@ -1,5 +1,6 @@
 //! `[limits]` end to end: login rate per client (429 + Retry-After), body sizes (413, declared
-//! and chunked, per route), the cap on open connections (503), and the rejection metrics.
+//! and chunked, per route), the cap on open connections (503), the send timeout for clients that stop
+//! reading, and the rejection metrics.
 //! The identity provider is never reached: the limits act before the login does.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -294,4 +295,111 @@ fn connections_above_the_cap_get_503() {
         Some(200),
         "held connections keep working: {kept:?}"
     );
+}
+
+/// A worker that answers every request but `/healthz` with an endless body (a 1 GB
+/// Content-Length) and counts the connections that ended while it was still writing.
+struct EndlessWorker {
+    addr: SocketAddr,
+    ended: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl EndlessWorker {
+    fn start() -> EndlessWorker {
+        use std::io::{BufRead, BufReader};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let ended = Arc::new(AtomicUsize::new(0));
+        let counter = ended.clone();
+        // Detached: the test process ends it (the listener thread holds nothing else).
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let ended = counter.clone();
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    let mut writer = stream;
+                    loop {
+                        let mut request_line = String::new();
+                        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let mut line = String::new();
+                        while reader.read_line(&mut line).unwrap_or(0) > 2 {
+                            line.clear();
+                        }
+                        if request_line.starts_with("GET /healthz ") {
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if writer.write_all(ok).is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 1000000000\r\n\r\n";
+                        let chunk = vec![b'x'; 64 * 1024];
+                        if writer.write_all(head).is_ok() {
+                            while writer.write_all(&chunk).is_ok() {}
+                        }
+                        ended.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                });
+            }
+        });
+        EndlessWorker { addr, ended }
+    }
+
+    fn ended(&self) -> usize {
+        self.ended.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A client that stops reading an answer is let go after `[limits] send_timeout`, on both paths
+/// (GET takes the fast path, POST Pingora's), and the worker's connection with it: it no longer
+/// holds a worker connection and its least-connections count for as long as it likes.
+#[test]
+fn a_client_that_stops_reading_is_let_go_after_send_timeout() {
+    let worker = EndlessWorker::start();
+    let proxy = Proxy::start(&format!(
+        "{}\n[limits]\nsend_timeout = \"1s\"\n",
+        upstream_section("least_conn", &[(worker.addr, 1)])
+    ));
+    let requests: [&[u8]; 2] = [
+        b"GET /big HTTP/1.1\r\nHost: h\r\n\r\n",
+        b"POST /big HTTP/1.1\r\nHost: h\r\ncontent-length: 0\r\n\r\n",
+    ];
+    let mut stalled = Vec::new();
+    for request in requests {
+        let mut stream = raw_tcp::connect(proxy.addr, None);
+        stream.write_all(request).unwrap();
+        stalled.push(stream);
+    }
+    // Neither client reads: the buffers fill, the proxy's writes wait, and the timeout ends both.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while worker.ended() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(worker.ended(), 2, "both worker connections were let go");
+    assert_eq!(
+        proxy.sample_blocking("custodia_requests_in_flight"),
+        Some(0.0)
+    );
+    // The clients find their connections closed: what was buffered, then the end.
+    for mut stream in stalled {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut sink = Vec::new();
+        if let Err(e) = std::io::Read::read_to_end(&mut stream, &mut sink) {
+            assert!(
+                !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+                "still open: {e}"
+            );
+        }
+        assert!(sink.len() < 1_000_000_000, "cut short: {}", sink.len());
+    }
 }

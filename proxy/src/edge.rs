@@ -145,6 +145,9 @@ impl ProxyHttp for Edge {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // A client that stops reading the answer is let go after this (nginx's `send_timeout`),
+        // and the worker with it; Pingora's default waits forever.
+        session.set_write_timeout(Some(ctx.runtime.config.limits.send_timeout));
         let raw_head = session
             .as_downstream()
             .as_http1()

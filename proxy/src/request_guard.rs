@@ -317,6 +317,7 @@ mod tests {
             route_body_sizes: vec![("/upload/".into(), 5000)],
             login_rate_per_minute: 10,
             client_timeout: std::time::Duration::from_secs(5),
+            send_timeout: std::time::Duration::from_secs(5),
         }
     }
 

@@ -50,6 +50,9 @@ pub struct LimitsSection {
     /// How long a client may take to send a whole request (head and body) once it started,
     /// and how long a new connection may stay silent; then it is closed. Default 30 s.
     pub client_timeout: HumanDuration,
+    /// How long one write of an answer to a client may wait for the client to take it (nginx's
+    /// `send_timeout`); then the connection is closed and the worker let go. Default 60 s.
+    pub send_timeout: HumanDuration,
 }
 
 impl Default for LimitsSection {
@@ -59,6 +62,7 @@ impl Default for LimitsSection {
             max_body_size: ByteSize(1 << 20),
             login_rate_per_minute: Bounded(30),
             client_timeout: HumanDuration(Duration::from_secs(30)),
+            send_timeout: HumanDuration(Duration::from_secs(60)),
         }
     }
 }

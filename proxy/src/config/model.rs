@@ -31,6 +31,8 @@ pub struct LimitSettings {
     pub login_rate_per_minute: u32,
     /// Time to send a whole request once started; silence allowed on a new connection.
     pub client_timeout: Duration,
+    /// Time one write of an answer may wait for the client to read.
+    pub send_timeout: Duration,
 }
 
 impl LimitSettings {

@@ -80,11 +80,12 @@ pub fn summary(config: &ProxyConfig) -> String {
     let l = &config.limits;
     let _ = writeln!(
         out,
-        "  limits          {} connections, bodies up to {}, {} logins/min per client, client timeout {}",
+        "  limits          {} connections, bodies up to {}, {} logins/min per client, client timeout {}, send timeout {}",
         l.max_connections,
         size(l.max_body_size),
         l.login_rate_per_minute,
-        d(l.client_timeout)
+        d(l.client_timeout),
+        d(l.send_timeout)
     );
     for (prefix, bytes) in &l.route_body_sizes {
         let _ = writeln!(out, "    body limit    {prefix:<20} {}", size(*bytes));

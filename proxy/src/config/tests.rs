@@ -55,6 +55,7 @@ max_connections = 100
 max_body_size = "64k"
 login_rate_per_minute = 5
 client_timeout = "10s"
+send_timeout = "20s"
 "#;
     let expected = ProxyConfig {
         source: "test.toml".into(),
@@ -73,6 +74,7 @@ client_timeout = "10s"
             route_body_sizes: Vec::new(),
             login_rate_per_minute: 5,
             client_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(20),
         },
         server: ServerSettings {
             listen: vec![
@@ -142,6 +144,7 @@ fn defaults_follow_the_seed_nginx() {
     );
     assert_eq!(c.limits.login_rate_per_minute, 30);
     assert_eq!(c.limits.client_timeout, Duration::from_secs(30));
+    assert_eq!(c.limits.send_timeout, Duration::from_secs(60));
 }
 
 #[test]
@@ -202,6 +205,11 @@ fn limits_refuse_zero_and_absurd_values() {
             "client_timeout = \"1h\"",
             "limits.client_timeout",
             "between 1s and 10m",
+        ),
+        (
+            "send_timeout = \"0s\"",
+            "limits.send_timeout",
+            "between 1s and 1h",
         ),
         (
             "max_body = 1",

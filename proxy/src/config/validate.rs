@@ -10,7 +10,7 @@
 //! 7. `upstream.discovery_interval` is at least 100 ms.
 //! 8. `[auth]` and `[[route]]`: see [`super::auth`] (secrets come from the environment).
 //! 9. `[limits]`: counts and sizes are in range while parsing (0 is refused);
-//!    `client_timeout` is between 1 s and 10 min.
+//!    `client_timeout` is between 1 s and 10 min, `send_timeout` between 1 s and 1 h.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -221,6 +221,16 @@ fn into_model(
             "must be between 1s and 10m".into(),
         ));
     }
+    let send_timeout = limits.send_timeout.0;
+    if send_timeout < std::time::Duration::from_secs(1)
+        || send_timeout > std::time::Duration::from_secs(3600)
+    {
+        return Err(invalid(
+            find_key_in_section(text, "limits", "send_timeout"),
+            "limits.send_timeout",
+            "must be between 1s and 1h".into(),
+        ));
+    }
     let mut route_body_sizes: Vec<(String, u64)> = routes
         .iter()
         .filter_map(|r| r.max_body_size.map(|size| (r.prefix.clone(), size.0)))
@@ -278,6 +288,7 @@ fn into_model(
             route_body_sizes,
             login_rate_per_minute: limits.login_rate_per_minute.0 as u32,
             client_timeout,
+            send_timeout,
         },
         server: ServerSettings {
             listen: server.listen.0.into_iter().map(|a| a.0).collect(),

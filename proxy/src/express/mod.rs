@@ -29,8 +29,10 @@ pub(crate) mod request;
 mod response;
 mod upstream;
 
+use std::future::{poll_fn, Future};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -600,9 +602,26 @@ fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.put_slice(b"\r\n");
 }
 
+/// Write `bytes` to the client within `[limits] send_timeout` (nginx's `send_timeout`): a
+/// client that stops reading does not hold the connection, and with it the worker's, forever.
 async fn write_out(client: &mut ClientStream, bytes: &[u8]) -> io::Result<()> {
-    client.write_all(bytes).await?;
-    client.flush().await
+    let patience = client.send_timeout();
+    let write = async {
+        client.write_all(bytes).await?;
+        client.flush().await
+    };
+    let mut write = std::pin::pin!(write);
+    // An answer almost always fits the socket's buffer at once: a timer only for one that waits.
+    if let Poll::Ready(done) = poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+        return done;
+    }
+    match tokio::time::timeout(patience, write).await {
+        Ok(done) => done,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client took nothing of the answer within limits.send_timeout",
+        )),
+    }
 }
 
 /// Send the request to `addr` and read the answer's head: on a pooled connection when there is

@@ -89,10 +89,14 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ConnectionGate<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let (max, timeout) = {
+        let (max, timeouts) = {
             let runtime = self.runtime.load();
             let limits = &runtime.config.limits;
-            (limits.max_connections, limits.client_timeout)
+            let timeouts = ClientTimeouts {
+                request: limits.client_timeout,
+                send: limits.send_timeout,
+            };
+            (limits.max_connections, timeouts)
         };
         let Some(slot) = ConnectionSlot::take(&self.open, max) else {
             metrics::rejections().connection_limit.inc();
@@ -101,7 +105,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ConnectionGate<A> {
             return None;
         };
         self.shutdown.follow(shutdown);
-        let guarded: Stream = Box::new(ClientStream::new(stream, timeout, slot));
+        let guarded: Stream = Box::new(ClientStream::new(stream, timeouts, slot));
         self.serve_http1(guarded, None, shutdown).await;
         None
     }
@@ -371,9 +375,20 @@ impl Drop for ConnectionSlot {
     }
 }
 
+/// A client connection's `[limits]`, as they were when it opened.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientTimeouts {
+    /// `client_timeout`: to send a whole request once begun.
+    pub request: Duration,
+    /// `send_timeout`: for one write of an answer to be taken.
+    pub send: Duration,
+}
+
 /// A client connection with a deadline for receiving each request.
 pub struct ClientStream {
     inner: Stream,
+    /// How long one write of an answer may wait for the client (the fast path's writes).
+    send_timeout: Duration,
     /// Deadlines are milliseconds since this instant.
     opened: Instant,
     timeout_ms: u64,
@@ -394,10 +409,11 @@ pub struct ClientStream {
 }
 
 impl ClientStream {
-    fn new(inner: Stream, timeout: Duration, slot: ConnectionSlot) -> ClientStream {
-        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX / 2);
+    fn new(inner: Stream, timeouts: ClientTimeouts, slot: ConnectionSlot) -> ClientStream {
+        let timeout_ms = u64::try_from(timeouts.request.as_millis()).unwrap_or(u64::MAX / 2);
         ClientStream {
             inner,
+            send_timeout: timeouts.send,
             opened: Instant::now(),
             timeout_ms,
             // A new connection must bring its first request within the timeout too.
@@ -414,18 +430,27 @@ impl ClientStream {
     /// next request already read: its deadline is armed as for a request that has begun.
     pub(super) fn resumed(
         inner: Stream,
-        timeout: Duration,
+        timeouts: ClientTimeouts,
         slot: ConnectionSlot,
         first_bytes: Bytes,
     ) -> ClientStream {
-        let mut stream = ClientStream::new(inner, timeout, slot);
+        let mut stream = ClientStream::new(inner, timeouts, slot);
         stream.read_ahead = first_bytes;
         stream
     }
 
-    /// What a parked connection keeps: its place in the count and its client timeout.
-    pub(super) fn into_parts(self) -> (ConnectionSlot, Duration) {
-        (self._slot, Duration::from_millis(self.timeout_ms))
+    /// What a parked connection keeps: its place in the count and its timeouts.
+    pub(super) fn into_parts(self) -> (ConnectionSlot, ClientTimeouts) {
+        let timeouts = ClientTimeouts {
+            request: Duration::from_millis(self.timeout_ms),
+            send: self.send_timeout,
+        };
+        (self._slot, timeouts)
+    }
+
+    /// `[limits] send_timeout` as it was when the connection opened.
+    pub fn send_timeout(&self) -> Duration {
+        self.send_timeout
     }
 
     pub(super) fn inner(&self) -> &Stream {
@@ -680,7 +705,11 @@ mod tests {
         let (accepted, _) = listener.accept().await.unwrap();
         let slot = ConnectionSlot::take(&Arc::new(AtomicUsize::new(0)), 1).unwrap();
         let inner: Stream = Box::new(TcpStream::from(accepted));
-        let guarded = ClientStream::new(inner, Duration::from_secs(10), slot);
+        let timeouts = ClientTimeouts {
+            request: Duration::from_secs(10),
+            send: Duration::from_secs(10),
+        };
+        let guarded = ClientStream::new(inner, timeouts, slot);
         (Box::new(guarded), client)
     }
 

@@ -843,8 +843,9 @@ mod tests {
         for _ in 0..7 {
             drop(runtime.pool.pick(&[]));
         }
-        let collector =
-            PoolCollector::new(std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(runtime)));
+        let collector = PoolCollector::new(std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(
+            runtime,
+        )));
         let scrape = |collector: &PoolCollector| -> (u64, usize) {
             let families = collector.collect();
             let family = |name: &str| families.iter().find(|f| f.name() == name);

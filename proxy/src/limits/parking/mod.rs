@@ -31,7 +31,7 @@ use pingora_core::protocols::{GetSocketDigest, SocketDigest, Stream};
 use pingora_core::server::ShutdownWatch;
 use tokio::time::Instant;
 
-use super::connection::{ClientStream, ConnectionSlot, READ_AHEAD};
+use super::connection::{ClientStream, ClientTimeouts, ConnectionSlot, READ_AHEAD};
 use crate::metrics;
 
 mod lot;
@@ -43,7 +43,7 @@ pub const PARK_AFTER: Duration = Duration::from_secs(1);
 pub struct Parked {
     socket: tokio::net::TcpStream,
     slot: ConnectionSlot,
-    client_timeout: Duration,
+    timeouts: ClientTimeouts,
     /// Boxed: the size of every parked connection's place in the lot.
     settings: Option<Box<HttpPersistentSettings>>,
     /// When the keep-alive wait ends and the connection is closed.
@@ -93,13 +93,13 @@ impl Parked {
         let Ok(client) = stream.into_any().downcast::<ClientStream>() else {
             unreachable!("checked to be a ClientStream above");
         };
-        let (slot, client_timeout) = (*client).into_parts();
+        let (slot, timeouts) = (*client).into_parts();
         // The stream is gone: let the allocator give its memory back.
         collect_soon();
         Ok(Parked {
             socket,
             slot,
-            client_timeout,
+            timeouts,
             settings: settings.map(Box::new),
             closes_at,
             _counted: Counted::new(),
@@ -112,7 +112,7 @@ impl Parked {
         let Parked {
             socket,
             slot,
-            client_timeout,
+            timeouts,
             settings,
             ..
         } = self;
@@ -120,7 +120,7 @@ impl Parked {
         let mut stream = TcpStream::from(socket);
         // The peer address the request path reads (X-Forwarded-For, access log, login limits).
         stream.set_socket_digest(SocketDigest::from_raw_fd(fd));
-        let client = ClientStream::resumed(Box::new(stream), client_timeout, slot, first_bytes);
+        let client = ClientStream::resumed(Box::new(stream), timeouts, slot, first_bytes);
         (Box::new(client), settings.map(|s| *s))
     }
 }
