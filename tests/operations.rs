@@ -1292,3 +1292,57 @@ async fn a_backend_given_by_name_is_resolved_and_rediscovered_without_churn() {
         Some(1.0)
     );
 }
+
+/// A backend name that does not resolve yet (the workers start after the proxy, as after a
+/// compose restart or on a first Kubernetes deploy) does not stop the proxy: it starts, says
+/// why it is not ready, answers 503, and serves the other backends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_name_that_does_not_resolve_yet_does_not_stop_the_start() {
+    let section = "[upstream]\nbackends = [\"custodia-app-not-up-yet.invalid:8000\"]\n\
+                   discovery_interval = \"200ms\"\n";
+    let proxy = Ops::start(section);
+    let readyz = client()
+        .get(format!("http://{}/readyz", proxy.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(readyz.status(), 503);
+    let reason = readyz.text().await.unwrap();
+    assert!(
+        reason.contains("custodia-app-not-up-yet.invalid:8000") && reason.contains("resolve"),
+        "{reason}"
+    );
+    let answer = client().get(proxy.url("/api/hello")).send().await.unwrap();
+    assert_eq!(answer.status(), 503);
+
+    // Next to a backend that is there, it serves.
+    let worker = Worker::start("up");
+    let section = format!(
+        "[upstream]\nbackends = [\"custodia-app-not-up-yet.invalid:8000\", \"{}\"]\n",
+        worker.addr
+    );
+    let proxy = Ops::start(&section);
+    assert_eq!(worker_of(&client(), &proxy.url("/api/hello")).await, "up");
+}
+
+/// A reload that adds a backend name that does not resolve (a service scaled to zero) still
+/// applies the rest of the file: the name waits, the other backends change as written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_a_name_that_does_not_resolve_applies_the_rest() {
+    let (old, new) = (Worker::start("old"), Worker::start("new"));
+    let proxy = Ops::start(&upstream_section("least_conn", &[(old.addr, 1)]));
+    assert_eq!(worker_of(&client(), &proxy.url("/api/hello")).await, "old");
+    proxy.rewrite(&format!(
+        "[upstream]\nbackends = [\"{}\", \"custodia-scaled-to-zero.invalid:8000\"]\n",
+        new.addr
+    ));
+    proxy.sighup();
+    eventually_async("the reload applied", STARTUP, || async {
+        (proxy.value("custodia_config_generation", &[]).await == Some(2.0)).then_some(())
+    })
+    .await;
+    let c = client();
+    for _ in 0..4 {
+        assert_eq!(worker_of(&c, &proxy.url("/api/hello")).await, "new");
+    }
+}

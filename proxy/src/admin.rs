@@ -23,6 +23,13 @@ impl AdminApp {
     pub fn not_ready_reason(&self) -> Option<String> {
         let runtime = self.runtime.load();
         let pool = &runtime.pool;
+        let waiting = runtime.resolution.waiting();
+        if pool.members().is_empty() && !waiting.is_empty() {
+            return Some(format!(
+                "no backend address yet: {} does not resolve",
+                waiting.join(", ")
+            ));
+        }
         if pool.healthy_count() == 0 {
             return Some(format!(
                 "no healthy backend (0 of {} pass health checks)",

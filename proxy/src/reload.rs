@@ -162,7 +162,7 @@ impl Reloader {
             &current.config.upstream.backends,
             Some(&current.resolution),
             lookup,
-        )?;
+        );
         if resolution.same_addresses(&current.resolution) {
             return Ok(None);
         }

@@ -34,8 +34,6 @@ pub type HeldRuntime<'a> = arc_swap::Cache<&'a ArcSwap<Runtime>, Arc<Runtime>>;
 /// Why a validated config could not be turned into a runtime.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
-    #[error(transparent)]
-    Resolve(#[from] ResolveError),
     #[error("auth: {0}")]
     Auth(#[from] AuthSetupError),
 }
@@ -51,7 +49,10 @@ pub struct ResolveError {
 impl Runtime {
     /// Resolve the configured backends and build the pool, reusing live slots from `registry`
     /// and the identity provider connection of `previous` when it is the same IdP. A name that
-    /// does not resolve keeps the addresses it had in `previous`, if it was there.
+    /// does not resolve keeps the addresses it had in `previous`, if it was there, and else
+    /// waits with none until discovery resolves it: workers often come up after the proxy (a
+    /// compose restart, a first Kubernetes deploy), and a service scaled to zero must not
+    /// block the rest of a reload.
     pub fn build(
         config: ProxyConfig,
         registry: &SlotRegistry,
@@ -62,7 +63,7 @@ impl Runtime {
             &config.upstream.backends,
             previous.map(|p| &p.resolution),
             resolve,
-        )?;
+        );
         Runtime::assemble(config, resolution, registry, generation, previous)
     }
 
@@ -130,13 +131,13 @@ pub struct ResolvedTarget {
 
 impl Resolution {
     /// Resolve every target with `lookup`. A failed lookup keeps the last good addresses of the
-    /// same `host:port` from `previous` (marked `stale`); it is an error only for a target that
-    /// never resolved.
+    /// same `host:port` from `previous` (marked `stale`), or none, with a warning, for a target
+    /// that never resolved: a later round may resolve it.
     pub fn resolve(
         targets: &[BackendTarget],
         previous: Option<&Resolution>,
         lookup: impl Fn(&BackendTarget) -> Result<Vec<SocketAddr>, ResolveError>,
-    ) -> Result<Resolution, ResolveError> {
+    ) -> Resolution {
         let mut resolved = Vec::with_capacity(targets.len());
         for target in targets {
             let entry = match lookup(target) {
@@ -153,6 +154,10 @@ impl Resolution {
                 Err(e) => {
                     let last_good = previous.and_then(|p| p.get(&target.host, target.port));
                     match last_good {
+                        Some(last) if last.addrs.is_empty() => ResolvedTarget {
+                            stale: true,
+                            ..last.clone()
+                        },
                         Some(last) => {
                             tracing::warn!(
                                 backend = %target,
@@ -165,13 +170,35 @@ impl Resolution {
                                 ..last.clone()
                             }
                         }
-                        None => return Err(e),
+                        None => {
+                            tracing::warn!(
+                                backend = %target,
+                                error = %e.reason,
+                                "cannot resolve backend yet; it joins the pool once it resolves \
+                                 (tried again every upstream.discovery_interval)"
+                            );
+                            ResolvedTarget {
+                                host: target.host.clone(),
+                                port: target.port,
+                                addrs: Vec::new(),
+                                stale: true,
+                            }
+                        }
                     }
                 }
             };
             resolved.push(entry);
         }
-        Ok(Resolution { targets: resolved })
+        Resolution { targets: resolved }
+    }
+
+    /// The targets that have no address yet (they never resolved), as `host:port`.
+    pub fn waiting(&self) -> Vec<String> {
+        self.targets
+            .iter()
+            .filter(|t| t.addrs.is_empty())
+            .map(|t| format!("{}:{}", t.host, t.port))
+            .collect()
     }
 
     pub fn get(&self, host: &str, port: u16) -> Option<&ResolvedTarget> {
@@ -248,8 +275,7 @@ mod tests {
             } else {
                 vec![addr(9)]
             })
-        })
-        .unwrap();
+        });
         assert_eq!(first.targets[0].addrs, vec![addr(1), addr(2), addr(3)]);
         assert!(!first.targets[0].stale);
 
@@ -260,31 +286,66 @@ mod tests {
             } else {
                 Ok(vec![addr(8)])
             }
-        })
-        .unwrap();
+        });
         assert_eq!(second.targets[0].addrs, first.targets[0].addrs);
         assert!(second.targets[0].stale);
         assert_eq!(second.targets[1].addrs, vec![addr(8)]);
         assert!(!first.same_addresses(&second));
 
         // Everything failing changes nothing.
-        let third = Resolution::resolve(&targets, Some(&second), |t| Err(fails(t))).unwrap();
+        let third = Resolution::resolve(&targets, Some(&second), |t| Err(fails(t)));
         assert!(third.same_addresses(&second));
     }
 
     #[test]
-    fn a_name_that_never_resolved_is_an_error() {
+    fn a_name_that_does_not_resolve_at_start_waits_and_joins_when_it_does() {
+        let targets = [target("app"), target("db")];
+        let at_start = Resolution::resolve(&targets, None, |t| {
+            if t.host == "app" {
+                Err(fails(t))
+            } else {
+                Ok(vec![addr(9)])
+            }
+        });
+        assert!(at_start.targets[0].addrs.is_empty() && at_start.targets[0].stale);
+        assert_eq!(at_start.targets[1].addrs, vec![addr(9)]);
+        assert_eq!(at_start.waiting(), vec!["app:8000".to_string()]);
+        // Still failing: still waiting, and no change to swap in.
+        let again = Resolution::resolve(&targets, Some(&at_start), |t| {
+            if t.host == "app" {
+                Err(fails(t))
+            } else {
+                Ok(vec![addr(9)])
+            }
+        });
+        assert!(again.same_addresses(&at_start));
+        // Resolved at last: it joins.
+        let joined = Resolution::resolve(&targets, Some(&again), |t| {
+            Ok(if t.host == "app" {
+                vec![addr(1)]
+            } else {
+                vec![addr(9)]
+            })
+        });
+        assert_eq!(joined.targets[0].addrs, vec![addr(1)]);
+        assert!(!joined.same_addresses(&again) && joined.waiting().is_empty());
+    }
+
+    /// A reload that adds a name that does not resolve (a service scaled to zero) keeps the
+    /// rest of the reload: the name waits.
+    #[test]
+    fn a_name_added_by_a_reload_that_does_not_resolve_waits() {
         let targets = [target("app"), target("new")];
-        let first = Resolution::resolve(&targets[..1], None, |_| Ok(vec![addr(1)])).unwrap();
-        let err = Resolution::resolve(&targets, Some(&first), |t| {
+        let first = Resolution::resolve(&targets[..1], None, |_| Ok(vec![addr(1)]));
+        let reloaded = Resolution::resolve(&targets, Some(&first), |t| {
             if t.host == "new" {
                 Err(fails(t))
             } else {
                 Ok(vec![addr(1)])
             }
-        })
-        .unwrap_err();
-        assert_eq!(err.target, "new:8000");
+        });
+        assert_eq!(reloaded.targets[0].addrs, vec![addr(1)]);
+        assert_eq!(reloaded.waiting(), vec!["new:8000".to_string()]);
     }
 
     #[test]
