@@ -524,6 +524,39 @@ async fn settings_that_need_an_upgrade_are_reported_and_keep_their_values() {
     }
 }
 
+/// `--reload --config OTHER` with the running proxy's pid file is refused, naming the file the
+/// proxy reads: SIGHUP makes it read its own file again, never OTHER, and the command said it
+/// had asked for OTHER.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_with_another_file_than_the_running_ones_is_refused() {
+    let (old, new) = (Worker::start("old"), Worker::start("new"));
+    let proxy = Ops::start(&upstream_section("least_conn", &[(old.addr, 1)]));
+    let other = proxy.dir.path().join("other.toml");
+    let text = std::fs::read_to_string(&proxy.config)
+        .unwrap()
+        .replace(&old.addr.to_string(), &new.addr.to_string());
+    std::fs::write(&other, text).unwrap();
+    let out = Command::new(custodia_bin())
+        .args(["proxy", "--reload", "--config"])
+        .arg(&other)
+        .current_dir(proxy.dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let running = std::fs::canonicalize(&proxy.config).unwrap();
+    assert!(
+        stderr.contains(&running.display().to_string()) && stderr.contains("other.toml"),
+        "{stderr}"
+    );
+    assert_eq!(worker_of(&client(), &proxy.url("/api/hello")).await, "old");
+    assert_eq!(
+        proxy.value("custodia_config_generation", &[]).await,
+        Some(1.0)
+    );
+}
+
 /// The secrets are in the service's environment, not in the operator's shell: `--reload` checks
 /// the file as the running proxy will read it, and goes through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -160,6 +160,23 @@ fn reload_running(path: &std::path::Path) -> i32 {
             return 1;
         }
     };
+    // SIGHUP makes the process read its own file again, whatever this command names.
+    if let (Some(running), Ok(asked)) = (
+        crate::running::config_file_of(pid),
+        std::fs::canonicalize(path),
+    ) {
+        if running != asked {
+            eprintln!(
+                "custodia-proxy: cannot reload: process {pid} reads {}, not {}; a reload makes it \
+                 read its own file again: edit that one, or start a proxy on {} (--upgrade to \
+                 take over the listeners)",
+                running.display(),
+                asked.display(),
+                asked.display()
+            );
+            return 1;
+        }
+    }
     let checked = match crate::running::environment_of(pid) {
         Some(env) => config::load_with_env(path, &env),
         None => config::load(path),

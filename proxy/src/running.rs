@@ -41,7 +41,50 @@ pub fn running_pid(pid_file: &Path) -> Result<i32, String> {
             pid_file.display()
         ));
     }
+    // A pid file left by a proxy that is gone may name a process that took its number since:
+    // signalling that one would reload nothing and could kill it.
+    if let Some(name) = command_name(pid) {
+        if !name.starts_with("custodia") {
+            return Err(format!(
+                "no running custodia-proxy: process {pid} (from {}) is `{name}`; the pid file \
+                 is stale",
+                pid_file.display()
+            ));
+        }
+    }
     Ok(pid)
+}
+
+/// The command name of process `pid` (`/proc/PID/comm`), if it can be read.
+fn command_name(pid: i32) -> Option<String> {
+    let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    Some(name.trim_end().to_string())
+}
+
+/// The config file process `pid` was started with (`--config FILE` on its command line,
+/// resolved against its working directory): the file a reload makes it read again. `None`
+/// when that cannot be read.
+pub fn config_file_of(pid: i32) -> Option<PathBuf> {
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    let cmdline = std::fs::read(proc.join("cmdline")).ok()?;
+    let args: Vec<String> = cmdline
+        .split(|&b| b == 0)
+        .map(|arg| String::from_utf8_lossy(arg).into_owned())
+        .collect();
+    let named = args
+        .iter()
+        .enumerate()
+        .find_map(|(i, arg)| match arg.as_str() {
+            "--config" | "-c" => args.get(i + 1).cloned(),
+            _ => arg.strip_prefix("--config=").map(str::to_string),
+        })?;
+    let named = PathBuf::from(named);
+    let path = if named.is_absolute() {
+        named
+    } else {
+        proc.join("cwd").join(named)
+    };
+    std::fs::canonicalize(path).ok()
 }
 
 /// What process `pid` reads its config with: its own environment variables over the `.env`
@@ -90,6 +133,27 @@ mod tests {
             Some(PathBuf::from(crate::config::file::DEFAULT_PID_FILE))
         );
         assert_eq!(pid_file_named_in("not [toml"), None);
+    }
+
+    #[test]
+    fn a_pid_file_naming_another_program_is_stale() {
+        let mut other = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let dir = std::env::temp_dir().join(format!("custodia-stale-pid-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pid_file = dir.join("proxy.pid");
+        std::fs::write(&pid_file, format!("{}\n", other.id())).unwrap();
+        let refused = running_pid(&pid_file);
+        let _ = other.kill();
+        let _ = other.wait();
+        let _ = std::fs::remove_dir_all(&dir);
+        let message = refused.unwrap_err();
+        assert!(
+            message.contains("`sleep`") && message.contains("stale"),
+            "{message}"
+        );
     }
 
     #[test]
