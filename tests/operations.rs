@@ -1146,18 +1146,9 @@ async fn a_graceful_upgrade_under_load_fails_no_request() {
     let load = Load::start_with(old.url("/api/hello"), 4, fresh_connections, true);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    // The new process waits on upgrade_sock for the listeners; then the old one hands them over.
+    // The new process listens on upgrade_sock and asks the old one (SIGQUIT) to hand its
+    // listeners over: no signal to time by hand.
     let mut new = old.spawn("b", &["--upgrade"]);
-    let deadline = Instant::now() + PATIENCE;
-    while !old.upgrade_sock.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the new process never opened upgrade_sock"
-        );
-        assert!(new.is_running(), "the new process exited: {}", old.output());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    old.process.signal(libc::SIGQUIT);
     let served_before = load.ok();
     let exited = tokio::task::spawn_blocking(move || {
         let code = old.process.wait_exit(Duration::from_secs(30));
@@ -1186,6 +1177,29 @@ async fn a_graceful_upgrade_under_load_fails_no_request() {
     assert_eq!(pid, new.pid());
     assert_ne!(pid, old_pid);
     assert!(old.scrape().await.contains("custodia_build_info"));
+}
+
+/// SIGQUIT with no new process waiting for the listeners (none started, or one that gave up)
+/// no longer shuts the proxy down with nobody to take over: it says so and serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigquit_with_no_new_process_waiting_keeps_the_proxy_serving() {
+    let worker = Worker::start("w");
+    let mut proxy = Ops::start(&upstream_section("least_conn", &[(worker.addr, 1)]));
+    // A socket file left by an earlier upgrade does not count: nobody listens on it.
+    let stale = std::os::unix::net::UnixListener::bind(&proxy.upgrade_sock).unwrap();
+    drop(stale);
+    proxy.process.signal(libc::SIGQUIT);
+    eventually_async("the refusal logged", PATIENCE, || async {
+        proxy
+            .output()
+            .contains("no new process is waiting")
+            .then_some(())
+    })
+    .await;
+    // Past Pingora's 5 s hand-over wait, it would have shut down by now.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(proxy.process.is_running(), "{}", proxy.output());
+    assert_eq!(worker_of(&client(), &proxy.url("/api/hello")).await, "w");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

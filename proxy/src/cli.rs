@@ -16,8 +16,9 @@ usage: custodia-proxy --config FILE [--check | --reload | --upgrade]
   --reload        validate FILE as the running custodia-proxy (the pid in FILE's
                   server.pid_file) will read it, with that process's environment and
                   .env, then tell it to reload: sends SIGHUP
-  --upgrade       take the listening sockets over from a running custodia-proxy
-                  (start this, then send SIGQUIT to the old process)
+  --upgrade       take the listening sockets over from the running custodia-proxy
+                  (the pid in server.pid_file): this process listens on
+                  server.upgrade_sock and sends the old one SIGQUIT itself
   --probe URL     health check (for containers without curl): GET URL over HTTP/1.1,
                   exit 0 on a 200, 1 otherwise, within 3 s; e.g.
                   custodia-proxy --probe http://127.0.0.1:9090/readyz
@@ -25,7 +26,8 @@ usage: custodia-proxy --config FILE [--check | --reload | --upgrade]
   --version       the version
 
 signals: SIGHUP reloads FILE, SIGTERM drains within server.grace_period,
-         SIGINT stops at once, SIGQUIT hands the listeners to a process started with --upgrade";
+         SIGINT stops at once, SIGQUIT hands the listeners to a process started with --upgrade
+         (refused, serving on, when none is waiting)";
 
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Args {

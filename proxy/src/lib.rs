@@ -30,6 +30,7 @@ pub mod request_head;
 pub mod running;
 pub mod runtime;
 pub mod server;
+pub mod upgrade;
 pub mod upstream_head;
 
 pub use error::ProxyError;

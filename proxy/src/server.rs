@@ -117,7 +117,9 @@ pub fn run(config: ProxyConfig, options: StartOptions) -> Result<(), ProxyError>
 
     if options.upgrade {
         // Without an old process, Pingora waits for listening sockets that never come.
-        crate::running::running_pid(&config.server.pid_file).map_err(ProxyError::Upgrade)?;
+        let old =
+            crate::running::running_pid(&config.server.pid_file).map_err(ProxyError::Upgrade)?;
+        crate::upgrade::ask_for_the_listeners(old, config.server.upgrade_sock.clone());
     } else {
         check_addresses_are_free(&config)?;
     }
@@ -194,7 +196,11 @@ pub fn run(config: ProxyConfig, options: StartOptions) -> Result<(), ProxyError>
         threads = config.server.threads,
         "custodia-proxy starting; {auth}"
     );
-    server.run(RunArgs::default());
+    server.run(RunArgs {
+        shutdown_signal: Box::new(crate::upgrade::Signals::new(
+            config.server.upgrade_sock.clone(),
+        )),
+    });
     remove_pid_file(&config.server.pid_file);
     Ok(())
 }

@@ -1,0 +1,158 @@
+//! The hand-over of the listening sockets from a running proxy to a new one (`--upgrade`).
+//!
+//! Pingora's hand-over is two steps an operator had to time by hand: start the new process,
+//! which waits about 5 s on `server.upgrade_sock`, then send SIGQUIT to the old one, which
+//! sends its sockets there and shuts down — whether anyone took them or not. Too late, or
+//! with no new process, and nothing was left serving. Now:
+//! - the new process sends the SIGQUIT itself, as soon as it is listening on the socket
+//!   ([`ask_for_the_listeners`]);
+//! - a running proxy given SIGQUIT with nobody listening on the socket says so and goes on
+//!   serving ([`Signals`]), where it used to shut down.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora_core::server::{ShutdownSignal, ShutdownSignalWatch};
+use tokio::signal::unix::{signal, SignalKind};
+
+/// How long the new process waits to be listening before it gives up asking (Pingora waits
+/// about 5 s for the sockets once it listens).
+const LISTENING_WITHIN: Duration = Duration::from_secs(10);
+
+/// Whether a process is listening on the Unix socket at `path` (from `/proc/net/unix`, which
+/// lists live sockets only: a file left by an earlier upgrade does not count). Connecting to
+/// find out would take the one connection the waiting process accepts.
+pub fn someone_listens_on(path: &Path) -> bool {
+    std::fs::read_to_string("/proc/net/unix").is_ok_and(|table| listening_in(&table, path))
+}
+
+/// [`someone_listens_on`] over the text of `/proc/net/unix`.
+fn listening_in(table: &str, path: &Path) -> bool {
+    // Num RefCount Protocol Flags Type St Inode Path; Flags 00010000 is __SO_ACCEPTCON.
+    const ACCEPTS: u32 = 0x0001_0000;
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let listening = fields
+            .get(3)
+            .and_then(|flags| u32::from_str_radix(flags, 16).ok())
+            .is_some_and(|flags| flags & ACCEPTS != 0);
+        listening && fields.get(7).is_some_and(|p| Path::new(p) == path)
+    })
+}
+
+/// In the new process, before Pingora waits for the sockets: once it listens on
+/// `upgrade_sock`, send SIGQUIT to `old`. A thread, as Pingora's wait blocks this one.
+pub fn ask_for_the_listeners(old: i32, upgrade_sock: PathBuf) {
+    let asked = std::thread::Builder::new()
+        .name("upgrade".into())
+        .spawn(move || {
+            let deadline = Instant::now() + LISTENING_WITHIN;
+            while !someone_listens_on(&upgrade_sock) {
+                if Instant::now() > deadline {
+                    tracing::error!(
+                        upgrade_sock = %upgrade_sock.display(),
+                        "not listening on upgrade_sock after {LISTENING_WITHIN:?}; process {old} \
+                         was not asked to hand its listeners over"
+                    );
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            // SAFETY: kill(2) has no memory effects; SIGQUIT asks the old proxy to hand over.
+            if unsafe { libc::kill(old, libc::SIGQUIT) } == 0 {
+                tracing::info!(
+                    pid = old,
+                    "asked the running proxy to hand its listeners over"
+                );
+            } else {
+                tracing::error!(
+                    pid = old,
+                    error = %std::io::Error::last_os_error(),
+                    "cannot ask the running proxy to hand its listeners over"
+                );
+            }
+        });
+    if let Err(e) = asked {
+        tracing::error!(error = %e, "cannot start the upgrade thread");
+    }
+}
+
+/// Pingora's signals (SIGQUIT upgrade, SIGTERM drain, SIGINT stop), except that a SIGQUIT with
+/// no new process listening on `upgrade_sock` is refused: the proxy goes on serving.
+pub struct Signals {
+    upgrade_sock: PathBuf,
+}
+
+impl Signals {
+    pub fn new(upgrade_sock: PathBuf) -> Signals {
+        Signals { upgrade_sock }
+    }
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        let (Ok(mut quit), Ok(mut terminate), Ok(mut interrupt)) = (
+            signal(SignalKind::quit()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot watch signals; stopping");
+            return ShutdownSignal::GracefulTerminate;
+        };
+        loop {
+            tokio::select! {
+                _ = quit.recv() => {
+                    if someone_listens_on(&self.upgrade_sock) {
+                        return ShutdownSignal::GracefulUpgrade;
+                    }
+                    tracing::error!(
+                        upgrade_sock = %self.upgrade_sock.display(),
+                        "SIGQUIT, but no new process is waiting on upgrade_sock to take the \
+                         listeners (start one with --upgrade; it asks by itself): serving on"
+                    );
+                }
+                _ = terminate.recv() => return ShutdownSignal::GracefulTerminate,
+                _ = interrupt.recv() => return ShutdownSignal::FastShutdown,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const TABLE: &str = "\
+Num       RefCount Protocol Flags    Type St Inode Path
+0000000000000000: 00000002 00000000 00010000 0001 01 21234 /tmp/custodia-proxy-upgrade.sock
+0000000000000000: 00000002 00000000 00000000 0001 03 21235 /tmp/other.sock
+0000000000000000: 00000003 00000000 00000000 0001 03 21236
+";
+
+    #[test]
+    fn a_listening_socket_is_found_by_its_path() {
+        assert!(listening_in(
+            TABLE,
+            Path::new("/tmp/custodia-proxy-upgrade.sock")
+        ));
+        // Connected, not listening; and absent.
+        assert!(!listening_in(TABLE, Path::new("/tmp/other.sock")));
+        assert!(!listening_in(TABLE, Path::new("/tmp/none.sock")));
+    }
+
+    #[test]
+    fn a_live_listener_is_seen_and_a_stale_file_is_not() {
+        let dir = std::env::temp_dir().join(format!("custodia-upgrade-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("upgrade.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert!(someone_listens_on(&path));
+        drop(listener);
+        assert!(path.exists(), "the file stays behind");
+        assert!(!someone_listens_on(&path));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
