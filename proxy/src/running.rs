@@ -145,6 +145,13 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let pid_file = dir.join("proxy.pid");
         std::fs::write(&pid_file, format!("{}\n", other.id())).unwrap();
+        // Until its exec, the child still bears this test thread's name.
+        for _ in 0..500 {
+            if command_name(other.id() as i32).as_deref() == Some("sleep") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         let refused = running_pid(&pid_file);
         let _ = other.kill();
         let _ = other.wait();

@@ -135,8 +135,10 @@ pub fn run(config: ProxyConfig, options: StartOptions) -> Result<(), ProxyError>
     // shared by all of them.
     let open_connections = Arc::new(AtomicUsize::new(0));
     let login_rate = Arc::new(LoginRate::new());
+    let mut thread_signals = Vec::new();
     for worker in 0..config.server.threads.max(1) {
         let shutdown = ShutdownSignal::new();
+        thread_signals.push(shutdown.clone());
         let edge = Edge::new(shared.clone(), login_rate.clone(), shutdown.clone());
         let gate = ConnectionGate::new(
             http_proxy(&server.configuration, edge),
@@ -199,6 +201,7 @@ pub fn run(config: ProxyConfig, options: StartOptions) -> Result<(), ProxyError>
     server.run(RunArgs {
         shutdown_signal: Box::new(crate::upgrade::Signals::new(
             config.server.upgrade_sock.clone(),
+            thread_signals,
         )),
     });
     remove_pid_file(&config.server.pid_file);

@@ -7,14 +7,21 @@
 //! - the new process sends the SIGQUIT itself, as soon as it is listening on the socket
 //!   ([`ask_for_the_listeners`]);
 //! - a running proxy given SIGQUIT with nobody listening on the socket says so and goes on
-//!   serving ([`Signals`]), where it used to shut down.
+//!   serving ([`Signals`]), where it used to shut down;
+//! - once it hands over, its connections hear of it at once: answers say `Connection: close`
+//!   and idle keep-alive connections close, during the 5 s Pingora keeps the old process
+//!   serving, not only at its end (when busy connections were reset under their next request).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use pingora_core::server::{ShutdownSignal, ShutdownSignalWatch};
 use tokio::signal::unix::{signal, SignalKind};
+
+use crate::limits::ShutdownSignal as ThreadShutdown;
 
 /// How long the new process waits to be listening before it gives up asking (Pingora waits
 /// about 5 s for the sockets once it listens).
@@ -82,11 +89,16 @@ pub fn ask_for_the_listeners(old: i32, upgrade_sock: PathBuf) {
 /// no new process listening on `upgrade_sock` is refused: the proxy goes on serving.
 pub struct Signals {
     upgrade_sock: PathBuf,
+    /// Each proxy thread's view of shutdown, told as soon as a hand-over begins.
+    threads: Vec<Arc<ThreadShutdown>>,
 }
 
 impl Signals {
-    pub fn new(upgrade_sock: PathBuf) -> Signals {
-        Signals { upgrade_sock }
+    pub fn new(upgrade_sock: PathBuf, threads: Vec<Arc<ThreadShutdown>>) -> Signals {
+        Signals {
+            upgrade_sock,
+            threads,
+        }
     }
 }
 
@@ -105,6 +117,9 @@ impl ShutdownSignalWatch for Signals {
             tokio::select! {
                 _ = quit.recv() => {
                     if someone_listens_on(&self.upgrade_sock) {
+                        for thread in &self.threads {
+                            thread.announce_hand_over();
+                        }
                         return ShutdownSignal::GracefulUpgrade;
                     }
                     tracing::error!(

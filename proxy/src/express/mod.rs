@@ -183,13 +183,13 @@ async fn read_head(
     buf.reserve(HEAD_READ - buf.len());
     loop {
         let read = if buf.is_empty() {
-            if shutdown.is_shutting_down() {
+            if shutdown.is_stopping() {
                 return Err(Unread::Closed);
             }
             tokio::select! {
                 biased;
                 read = client.read_buf(&mut buf) => read,
-                _ = shutdown.begun() => return Err(Unread::Closed),
+                _ = shutdown.stopping() => return Err(Unread::Closed),
             }
         } else {
             client.read_buf(&mut buf).await

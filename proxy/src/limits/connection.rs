@@ -271,12 +271,12 @@ async fn next_request_arrives(
     closes_at: tokio::time::Instant,
     shutdown: &ShutdownSignal,
 ) -> NextRequest {
-    if shutdown.is_shutting_down() {
-        return NextRequest::Close;
-    }
     if !stream.as_any().is::<ClientStream>() {
         // Every stream the gate serves is a ClientStream; were one not, the parser waits.
-        return NextRequest::Arrived(stream);
+        return match shutdown.is_stopping() {
+            true => NextRequest::Close,
+            false => NextRequest::Arrived(stream),
+        };
     }
     let Ok(mut client) = stream.into_any().downcast::<ClientStream>() else {
         return NextRequest::Close;
@@ -284,6 +284,11 @@ async fn next_request_arrives(
     if !client.read_ahead.is_empty() {
         // Pipelined: the next request has begun already.
         return NextRequest::Arrived(client);
+    }
+    // During a hand-over the wait goes on: the next answer says `Connection: close`, and only
+    // shutdown proper closes a connection between two requests (the client may be sending).
+    if shutdown.is_stopping() {
+        return last_request_or_close(client).await;
     }
     let park_at = tokio::time::Instant::from_std(idle_since) + PARK_AFTER;
     let wait_until = park_at.min(closes_at);
@@ -296,7 +301,7 @@ async fn next_request_arrives(
             _ => Waited::Closed,
         },
         _ = timer.as_mut() => Waited::Idle,
-        _ = shutdown.begun() => Waited::Closed,
+        _ = shutdown.stopping() => Waited::ShuttingDown,
     };
     client.idle_timer = Some(timer);
     match waited {
@@ -304,9 +309,30 @@ async fn next_request_arrives(
             client.read_ahead = head.freeze();
             NextRequest::Arrived(client)
         }
+        Waited::ShuttingDown => last_request_or_close(client).await,
         Waited::Closed => NextRequest::Close,
         Waited::Idle if park_at < closes_at => NextRequest::Park(client),
         Waited::Idle => NextRequest::Close,
+    }
+}
+
+/// Shutdown has begun while a keep-alive connection was between two requests: a request the
+/// client has already sent (its bytes are in the socket) is still served, its answer saying
+/// `Connection: close`; closing under it would reset it. Otherwise the connection closes now.
+async fn last_request_or_close(mut client: Box<ClientStream>) -> NextRequest {
+    // Only on the way out, once per connection: a zeroed buffer is no cost here.
+    let mut scratch = [0u8; READ_AHEAD];
+    let mut buf = ReadBuf::new(&mut scratch);
+    // One poll: what the socket holds now, without waiting for more.
+    let read =
+        std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *client).poll_read(cx, &mut buf)))
+            .await;
+    match read {
+        Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+            client.read_ahead = Bytes::copy_from_slice(buf.filled());
+            NextRequest::Arrived(client)
+        }
+        _ => NextRequest::Close,
     }
 }
 
@@ -314,8 +340,10 @@ async fn next_request_arrives(
 enum Waited {
     /// The next request's first bytes came.
     Bytes,
-    /// The client closed or failed, or the server is shutting down.
+    /// The client closed or failed.
     Closed,
+    /// The server is shutting down.
+    ShuttingDown,
     /// Nothing came before the wait's end.
     Idle,
 }
@@ -731,6 +759,36 @@ mod tests {
         )
     }
 
+    /// A request the client sent before it could see the connection close is answered, not
+    /// reset: shutdown closes only connections with nothing sent.
+    #[tokio::test]
+    async fn a_request_already_sent_when_shutdown_begins_is_still_served() {
+        let (stream, mut client) = guarded_connection().await;
+        let shutdown = ShutdownSignal::new();
+        shutdown.announce();
+        client
+            .write_all(b"GET /last HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await
+            .unwrap();
+        // The bytes are in the proxy's socket before it looks.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (idle_since, closes_at) = long_keepalive();
+        match next_request_arrives(stream, idle_since, closes_at, &shutdown).await {
+            NextRequest::Arrived(stream) => {
+                let client = stream.as_any().downcast_ref::<ClientStream>().unwrap();
+                assert!(client.read_ahead.starts_with(b"GET /last "));
+            }
+            _ => panic!("the request already sent is served"),
+        }
+        // With nothing sent, the connection closes at once.
+        let (stream, _client) = guarded_connection().await;
+        let (idle_since, closes_at) = long_keepalive();
+        assert!(matches!(
+            next_request_arrives(stream, idle_since, closes_at, &shutdown).await,
+            NextRequest::Close
+        ));
+    }
+
     #[tokio::test]
     async fn the_keep_alive_wait_ends_when_shutdown_begins() {
         let (stream, _client) = guarded_connection().await;
@@ -746,17 +804,6 @@ mod tests {
             announce
         );
         assert!(matches!(next, NextRequest::Close), "closed at shutdown");
-    }
-
-    #[tokio::test]
-    async fn no_wait_begins_once_shutting_down() {
-        let (stream, mut client) = guarded_connection().await;
-        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
-        let shutdown = ShutdownSignal::new();
-        shutdown.announce();
-        let (idle_since, closes_at) = long_keepalive();
-        let next = next_request_arrives(stream, idle_since, closes_at, &shutdown).await;
-        assert!(matches!(next, NextRequest::Close));
     }
 
     #[tokio::test]

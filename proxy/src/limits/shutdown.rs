@@ -15,9 +15,15 @@ use pingora_core::server::ShutdownWatch;
 use tokio::sync::Notify;
 
 /// Whether the server is shutting down, and a way to wait until it is.
+///
+/// A hand-over of the listeners to a new process (`--upgrade`) counts as shutting down for
+/// keep-alive (answers say `Connection: close`, idle connections close) but not for a new
+/// connection's first request: the old process still accepts on the shared listeners for a
+/// few seconds, and closing those connections unanswered would reset them.
 #[derive(Debug, Default)]
 pub struct ShutdownSignal {
     shutting_down: AtomicBool,
+    handing_over: AtomicBool,
     /// Wakes the connections waiting in [`ShutdownSignal::begun`].
     waiters: Notify,
     /// The relay from Pingora's channel is running (started by the first connection).
@@ -54,19 +60,34 @@ impl ShutdownSignal {
         self.waiters.notify_waiters();
     }
 
+    /// The listeners are being handed to a new process: keep no connection alive, but serve
+    /// the connections still accepted here.
+    pub fn announce_hand_over(&self) {
+        self.handing_over.store(true, Ordering::SeqCst);
+        self.waiters.notify_waiters();
+    }
+
+    /// Shutdown or a hand-over has begun: no connection is kept alive.
     pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst) || self.handing_over.load(Ordering::SeqCst)
+    }
+
+    /// Shutdown proper has begun: not even a new connection's first request is waited for.
+    pub fn is_stopping(&self) -> bool {
         self.shutting_down.load(Ordering::SeqCst)
     }
 
-    /// Ready once shutdown has begun (at once if it has already).
-    pub async fn begun(&self) {
-        // Registered before the flag is read: an announcement between the two still wakes
-        // this wait (a `Notified` sees every `notify_waiters` after its creation).
-        let announced = self.waiters.notified();
-        if self.is_shutting_down() {
-            return;
+    /// Ready once shutdown proper has begun (at once if it has already).
+    pub async fn stopping(&self) {
+        loop {
+            // Registered before the flag is read: an announcement between the two still wakes
+            // this wait (a `Notified` sees every `notify_waiters` after its creation).
+            let announced = self.waiters.notified();
+            if self.is_stopping() {
+                return;
+            }
+            announced.await;
         }
-        announced.await;
     }
 }
 
@@ -81,7 +102,7 @@ mod tests {
         let waits: Vec<_> = (0..3)
             .map(|_| {
                 let signal = signal.clone();
-                tokio::spawn(async move { signal.begun().await })
+                tokio::spawn(async move { signal.stopping().await })
             })
             .collect();
         tokio::task::yield_now().await;
@@ -98,9 +119,28 @@ mod tests {
         }
         assert!(signal.is_shutting_down());
         // A wait that starts after the announcement ends at once.
-        tokio::time::timeout(Duration::from_secs(10), signal.begun())
+        tokio::time::timeout(Duration::from_secs(10), signal.stopping())
             .await
             .expect("shutdown already begun");
+    }
+
+    /// A hand-over ends keep-alive but is not shutdown proper: waits for it go on.
+    #[tokio::test]
+    async fn a_hand_over_ends_keep_alive_but_not_the_wait_for_shutdown() {
+        let signal = ShutdownSignal::new();
+        signal.announce_hand_over();
+        assert!(signal.is_shutting_down() && !signal.is_stopping());
+        let wait = tokio::spawn({
+            let signal = signal.clone();
+            async move { signal.stopping().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!wait.is_finished(), "still serving during the hand-over");
+        signal.announce();
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .expect("shutdown proper ends it")
+            .unwrap();
     }
 
     #[tokio::test]
@@ -112,7 +152,7 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!signal.is_shutting_down());
         tell.send(true).unwrap();
-        tokio::time::timeout(Duration::from_secs(10), signal.begun())
+        tokio::time::timeout(Duration::from_secs(10), signal.stopping())
             .await
             .expect("relayed");
         assert!(signal.is_shutting_down());
@@ -124,7 +164,7 @@ mod tests {
         let signal = ShutdownSignal::new();
         signal.follow(&watch);
         drop(tell);
-        tokio::time::timeout(Duration::from_secs(10), signal.begun())
+        tokio::time::timeout(Duration::from_secs(10), signal.stopping())
             .await
             .expect("a gone server shuts its connections");
     }
