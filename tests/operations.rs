@@ -825,7 +825,8 @@ async fn a_lone_dead_backend_counts_no_failover() {
     );
     let proxy = Ops::start(&section);
     let c = client();
-    for _ in 0..3 {
+    let started = std::time::Instant::now();
+    for _ in 0..20 {
         // GET takes the fast path, POST Pingora's.
         let get = c.get(proxy.url("/api/hello")).send().await.unwrap();
         let post = c
@@ -837,6 +838,18 @@ async fn a_lone_dead_backend_counts_no_failover() {
         assert!(get.status().is_server_error(), "{}", get.status());
         assert!(post.status().is_server_error(), "{}", post.status());
     }
+    // The failed requests are logged once a second for the backend, not each: one request's
+    // lines (on Pingora's path, its retry warning and its final error) per second.
+    let seconds = started.elapsed().as_secs() + 1;
+    let lines = proxy
+        .stderr()
+        .lines()
+        .filter(|l| l.to_ascii_lowercase().contains("fail to proxy"))
+        .count() as u64;
+    assert!(
+        (1..=2 * seconds).contains(&lines),
+        "{lines} lines in {seconds} s"
+    );
     let dead_label = format!("backend=\"{dead}\"");
     assert_eq!(
         proxy

@@ -27,6 +27,7 @@
 //! the error pages and [`record`].
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,14 +37,14 @@ use pingora_core::modules::http::HttpModules;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
-use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use pingora_proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 
 use crate::access_log::{self, AccessRecord};
 use crate::auth::flow::{self, AuthResponse, AuthRuntime, Endpoint, Gate};
 use crate::auth::identity_headers;
 use crate::auth::policy::Policy;
 use crate::auth::Verified;
-use crate::balancer::Lease;
+use crate::balancer::{FailureLog, Lease};
 use crate::headers;
 use crate::limits::{login_rate, ClientStream, LoginRate, ShutdownSignal};
 use crate::metrics::{self, InFlight, PolicyClass};
@@ -103,6 +104,9 @@ pub struct RequestCtx {
     /// Largest request body allowed on this route, and the body bytes read so far.
     body_limit: u64,
     body_read: u64,
+    /// Whether this request's failure lines reach the log: decided at the first of them
+    /// ([`failure_logged`]); Pingora asks through `&self`.
+    failure_log: AtomicU8,
 }
 
 impl RequestCtx {
@@ -131,6 +135,7 @@ impl ProxyHttp for Edge {
             upstream_elapsed: None,
             body_limit: u64::MAX,
             body_read: 0,
+            failure_log: AtomicU8::new(UNDECIDED),
         }
     }
 
@@ -486,9 +491,21 @@ impl ProxyHttp for Edge {
     /// Requests refused for the client's fault (4xx, malformed framing, a client that left or
     /// timed out) get no error line each: a flood of bad requests must not flood the log. They
     /// are counted and in the access log.
-    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, e: &Error) -> bool {
         let status = status_for(e);
-        (400..500).contains(&status) || (status == 0 && *e.esource() == ErrorSource::Downstream)
+        (400..500).contains(&status)
+            || (status == 0 && *e.esource() == ErrorSource::Downstream)
+            || !failure_logged(ctx)
+    }
+
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        ctx: &RequestCtx,
+        _e: &Error,
+        _context: ProxyWarnLogContext,
+    ) -> bool {
+        !failure_logged(ctx)
     }
 
     /// What Pingora's own log lines say about a request: no query string (it may hold
@@ -680,6 +697,43 @@ pub(crate) fn record(f: &Finished<'_>) {
             sub: f.identity.map(|v| v.session.sub.as_str()),
         });
     }
+}
+
+const UNDECIDED: u8 = 0;
+const LOGGED: u8 = 1;
+const QUIET: u8 = 2;
+
+/// Failures with no backend to blame (none left to try), a line a second.
+static NO_BACKEND_LOG: FailureLog = FailureLog::new();
+
+/// Whether a failed request's lines (Pingora's retry warning, its final error) reach the log:
+/// a line a second per backend, as on the fast path, decided at the request's first line. A
+/// backend that is down would otherwise write one or two lines per request.
+fn failure_logged(ctx: &RequestCtx) -> bool {
+    match ctx.failure_log.load(Ordering::Relaxed) {
+        LOGGED => return true,
+        QUIET => return false,
+        _ => {}
+    }
+    let (log, backend) = match &ctx.lease {
+        Some(lease) => (lease.slot().failure_log(), lease.slot().label.as_str()),
+        None => (&NO_BACKEND_LOG, "none"),
+    };
+    let logged = match log.admit(flow::now_unix()) {
+        Some(0) => true,
+        Some(unlogged) => {
+            tracing::error!(
+                backend,
+                unlogged,
+                "more requests failed since the last line"
+            );
+            true
+        }
+        None => false,
+    };
+    let decision = if logged { LOGGED } else { QUIET };
+    ctx.failure_log.store(decision, Ordering::Relaxed);
+    logged
 }
 
 fn accepts_html(req: &impl RequestHead) -> bool {

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::config::Balance;
-pub use slot::{BackendSlot, Lease, SlotRegistry};
+pub use slot::{BackendSlot, FailureLog, Lease, SlotRegistry};
 
 /// A backend in the current pool with its configured weight.
 #[derive(Debug, Clone)]

@@ -40,6 +40,43 @@ pub struct BackendSlot {
     /// Time to the backend's response headers; exported by the pool collector while the
     /// backend is in the pool, so removed backends vanish from the output.
     response_seconds: crate::metrics::LatencyHistogram,
+    /// Failed requests logged at most once a second: a backend that is down would otherwise
+    /// write a line per request (thousands a second under load).
+    failure_log: FailureLog,
+}
+
+/// A budget of one log line per second for a backend's failed requests.
+#[derive(Debug, Default)]
+pub struct FailureLog {
+    /// The unix second of the last line written.
+    second: AtomicU64,
+    /// Failures not logged since.
+    unlogged: AtomicU64,
+}
+
+impl FailureLog {
+    pub const fn new() -> FailureLog {
+        FailureLog {
+            second: AtomicU64::new(0),
+            unlogged: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a failure at unix second `now` may be logged: `Some(n)` with the failures
+    /// left unlogged since the last line, `None` when one was written this second already.
+    pub fn admit(&self, now: u64) -> Option<u64> {
+        let last = self.second.load(Ordering::Relaxed);
+        if last != now
+            && self
+                .second
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.unlogged.swap(0, Ordering::Relaxed));
+        }
+        self.unlogged.fetch_add(1, Ordering::Relaxed);
+        None
+    }
 }
 
 impl BackendSlot {
@@ -59,7 +96,13 @@ impl BackendSlot {
             failovers: AtomicU64::new(0),
             response_seconds: crate::metrics::LatencyHistogram::new(),
             latency: LatencyEstimate::default(),
+            failure_log: FailureLog::default(),
         }
+    }
+
+    /// See [`FailureLog`].
+    pub fn failure_log(&self) -> &FailureLog {
+        &self.failure_log
     }
 
     /// An attempt on this backend failed and the request is retried elsewhere.

@@ -321,3 +321,19 @@ fn a_new_backend_does_not_get_a_burst_of_catch_up_traffic() {
     let counts = shares(&grown, 30);
     assert!(counts[2] <= 11, "new backend took {counts:?}");
 }
+
+#[test]
+fn a_backends_failures_are_logged_once_a_second_with_the_count_left_out() {
+    let log = super::FailureLog::default();
+    assert_eq!(log.admit(1_000), Some(0), "the first is logged");
+    for _ in 0..3 {
+        assert_eq!(log.admit(1_000), None, "the same second: not logged");
+    }
+    assert_eq!(
+        log.admit(1_001),
+        Some(3),
+        "the next second says how many were left out"
+    );
+    assert_eq!(log.admit(1_001), None);
+    assert_eq!(log.admit(1_005), Some(1));
+}

@@ -379,16 +379,22 @@ impl Exchange<'_> {
             } else {
                 502
             };
-            self.log_failure(&slot.label, &e);
+            self.log_failure(&slot, &e);
             return self.error_page(client, status).await;
         }
     }
 
-    fn log_failure(&self, backend: &str, e: &io::Error) {
+    /// At most a line a second per backend ([`crate::balancer::FailureLog`]); the metrics
+    /// count every failure.
+    fn log_failure(&self, slot: &BackendSlot, e: &io::Error) {
+        let Some(unlogged) = slot.failure_log().admit(flow::now_unix()) else {
+            return;
+        };
         tracing::error!(
-            backend,
+            backend = slot.label.as_str(),
             error = %e,
             request_id = self.request_id.to_str().unwrap_or(""),
+            unlogged,
             "{} {}: fail to proxy",
             self.req.method(),
             self.req.path()
@@ -421,7 +427,7 @@ impl Exchange<'_> {
             let (done, extra) = match body.frame(&data, &mut out) {
                 Ok(step) => step,
                 Err(e) => {
-                    self.log_failure(&slot.label, &e);
+                    self.log_failure(slot, &e);
                     self.keepalive = false;
                     if !head_sent {
                         // Nothing has gone out yet: the client can still be told.
@@ -466,12 +472,12 @@ impl Exchange<'_> {
                         io::ErrorKind::UnexpectedEof,
                         "the backend closed mid-answer",
                     );
-                    self.log_failure(&slot.label, &e);
+                    self.log_failure(slot, &e);
                     return false;
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    self.log_failure(&slot.label, &e);
+                    self.log_failure(slot, &e);
                     return false;
                 }
             }

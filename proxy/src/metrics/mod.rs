@@ -95,7 +95,7 @@ impl AuthMetrics {
                 by_result: Sharded::new(sharded::zeroed),
                 desc: family::desc(
                     "custodia_auth_session_checks_total",
-                    "Session cookie checks by result (valid, absent, expired, invalid).",
+                    "Session cookie checks by result (valid, absent, expired, invalid, not_allowed).",
                     &["result"],
                 ),
             },
@@ -631,7 +631,7 @@ impl PoolCollector {
         );
         let healthy = gauge(
             "custodia_upstream_healthy",
-            "1 if the backend is in rotation, 0 if health checks took it out.",
+            "1 if the backend is in rotation, 0 if health checks or a failed connect took it out.",
             &["backend"],
         );
         let selected = IntCounterVec::new(
