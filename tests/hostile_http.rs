@@ -791,3 +791,32 @@ fn busy_keep_alive_clients_with_large_heads_get_every_request_answered() {
         "every head reached the worker whole"
     );
 }
+
+/// An HTTP/1.0 request without Host (which 1.0 allows) goes upstream as HTTP/1.1, which
+/// requires one: the worker gets the proxy's address as Host, and a Host the client sent is
+/// passed on as it was.
+#[test]
+fn an_http_1_0_request_without_host_reaches_the_worker_with_one() {
+    let (upstream, proxy) = stack();
+    let outcome = raw_tcp::send(proxy.addr, b"GET /old HTTP/1.0\r\n\r\n");
+    assert_eq!(outcome.status(), Some(200), "{outcome:?}");
+    let outcome = raw_tcp::send(proxy.addr, b"GET /named HTTP/1.0\r\nHost: given\r\n\r\n");
+    assert_eq!(outcome.status(), Some(200), "{outcome:?}");
+    let requests: Vec<String> = upstream
+        .requests()
+        .iter()
+        .map(|r| String::from_utf8_lossy(r).to_ascii_lowercase())
+        .collect();
+    let host_of = |path: &str| -> Vec<String> {
+        let request = requests
+            .iter()
+            .find(|r| r.starts_with(&format!("get {path} ")))
+            .unwrap_or_else(|| panic!("{path} forwarded: {requests:?}"));
+        request
+            .lines()
+            .filter_map(|l| l.strip_prefix("host:").map(|v| v.trim().to_string()))
+            .collect()
+    };
+    assert_eq!(host_of("/old"), vec![proxy.addr.to_string()]);
+    assert_eq!(host_of("/named"), vec!["given".to_string()]);
+}

@@ -586,6 +586,15 @@ pub(crate) fn rewrite_upstream_request(
     // Identity headers only ever come from us, also when auth is off: a worker configured
     // with an assertion key must never see a client's copy.
     identity_headers::strip_client_identity(upstream_request);
+    if upstream_request
+        .received()
+        .first_str(&http::header::HOST)
+        .is_none()
+    {
+        // An HTTP/1.0 request may come without Host; it goes upstream as HTTP/1.1, which needs
+        // one (RFC 9112 §3.2): the address users reach the proxy by.
+        upstream_request.insert(http::header::HOST, default_host(runtime))?;
+    }
     let Some(auth) = runtime.auth.as_ref() else {
         headers::set_forwarding(upstream_request, peer_ip, peer_ip, "http", request_id)?;
         return Ok(peer_ip);
@@ -623,6 +632,26 @@ pub(crate) fn rewrite_upstream_request(
         headers::set_identity(upstream_request, identity)?;
     }
     Ok(client_ip)
+}
+
+/// `Host` for a request that came without one: `public_url`'s host and port with auth on, else
+/// the first listening address.
+fn default_host(runtime: &Runtime) -> HeaderValue {
+    let host = match &runtime.auth {
+        Some(auth) => auth
+            .settings
+            .public_url
+            .split_once("://")
+            .map_or(auth.settings.public_url.as_str(), |(_, rest)| rest)
+            .to_string(),
+        None => runtime
+            .config
+            .server
+            .listen
+            .first()
+            .map_or_else(|| "localhost".to_string(), ToString::to_string),
+    };
+    HeaderValue::try_from(host).unwrap_or_else(|_| HeaderValue::from_static("localhost"))
 }
 
 /// The real client of a request answered without going upstream (a login redirect, a 401, a
