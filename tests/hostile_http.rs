@@ -820,3 +820,37 @@ fn an_http_1_0_request_without_host_reaches_the_worker_with_one() {
     assert_eq!(host_of("/old"), vec![proxy.addr.to_string()]);
     assert_eq!(host_of("/named"), vec!["given".to_string()]);
 }
+
+/// What Pingora refuses before any check of ours (an unparseable head, a version that is not
+/// HTTP/1.x, CONNECT) is counted in `custodia_rejections_total` too, by reason: an operator
+/// sees a flood of garbage or scanners, not nothing.
+#[test]
+fn refusals_before_the_edge_are_counted_by_reason() {
+    let (_upstream, proxy) = stack();
+    let rejected = |reason: &str| -> f64 {
+        let body = proxy.scrape_blocking().expect("metrics");
+        support::custodia::parse_samples(&body, "custodia_rejections_total")
+            .iter()
+            .find(|(labels, _)| labels == &format!("reason=\"{reason}\""))
+            .map_or(0.0, |(_, v)| *v)
+    };
+    let (malformed, method) = (rejected("malformed"), rejected("method_not_allowed"));
+    for (bytes, status) in [
+        (&b"\x16\x03\x01\x00garbage\r\n\r\n"[..], 400),
+        (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 400),
+        (b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n", 405),
+    ] {
+        let outcome = raw_tcp::send(proxy.addr, bytes);
+        assert_eq!(outcome.status(), Some(status), "{bytes:?}: {outcome:?}");
+    }
+    assert_eq!(rejected("malformed"), malformed + 2.0);
+    assert_eq!(rejected("method_not_allowed"), method + 1.0);
+    // A request the edge answers itself is counted once, as before (bare LF: malformed).
+    let outcome = raw_tcp::send(proxy.addr, b"GET / HTTP/1.1\nHost: x\n\n");
+    assert_eq!(outcome.status(), Some(400), "{outcome:?}");
+    assert_eq!(rejected("malformed"), malformed + 3.0);
+    // And ordinary answers, counted nowhere here.
+    let outcome = raw_tcp::send(proxy.addr, b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(outcome.status(), Some(200), "{outcome:?}");
+    assert_eq!(rejected("malformed"), malformed + 3.0);
+}

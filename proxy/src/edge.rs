@@ -153,6 +153,10 @@ impl ProxyHttp for Edge {
         // A client that stops reading the answer is let go after this (nginx's `send_timeout`),
         // and the worker with it; Pingora's default waits forever.
         session.set_write_timeout(Some(ctx.runtime.config.limits.send_timeout));
+        if let Some(stream) = ClientStream::of(session) {
+            // Its refusals below are counted by reason where they happen.
+            stream.saw_request();
+        }
         let raw_head = session
             .as_downstream()
             .as_http1()

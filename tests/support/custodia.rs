@@ -292,7 +292,7 @@ impl Proxy {
     }
 
     /// `/metrics` read without an async runtime, or `None` if the admin listener failed.
-    fn scrape_blocking(&self) -> Option<String> {
+    pub fn scrape_blocking(&self) -> Option<String> {
         use std::io::{Read, Write};
         let mut admin = std::net::TcpStream::connect(self.admin).ok()?;
         admin.set_read_timeout(Some(Duration::from_secs(5))).ok()?;

@@ -104,6 +104,7 @@ pub async fn serve(
     }
     // A plain request has no body: it is all in.
     client.request_read();
+    client.saw_request();
     let peer = client
         .get_socket_digest()
         .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));

@@ -430,6 +430,10 @@ pub struct ClientStream {
     idle_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Upgraded (e.g. WebSocket): the bytes are no longer requests; no deadlines.
     tunnel: AtomicBool,
+    /// The current request reached the edge (its checks count their own refusals). One that
+    /// did not and is answered was refused by Pingora before any callback of ours (an
+    /// unparseable head: 400; CONNECT: 405): [`ClientStream::count_refusal`] counts it.
+    request_seen: AtomicBool,
     /// Bytes the keep-alive wait read off the socket ([`next_request_arrives`]) and not yet
     /// handed to the parser. Empty (no allocation) the rest of the time.
     read_ahead: Bytes,
@@ -449,6 +453,7 @@ impl ClientStream {
             timer: None,
             idle_timer: None,
             tunnel: AtomicBool::new(false),
+            request_seen: AtomicBool::new(false),
             read_ahead: Bytes::new(),
             _slot: slot,
         }
@@ -521,6 +526,30 @@ impl ClientStream {
         self.deadline_ms.store(DISARMED, Ordering::Relaxed);
     }
 
+    /// The current request's head reached the edge (fast path or Pingora's callbacks).
+    pub fn saw_request(&self) {
+        self.request_seen.store(true, Ordering::Relaxed);
+    }
+
+    /// An answer is going out to a request the edge never saw: Pingora refused it. Counted
+    /// once, by the status it carries, in `custodia_rejections_total`.
+    #[cold]
+    fn count_refusal(&self, answer: &[u8]) {
+        self.request_seen.store(true, Ordering::Relaxed);
+        let status = answer
+            .strip_prefix(b"HTTP/1.")
+            .and_then(|rest| rest.get(2..5))
+            .and_then(|digits| std::str::from_utf8(digits).ok())
+            .and_then(|digits| digits.parse::<u16>().ok());
+        let rejections = metrics::rejections();
+        match status {
+            Some(405) => rejections.method_not_allowed.inc(),
+            Some(414 | 431) => rejections.head_too_large.inc(),
+            Some(400..=499) => rejections.malformed.inc(),
+            _ => {}
+        }
+    }
+
     /// The connection was upgraded (`101 Switching Protocols`): stop guarding it.
     pub fn tunnel(&self) {
         self.tunnel.store(true, Ordering::Relaxed);
@@ -581,6 +610,7 @@ impl AsyncRead for ClientStream {
                 if deadline == DISARMED {
                     // The first bytes of a new request.
                     this.deadline_ms.store(STARTED, Ordering::Relaxed);
+                    this.request_seen.store(false, Ordering::Relaxed);
                     return Poll::Ready(Ok(()));
                 }
                 let now = this.now_ms();
@@ -625,6 +655,9 @@ impl AsyncWrite for ClientStream {
     ) -> Poll<io::Result<usize>> {
         // The proxy answers: whatever the client still sends belongs to no deadline of ours.
         self.deadline_ms.store(DISARMED, Ordering::Relaxed);
+        if !self.request_seen.load(Ordering::Relaxed) && !self.tunnel.load(Ordering::Relaxed) {
+            self.count_refusal(buf);
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -634,6 +667,13 @@ impl AsyncWrite for ClientStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         self.deadline_ms.store(DISARMED, Ordering::Relaxed);
+        if !self.request_seen.load(Ordering::Relaxed) && !self.tunnel.load(Ordering::Relaxed) {
+            let first = bufs
+                .iter()
+                .find(|b| !b.is_empty())
+                .map_or(&[][..], |b| &b[..]);
+            self.count_refusal(first);
+        }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 

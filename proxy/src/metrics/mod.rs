@@ -522,8 +522,10 @@ pub struct RejectionMetrics {
     pub body_too_large: IntCounter,
     /// Target, header line or header section too large (414, 431).
     pub head_too_large: IntCounter,
-    /// Ambiguous framing, bad Host or target, HTTP/0.9 (400).
+    /// Ambiguous framing, bad Host or target, HTTP/0.9, an unparseable head (400).
     pub malformed: IntCounter,
+    /// A method the proxy does not take at all: CONNECT (405).
+    pub method_not_allowed: IntCounter,
 }
 
 impl RejectionMetrics {
@@ -532,7 +534,8 @@ impl RejectionMetrics {
             Opts::new(
                 "custodia_rejections_total",
                 "Requests and connections refused by the abuse limits and request checks, by reason \
-                 (connection_limit, client_timeout, login_rate, body_too_large, head_too_large, malformed).",
+                 (connection_limit, client_timeout, login_rate, body_too_large, head_too_large, malformed, \
+                 method_not_allowed).",
             ),
             &["reason"],
         )
@@ -545,6 +548,7 @@ impl RejectionMetrics {
             body_too_large: child("body_too_large"),
             head_too_large: child("head_too_large"),
             malformed: child("malformed"),
+            method_not_allowed: child("method_not_allowed"),
             rejections,
         }
     }
