@@ -775,3 +775,37 @@ async fn a_connection_opened_before_a_reload_sends_its_first_request_to_the_new_
     let answer = read_for(&mut early, Duration::from_secs(5));
     assert!(answer.ends_with("\r\n\r\nnew"), "{answer}");
 }
+
+/// A request the client pipelines while its previous one waits on a slow worker (read then, to
+/// notice a client that leaves) is answered after it, in order, also when it began in the
+/// previous one's bytes; and one sent on the heels of that too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_sent_while_the_previous_waits_on_the_worker_is_answered_next() {
+    let slow = Worker::start_slow("slow", 300);
+    let proxy = Proxy::start(&upstream_section("least_conn", &[(slow.addr, 1)]));
+    let mut stream = raw_tcp::connect(proxy.addr, None);
+    // The second request begins in the first write and ends while the first one waits.
+    std::io::Write::write_all(
+        &mut stream,
+        b"GET /api/hello?one HTTP/1.1\r\nHost: a\r\n\r\nGET / HT",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    std::io::Write::write_all(&mut stream, b"TP/1.1\r\nHost: a\r\n\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    std::io::Write::write_all(
+        &mut stream,
+        b"GET /api/hello?three HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let all = read_for(&mut stream, Duration::from_secs(5));
+    let statuses = all.matches("HTTP/1.1 200 OK\r\n").count();
+    assert_eq!(statuses, 3, "three answers: {all}");
+    let first_json = all.find("\"worker\"").expect(&all);
+    let page = all.find("<html").or_else(|| all.find("<!")).expect(&all);
+    let last_json = all.rfind("\"worker\"").expect(&all);
+    assert!(
+        first_json < page && page < last_json,
+        "in order: hello, page, hello: {all}"
+    );
+}

@@ -814,6 +814,51 @@ async fn the_admin_listener_caps_its_connections_and_public_traffic_goes_on() {
     .await;
 }
 
+/// A client that gives up on a slow answer (a browser's stop, a client timeout) releases the
+/// worker at once, on both paths: its in-flight count drops, and the request counts as a client
+/// that left (4xx, as nginx's 499), not as the 200 that came later to no one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_before_the_answer_releases_the_worker() {
+    let slow = Worker::start_slow("slow", 3000);
+    let proxy = Ops::start(&upstream_section("least_conn", &[(slow.addr, 1)]));
+    let label = format!("backend=\"{}\"", slow.addr);
+    for request in [
+        &b"GET /api/hello HTTP/1.1\r\nHost: h\r\n\r\n"[..],
+        b"POST /api/hello HTTP/1.1\r\nHost: h\r\ncontent-length: 0\r\n\r\n",
+    ] {
+        let mut client = std::net::TcpStream::connect(proxy.addr).unwrap();
+        std::io::Write::write_all(&mut client, request).unwrap();
+        proxy
+            .wait_value("custodia_upstream_in_flight_requests", &[&label], 1.0)
+            .await;
+        let left = std::time::Instant::now();
+        drop(client);
+        proxy
+            .wait_value("custodia_upstream_in_flight_requests", &[&label], 0.0)
+            .await;
+        assert!(
+            left.elapsed() < Duration::from_millis(2500),
+            "released when the client left, not when the answer came: {:?}",
+            left.elapsed()
+        );
+    }
+    let requests = |status: &str| {
+        let status = format!("status=\"{status}\"");
+        let proxy = &proxy;
+        async move {
+            proxy
+                .scrape()
+                .await
+                .lines()
+                .filter(|l| l.starts_with("custodia_requests_total{") && l.contains(&status))
+                .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+                .sum::<f64>()
+        }
+    };
+    assert_eq!(requests("2xx").await, 0.0, "no answer reached anyone");
+    assert!(requests("4xx").await >= 2.0);
+}
+
 /// With nowhere else to go, a failed attempt is no failover: the request fails (503) and
 /// neither `failovers_total` nor `retries_total` says it moved, on either path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -260,6 +260,8 @@ enum Failed {
     Connect(io::Error),
     /// The worker did not answer properly; it may have seen the request.
     Upstream(io::Error),
+    /// The client closed its connection while the worker had not answered yet.
+    ClientGone,
 }
 
 impl Exchange<'_> {
@@ -365,6 +367,17 @@ impl Exchange<'_> {
                 Err(Failed::Upstream(e)) => {
                     slot.penalize_latency(chosen.elapsed());
                     (e, false)
+                }
+                Err(Failed::ClientGone) => {
+                    // Nobody to answer: the worker's connection closes (its answer would come
+                    // to no one) and its count is released; as Pingora's path, status 0.
+                    tracing::debug!(
+                        backend = slot.label.as_str(),
+                        "the client closed its connection before the answer"
+                    );
+                    self.status = 0;
+                    self.keepalive = false;
+                    return false;
                 }
             };
             failed.push(slot.addr);
@@ -669,6 +682,7 @@ async fn attempt(
             // The worker closed the idle connection before it got the request: a new one.
             Err(HeadError::Stale(_)) if reused => continue,
             Err(HeadError::Stale(e) | HeadError::Other(e)) => return Err(Failed::Upstream(e)),
+            Err(HeadError::ClientGone) => return Err(Failed::ClientGone),
         }
     }
 }
@@ -677,6 +691,8 @@ enum HeadError {
     /// The connection failed before a single byte of answer came back.
     Stale(io::Error),
     Other(io::Error),
+    /// The client left while the head was awaited.
+    ClientGone,
 }
 
 /// Send the request and read the answer's head, and when the head was complete. `now` is a
@@ -715,9 +731,25 @@ async fn exchange_head(
     let mut buf = upstream::read_buffer();
     let mut received = false;
     loop {
-        let read = conn
-            .read_by(&mut buf, read_from + settings.read_timeout)
-            .await;
+        // The client is watched meanwhile: one that closes (a browser's stop, a client
+        // timeout) releases the worker at once, not when its answer comes, maybe much later.
+        let read = {
+            let read = conn.read_by(&mut buf, read_from + settings.read_timeout);
+            let mut read = std::pin::pin!(read);
+            poll_fn(|cx| {
+                if let Poll::Ready(read) = read.as_mut().poll(cx) {
+                    return Poll::Ready(Some(read));
+                }
+                match client.poll_gone(cx) {
+                    Poll::Ready(()) => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await
+        };
+        let Some(read) = read else {
+            return Err(HeadError::ClientGone);
+        };
         match read {
             Ok(0) if !received => {
                 return Err(HeadError::Stale(io::Error::new(

@@ -503,9 +503,44 @@ impl ClientStream {
         std::mem::take(&mut self.read_ahead)
     }
 
-    /// Hand bytes read off the socket back, for whoever parses the next request.
+    /// Hand bytes read off the socket back, for whoever parses the next request: before any
+    /// read ahead since (they came first).
     pub fn put_back(&mut self, bytes: Bytes) {
-        self.read_ahead = bytes;
+        if self.read_ahead.is_empty() {
+            self.read_ahead = bytes;
+        } else {
+            let mut joined = BytesMut::with_capacity(bytes.len() + self.read_ahead.len());
+            joined.extend_from_slice(&bytes);
+            joined.extend_from_slice(&self.read_ahead);
+            self.read_ahead = joined.freeze();
+        }
+    }
+
+    /// While the proxy waits on a worker: ready when the client has gone (its end of stream,
+    /// or an error), as Pingora's path watches it. What the client sends meanwhile (its next
+    /// request, pipelined) is kept for the parser; past [`READ_AHEAD`] of it the client is not
+    /// read any more until its answer is out.
+    pub fn poll_gone(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.tunnel.load(Ordering::Relaxed) {
+            return Poll::Pending;
+        }
+        while self.read_ahead.len() < READ_AHEAD {
+            let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); 1024];
+            let mut buf = ReadBuf::uninit(&mut scratch);
+            match Pin::new(&mut self.inner).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(()),
+                Poll::Ready(Ok(())) => {
+                    let mut ahead =
+                        BytesMut::with_capacity(self.read_ahead.len() + buf.filled().len());
+                    ahead.extend_from_slice(&self.read_ahead);
+                    ahead.extend_from_slice(buf.filled());
+                    self.read_ahead = ahead.freeze();
+                }
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Pending
     }
 
     /// The keep-alive wait's timer, set to end at `until` (taken out while the wait reads).
