@@ -516,6 +516,15 @@ impl AuthStack {
         self.idp.as_mut().expect("the IdP was started")
     }
 
+    /// Starts the IdP on another port and reloads the proxy with it as its issuer (an operator
+    /// fixing a wrong issuer).
+    #[allow(dead_code)]
+    pub async fn start_idp_elsewhere_and_reload(&mut self) {
+        self.idp_port = free_addr().port();
+        self.start_idp().await;
+        self.reload_with(&self.upstreams(), false);
+    }
+
     /// Starts the IdP on the issuer's port (after [`AuthConfig::idp_down_at_start`]).
     pub async fn start_idp(&mut self) {
         let callback = format!("{}/callback", self.public_url);

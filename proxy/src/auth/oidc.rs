@@ -396,7 +396,7 @@ impl BackgroundService for DiscoveryService {
         let mut backoff = Duration::from_millis(500);
         loop {
             let provider = self.runtime.load().auth.as_ref().map(|a| a.oidc.clone());
-            let wait = match provider {
+            let wait = match provider.clone() {
                 Some(provider) if !provider.is_ready() => match provider.discover().await {
                     Ok(()) => {
                         tracing::info!(
@@ -420,13 +420,37 @@ impl BackgroundService for DiscoveryService {
                 // Loaded, or auth off: look again shortly in case a reload changed that.
                 _ => Duration::from_secs(1),
             };
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = tokio::time::sleep(wait) => {}
+            // A reload that brings another identity provider (an issuer fixed) is tried at
+            // once, with a fresh back-off, not after the old one's back-off ran out.
+            let until = tokio::time::Instant::now() + wait;
+            loop {
+                let step = until
+                    .saturating_duration_since(tokio::time::Instant::now())
+                    .min(PROVIDER_CHANGE_CHECK);
+                if step.is_zero() {
+                    break;
+                }
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    _ = tokio::time::sleep(step) => {}
+                }
+                let now = self.runtime.load().auth.as_ref().map(|a| a.oidc.clone());
+                let changed = match (&provider, &now) {
+                    (Some(before), Some(now)) => !Arc::ptr_eq(before, now),
+                    (None, None) => false,
+                    _ => true,
+                };
+                if changed {
+                    backoff = Duration::from_millis(500);
+                    break;
+                }
             }
         }
     }
 }
+
+/// How often a discovery back-off looks for a reloaded identity provider.
+const PROVIDER_CHANGE_CHECK: Duration = Duration::from_millis(200);
 
 #[cfg(test)]
 mod tests {
