@@ -2,6 +2,7 @@
 //! summed at scrape time; per-backend figures are read from the live pool at scrape time, so
 //! the request path pays nothing for them beyond the atomics the balancer keeps anyway.
 
+mod process;
 mod sharded;
 
 use std::sync::atomic::AtomicU64;
@@ -597,10 +598,7 @@ pub fn registry(runtime: SharedRuntime) -> Registry {
     let _ = registry.register(Box::new(open_connections().clone()));
     // Registration only fails on duplicate or inconsistent descriptors, which these are not.
     let _ = registry.register(Box::new(PoolCollector::new(runtime)));
-    #[cfg(target_os = "linux")]
-    let _ = registry.register(Box::new(
-        prometheus::process_collector::ProcessCollector::for_self(),
-    ));
+    let _ = registry.register(Box::new(process::ProcessCollector::new()));
     registry
 }
 
