@@ -854,3 +854,37 @@ fn refusals_before_the_edge_are_counted_by_reason() {
     assert_eq!(outcome.status(), Some(200), "{outcome:?}");
     assert_eq!(rejected("malformed"), malformed + 3.0);
 }
+
+/// The start of a next request that arrived with the last one (or while it waited on a worker)
+/// is under the client timeout too: a client that sends a request, one byte of the next and
+/// then nothing is closed after `client_timeout` (it held its connection and its place forever).
+#[test]
+fn a_next_request_begun_with_the_last_one_is_under_the_client_timeout() {
+    let (_upstream, proxy) = stack();
+    let mut stream = raw_tcp::connect(proxy.addr, None);
+    stream
+        .write_all(b"GET /first HTTP/1.1\r\nHost: h\r\n\r\nG")
+        .unwrap();
+    // The first answer comes; then the proxy must not wait for the rest of "G…" for ever.
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let closed = loop {
+        match std::io::Read::read(&mut stream, &mut chunk) {
+            Ok(0) => break true,
+            Ok(n) => seen.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(_) => break false,
+        }
+    };
+    let seen = String::from_utf8_lossy(&seen);
+    assert!(seen.starts_with("HTTP/1.1 200 "), "{seen}");
+    assert!(
+        closed,
+        "still open {:?} after the first answer (client_timeout is 2 s)",
+        started.elapsed()
+    );
+}

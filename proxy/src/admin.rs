@@ -83,6 +83,10 @@ fn text(status: StatusCode, body: String) -> Response<Vec<u8>> {
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        // Idle admin connections close soon (Pingora keeps them 60 s): a scraper reconnects,
+        // and a connection never runs into the gate's lifetime while a request is under way
+        // unless it is kept busy that long.
+        session.set_keepalive(Some(crate::limits::ADMIN_KEEPALIVE.as_secs()));
         let req = session.req_header();
         if req.method != http::Method::GET && req.method != http::Method::HEAD {
             return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into());

@@ -197,7 +197,11 @@ impl ProxyHttp for Edge {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         // Pingora turns keep-alive off once a graceful shutdown or upgrade has begun (the
         // response then says `Connection: close`); only an open connection gets our timeout.
-        if session.get_keepalive().is_some() && !session.is_process_shutting_down() {
+        // A hand-over of the listeners begins before Pingora hears of it: the proxy's own
+        // answers from then on close the connection too, as its relayed ones do.
+        if self.shutdown.is_shutting_down() {
+            session.set_keepalive(None);
+        } else if session.get_keepalive().is_some() && !session.is_process_shutting_down() {
             let keepalive = ctx.runtime.config.server.keepalive_timeout.as_secs().max(1);
             session.set_keepalive(Some(keepalive));
         }

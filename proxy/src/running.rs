@@ -42,9 +42,10 @@ pub fn running_pid(pid_file: &Path) -> Result<i32, String> {
         ));
     }
     // A pid file left by a proxy that is gone may name a process that took its number since:
-    // signalling that one would reload nothing and could kill it.
+    // signalling that one would reload nothing and could kill it. A proxy is a `custodia…`
+    // program, or one renamed but started with `--config`.
     if let Some(name) = command_name(pid) {
-        if !name.starts_with("custodia") {
+        if !name.starts_with("custodia") && !started_with_a_config(pid) {
             return Err(format!(
                 "no running custodia-proxy: process {pid} (from {}) is `{name}`; the pid file \
                  is stale",
@@ -59,6 +60,15 @@ pub fn running_pid(pid_file: &Path) -> Result<i32, String> {
 fn command_name(pid: i32) -> Option<String> {
     let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
     Some(name.trim_end().to_string())
+}
+
+/// Whether process `pid`'s command line has `--config` (or `-c`), as a proxy's always has.
+fn started_with_a_config(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+        cmdline
+            .split(|&b| b == 0)
+            .any(|arg| arg == b"--config" || arg == b"-c" || arg.starts_with(b"--config="))
+    })
 }
 
 /// The config file process `pid` was started with (`--config FILE` on its command line,
@@ -137,30 +147,47 @@ mod tests {
 
     #[test]
     fn a_pid_file_naming_another_program_is_stale() {
-        let mut other = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
-        let dir = std::env::temp_dir().join(format!("custodia-stale-pid-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let pid_file = dir.join("proxy.pid");
-        std::fs::write(&pid_file, format!("{}\n", other.id())).unwrap();
-        // Until its exec, the child still bears this test thread's name.
-        for _ in 0..500 {
-            if command_name(other.id() as i32).as_deref() == Some("sleep") {
-                break;
+        /// What `running_pid` says of a pid file naming `program args…` (`name` once exec'd).
+        fn verdict(program: &str, args: &[&str], name: &str) -> Result<i32, String> {
+            let mut other = std::process::Command::new(program)
+                .args(args)
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let dir = std::env::temp_dir().join(format!(
+                "custodia-stale-pid-{}-{}",
+                std::process::id(),
+                other.id()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let pid_file = dir.join("proxy.pid");
+            std::fs::write(&pid_file, format!("{}\n", other.id())).unwrap();
+            // Until its exec, the child still bears this test thread's name.
+            for _ in 0..500 {
+                if command_name(other.id() as i32).as_deref() == Some(name) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
             }
-            std::thread::sleep(std::time::Duration::from_millis(10));
+            let verdict = running_pid(&pid_file);
+            let _ = other.kill();
+            let _ = other.wait();
+            let _ = std::fs::remove_dir_all(&dir);
+            verdict
         }
-        let refused = running_pid(&pid_file);
-        let _ = other.kill();
-        let _ = other.wait();
-        let _ = std::fs::remove_dir_all(&dir);
-        let message = refused.unwrap_err();
+        let message = verdict("sleep", &["30"], "sleep").unwrap_err();
         assert!(
             message.contains("`sleep`") && message.contains("stale"),
             "{message}"
         );
+        // A proxy binary renamed by its packager is still started with --config.
+        let renamed = verdict(
+            "bash",
+            // A builtin wait: no child process to outlive the kill.
+            &["-c", "read -r _", "proxy", "--config", "x.toml"],
+            "bash",
+        );
+        assert!(renamed.is_ok(), "{renamed:?}");
     }
 
     #[test]

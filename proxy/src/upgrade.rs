@@ -30,8 +30,10 @@ const LISTENING_WITHIN: Duration = Duration::from_secs(10);
 /// Whether a process is listening on the Unix socket at `path` (from `/proc/net/unix`, which
 /// lists live sockets only: a file left by an earlier upgrade does not count). Connecting to
 /// find out would take the one connection the waiting process accepts.
-pub fn someone_listens_on(path: &Path) -> bool {
-    std::fs::read_to_string("/proc/net/unix").is_ok_and(|table| listening_in(&table, path))
+/// `None` when `/proc/net/unix` cannot be read.
+pub fn someone_listens_on(path: &Path) -> Option<bool> {
+    let table = std::fs::read_to_string("/proc/net/unix").ok()?;
+    Some(listening_in(&table, path))
 }
 
 /// [`someone_listens_on`] over the text of `/proc/net/unix`.
@@ -39,13 +41,25 @@ fn listening_in(table: &str, path: &Path) -> bool {
     // Num RefCount Protocol Flags Type St Inode Path; Flags 00010000 is __SO_ACCEPTCON.
     const ACCEPTS: u32 = 0x0001_0000;
     table.lines().skip(1).any(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let listening = fields
-            .get(3)
+        let listening = line
+            .split_whitespace()
+            .nth(3)
             .and_then(|flags| u32::from_str_radix(flags, 16).ok())
             .is_some_and(|flags| flags & ACCEPTS != 0);
-        listening && fields.get(7).is_some_and(|p| Path::new(p) == path)
+        listening && socket_path(line).is_some_and(|p| Path::new(p) == path)
     })
+}
+
+/// The path of a `/proc/net/unix` line: all that follows its seven other fields (a path may
+/// hold spaces).
+fn socket_path(line: &str) -> Option<&str> {
+    let mut rest = line;
+    for _ in 0..7 {
+        rest = rest.trim_start();
+        rest = &rest[rest.find(char::is_whitespace)?..];
+    }
+    let path = rest.trim_start();
+    (!path.is_empty()).then_some(path)
 }
 
 /// In the new process, before Pingora waits for the sockets: once it listens on
@@ -55,7 +69,8 @@ pub fn ask_for_the_listeners(old: i32, upgrade_sock: PathBuf) {
         .name("upgrade".into())
         .spawn(move || {
             let deadline = Instant::now() + LISTENING_WITHIN;
-            while !someone_listens_on(&upgrade_sock) {
+            // Without /proc to tell, the socket's file (Pingora removes a stale one first).
+            while !someone_listens_on(&upgrade_sock).unwrap_or_else(|| upgrade_sock.exists()) {
                 if Instant::now() > deadline {
                     tracing::error!(
                         upgrade_sock = %upgrade_sock.display(),
@@ -116,7 +131,8 @@ impl ShutdownSignalWatch for Signals {
         loop {
             tokio::select! {
                 _ = quit.recv() => {
-                    if someone_listens_on(&self.upgrade_sock) {
+                    // Without /proc to tell, as Pingora does: hand over.
+                    if someone_listens_on(&self.upgrade_sock).unwrap_or(true) {
                         for thread in &self.threads {
                             thread.announce_hand_over();
                         }
@@ -145,6 +161,7 @@ Num       RefCount Protocol Flags    Type St Inode Path
 0000000000000000: 00000002 00000000 00010000 0001 01 21234 /tmp/custodia-proxy-upgrade.sock
 0000000000000000: 00000002 00000000 00000000 0001 03 21235 /tmp/other.sock
 0000000000000000: 00000003 00000000 00000000 0001 03 21236
+0000000000000000: 00000002 00000000 00010000 0001 01  1237 /run/my proxy/upgrade.sock
 ";
 
     #[test]
@@ -156,6 +173,9 @@ Num       RefCount Protocol Flags    Type St Inode Path
         // Connected, not listening; and absent.
         assert!(!listening_in(TABLE, Path::new("/tmp/other.sock")));
         assert!(!listening_in(TABLE, Path::new("/tmp/none.sock")));
+        // A path with a space, after a padded inode.
+        assert!(listening_in(TABLE, Path::new("/run/my proxy/upgrade.sock")));
+        assert!(!listening_in(TABLE, Path::new("/run/my")));
     }
 
     #[test]
@@ -164,10 +184,10 @@ Num       RefCount Protocol Flags    Type St Inode Path
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("upgrade.sock");
         let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        assert!(someone_listens_on(&path));
+        assert_eq!(someone_listens_on(&path), Some(true));
         drop(listener);
         assert!(path.exists(), "the file stays behind");
-        assert!(!someone_listens_on(&path));
+        assert_eq!(someone_listens_on(&path), Some(false));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

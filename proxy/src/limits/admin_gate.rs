@@ -4,9 +4,9 @@
 //! anything that can reach it (in Kubernetes, any pod: it listens on all interfaces there) could
 //! hold open connections until the process ran out of file descriptors, and then the public
 //! listener could accept nothing either; a client trickling a header line every few seconds
-//! kept one open indefinitely. Each connection now lives at most [`ADMIN_CONNECTION_LIFETIME`]
-//! (a scraper reconnects), and above [`MAX_ADMIN_CONNECTIONS`] a new one gets `503` and is
-//! closed.
+//! kept one open indefinitely. Each connection now lives at most [`ADMIN_CONNECTION_LIFETIME`],
+//! idles at most [`ADMIN_KEEPALIVE`] between two requests (a scraper reconnects), and above
+//! [`MAX_ADMIN_CONNECTIONS`] a new one gets `503` and is closed.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -21,8 +21,12 @@ use super::connection::refuse;
 
 /// Open admin connections at most: scrapers and probes need a few.
 pub const MAX_ADMIN_CONNECTIONS: usize = 64;
-/// How long one admin connection may stay open, requests and keep-alive waits together.
-pub const ADMIN_CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+/// How long one admin connection may stay open, requests and keep-alive waits together: a
+/// bound for a client that trickles, far above what a scrape takes (idle connections close
+/// after [`ADMIN_KEEPALIVE`]).
+pub const ADMIN_CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
+/// How long an admin connection may idle between two requests.
+pub const ADMIN_KEEPALIVE: Duration = Duration::from_secs(10);
 
 /// Wraps the admin app with the limits above.
 pub struct AdminGate<A> {

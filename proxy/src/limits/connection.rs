@@ -320,19 +320,25 @@ async fn next_request_arrives(
 /// client has already sent (its bytes are in the socket) is still served, its answer saying
 /// `Connection: close`; closing under it would reset it. Otherwise the connection closes now.
 async fn last_request_or_close(mut client: Box<ClientStream>) -> NextRequest {
-    // Only on the way out, once per connection: a zeroed buffer is no cost here.
-    let mut scratch = [0u8; READ_AHEAD];
-    let mut buf = ReadBuf::new(&mut scratch);
-    // One poll: what the socket holds now, without waiting for more.
-    let read =
-        std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *client).poll_read(cx, &mut buf)))
-            .await;
-    match read {
-        Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
-            client.read_ahead = Bytes::copy_from_slice(buf.filled());
+    // One poll: what the socket holds now, without waiting for more. The buffer lives in the
+    // poll, not across the await: it would otherwise size every connection's future.
+    let sent = std::future::poll_fn(|cx| {
+        let mut scratch = [0u8; READ_AHEAD];
+        let mut buf = ReadBuf::new(&mut scratch);
+        Poll::Ready(match Pin::new(&mut *client).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                Some(Bytes::copy_from_slice(buf.filled()))
+            }
+            _ => None,
+        })
+    })
+    .await;
+    match sent {
+        Some(bytes) => {
+            client.read_ahead = bytes;
             NextRequest::Arrived(client)
         }
-        _ => NextRequest::Close,
+        None => NextRequest::Close,
     }
 }
 
@@ -498,9 +504,29 @@ impl ClientStream {
             .and_then(|s| s.as_any().downcast_ref::<ClientStream>())
     }
 
-    /// Bytes already read off the socket and not parsed yet (the next request's start).
+    /// Bytes already read off the socket and not parsed yet (the next request's start). A
+    /// request begun in them is under the client deadline from now on, as one whose first
+    /// bytes come from the socket: bytes read ahead while the last answer was out (pipelined,
+    /// or while a worker was awaited) came with the deadline off, and the rest of the head
+    /// must not be waited for without one.
     pub fn take_read_ahead(&mut self) -> Bytes {
-        std::mem::take(&mut self.read_ahead)
+        let ahead = std::mem::take(&mut self.read_ahead);
+        if !ahead.is_empty() {
+            self.request_begins();
+        }
+        ahead
+    }
+
+    /// The first bytes of a new request are in: its deadline runs from the next read or wait,
+    /// and the edge has not seen it yet.
+    fn request_begins(&self) {
+        let _ = self.deadline_ms.compare_exchange(
+            DISARMED,
+            STARTED,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        self.request_seen.store(false, Ordering::Relaxed);
     }
 
     /// Hand bytes read off the socket back, for whoever parses the next request: before any
@@ -643,9 +669,9 @@ impl AsyncRead for ClientStream {
                 }
                 let deadline = this.deadline_ms.load(Ordering::Relaxed);
                 if deadline == DISARMED {
-                    // The first bytes of a new request.
+                    // The first bytes of a new request (or, pipelined, of the one after the
+                    // request being answered: the edge's view of that one stays as it is).
                     this.deadline_ms.store(STARTED, Ordering::Relaxed);
-                    this.request_seen.store(false, Ordering::Relaxed);
                     return Poll::Ready(Ok(()));
                 }
                 let now = this.now_ms();
