@@ -81,10 +81,19 @@ async fn run(mut arrivals: mpsc::UnboundedReceiver<Waiting>, shutdown: ShutdownW
     };
     poll_fn(|cx| {
         if shutting_down.as_mut().poll(cx).is_ready() || *lot.shutdown.borrow() {
-            // Close every parked connection, and any still on its way in.
+            // Close every parked connection, and any still on its way in; but a client that
+            // has already sent its next request gets it answered (with `Connection: close`),
+            // not a reset.
             arrivals.close();
-            while arrivals.try_recv().is_ok() {}
-            lot.entries.clear();
+            let arriving = std::iter::from_fn(|| arrivals.try_recv().ok());
+            let parked = lot.entries.drain(..).flatten().map(|entry| entry.waiting);
+            for waiting in parked.collect::<Vec<_>>().into_iter().chain(arriving) {
+                if let Ok(Some(first_bytes)) = read_ahead(&waiting.parked.socket) {
+                    let Waiting { parked, serve } = waiting;
+                    let (stream, settings) = parked.resume(first_bytes);
+                    tokio::spawn(serve(stream, settings, lot.shutdown.clone()));
+                }
+            }
             return Poll::Ready(());
         }
         lot.poll(cx, &mut arrivals);
