@@ -1192,7 +1192,7 @@ async fn with_auth_on_the_subject_is_logged_and_no_secret_is() {
 async fn a_graceful_upgrade_under_load_fails_no_request() {
     let a = Worker::start("a");
     let b = Worker::start("b");
-    let mut old = Ops::start(&upstream_section("least_conn", &[(a.addr, 1), (b.addr, 1)]));
+    let old = Ops::start(&upstream_section("least_conn", &[(a.addr, 1), (b.addr, 1)]));
     let old_pid = old.process.pid();
     // A connection per request: an idle keep-alive connection the old process closes at its
     // exit can race with a client's next request on it (inherent to HTTP/1.1; clients retry
@@ -1208,27 +1208,7 @@ async fn a_graceful_upgrade_under_load_fails_no_request() {
         .build()
         .unwrap();
     let load = Load::start_with(old.url("/api/hello"), 4, fresh_connections, true);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-
-    // The new process listens on upgrade_sock and asks the old one (SIGQUIT) to hand its
-    // listeners over: no signal to time by hand.
-    let mut new = old.spawn("b", &["--upgrade"]);
-    let served_before = load.ok();
-    let exited = tokio::task::spawn_blocking(move || {
-        let code = old.process.wait_exit(Duration::from_secs(30));
-        (old, code)
-    })
-    .await
-    .unwrap();
-    let (old, code) = exited;
-    assert!(code.is_some(), "the old process exits after the hand-over");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (seen, failures) = load.finish().await;
-    assert!(failures.is_empty(), "failed requests: {failures:?}");
-    assert!(
-        seen.values().sum::<usize>() > served_before,
-        "requests went on during the upgrade"
-    );
+    let (old, mut new) = upgrade_under(old, load).await;
 
     // The new process serves, owns the pid file, and answers on the admin listener.
     assert!(new.is_running());
@@ -1243,31 +1223,20 @@ async fn a_graceful_upgrade_under_load_fails_no_request() {
     assert!(old.scrape().await.contains("custodia_build_info"));
 }
 
-/// Busy keep-alive connections through an upgrade: from the hand-over on, each next answer of
-/// the old process says `Connection: close` and the connection ends after it, so no request is
-/// sent on a connection the old process is closing. (They were reset when it closed them all
-/// at its exit, 5 s later: 1 to 6 failed requests per upgrade in this test.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_graceful_upgrade_under_keep_alive_load_fails_no_request() {
-    let a = Worker::start("a");
-    let b = Worker::start("b");
-    let mut old = Ops::start(&upstream_section("least_conn", &[(a.addr, 1), (b.addr, 1)]));
-    let keepalive = reqwest::Client::builder()
-        .timeout(Duration::from_secs(15))
-        .no_proxy()
-        .build()
-        .unwrap();
-    let load = Load::start_with(old.url("/api/hello"), 16, keepalive, false);
+/// `--upgrade` next to `old` while `load` runs: the new process listens on upgrade_sock and
+/// asks the old one (SIGQUIT) to hand its listeners over, no signal to time by hand. Asserts
+/// the old one exits, no request failed and requests went on; returns both processes.
+async fn upgrade_under(old: Ops, load: Load) -> (Ops, ChildGuard) {
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut new = old.spawn("b", &["--upgrade"]);
+    let new = old.spawn("b", &["--upgrade"]);
     let served_before = load.ok();
-    let exited = tokio::task::spawn_blocking(move || {
+    let mut old = old;
+    let (old, code) = tokio::task::spawn_blocking(move || {
         let code = old.process.wait_exit(Duration::from_secs(30));
         (old, code)
     })
     .await
     .unwrap();
-    let (old, code) = exited;
     assert!(code.is_some(), "the old process exits after the hand-over");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (seen, failures) = load.finish().await;
@@ -1277,7 +1246,29 @@ async fn a_graceful_upgrade_under_keep_alive_load_fails_no_request() {
         failures.len(),
         failures.first()
     );
-    assert!(seen.values().sum::<usize>() > served_before);
+    assert!(
+        seen.values().sum::<usize>() > served_before,
+        "requests went on during the upgrade"
+    );
+    (old, new)
+}
+
+/// Busy keep-alive connections through an upgrade: from the hand-over on, each next answer of
+/// the old process says `Connection: close` and the connection ends after it, so no request is
+/// sent on a connection the old process is closing. (They were reset when it closed them all
+/// at its exit, 5 s later: 1 to 6 failed requests per upgrade in this test.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_upgrade_under_keep_alive_load_fails_no_request() {
+    let a = Worker::start("a");
+    let b = Worker::start("b");
+    let old = Ops::start(&upstream_section("least_conn", &[(a.addr, 1), (b.addr, 1)]));
+    let keepalive = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .no_proxy()
+        .build()
+        .unwrap();
+    let load = Load::start_with(old.url("/api/hello"), 16, keepalive, false);
+    let (old, mut new) = upgrade_under(old, load).await;
     assert!(new.is_running(), "{}", old.output());
 }
 

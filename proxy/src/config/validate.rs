@@ -14,6 +14,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use super::env::{Env, ProcessEnv};
 use super::file::{BalanceName, FileConfig, LogFormatName};
@@ -211,26 +212,28 @@ fn into_model(
     let routes_span = file.route.span();
     let routes = file.route.into_inner();
     let limits = file.limits;
-    let client_timeout = limits.client_timeout.0;
-    if client_timeout < std::time::Duration::from_secs(1)
-        || client_timeout > std::time::Duration::from_secs(600)
-    {
-        return Err(invalid(
-            find_key_in_section(text, "limits", "client_timeout"),
-            "limits.client_timeout",
-            "must be between 1s and 10m".into(),
-        ));
-    }
-    let send_timeout = limits.send_timeout.0;
-    if send_timeout < std::time::Duration::from_secs(1)
-        || send_timeout > std::time::Duration::from_secs(3600)
-    {
-        return Err(invalid(
-            find_key_in_section(text, "limits", "send_timeout"),
-            "limits.send_timeout",
-            "must be between 1s and 1h".into(),
-        ));
-    }
+    let limit_between = |key: &'static str, value: Duration, max: Duration, range: &str| {
+        if value < Duration::from_secs(1) || value > max {
+            return Err(invalid(
+                find_key_in_section(text, "limits", key),
+                &format!("limits.{key}"),
+                format!("must be between {range}"),
+            ));
+        }
+        Ok(value)
+    };
+    let client_timeout = limit_between(
+        "client_timeout",
+        limits.client_timeout.0,
+        Duration::from_secs(600),
+        "1s and 10m",
+    )?;
+    let send_timeout = limit_between(
+        "send_timeout",
+        limits.send_timeout.0,
+        Duration::from_secs(3600),
+        "1s and 1h",
+    )?;
     let mut route_body_sizes: Vec<(String, u64)> = routes
         .iter()
         .filter_map(|r| r.max_body_size.map(|size| (r.prefix.clone(), size.0)))
