@@ -74,11 +74,11 @@ pub fn parse(buf: &[u8], client: ClientSide<'_>) -> Result<Parsed, BadResponse> 
     // Left uninitialised: the parser writes the lines it finds.
     let mut lines = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut []);
-    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
-        &mut response,
-        buf,
-        &mut lines,
-    );
+    // As Pingora reads answers: a space before a header's colon is taken (the line goes to the
+    // client written anew, without it, as RFC 9112 §5.1 asks of a proxy).
+    let parsed = httparse::ParserConfig::default()
+        .allow_spaces_after_header_name_in_responses(true)
+        .parse_response_with_uninit_headers(&mut response, buf, &mut lines);
     let len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
@@ -333,6 +333,20 @@ mod tests {
         assert!(String::from_utf8(to_head.client_head)
             .unwrap()
             .contains("Content-Length: 9"));
+    }
+
+    #[test]
+    fn a_space_before_a_colon_is_taken_and_not_passed_on() {
+        let h = head(
+            "HTTP/1.1 200 OK\r\nContent-Length : 2\r\nX-A  : 1\r\n\r\nok",
+            side(true),
+        );
+        assert_eq!(h.framing, Framing::Length(2));
+        let out = String::from_utf8(h.client_head).unwrap();
+        assert!(
+            out.contains("\r\nContent-Length: 2\r\n") && out.contains("\r\nX-A: 1\r\n"),
+            "{out}"
+        );
     }
 
     #[test]
