@@ -460,6 +460,50 @@ async fn a_204_reaches_the_client_without_body_framing_on_both_paths() {
     }
 }
 
+/// A worker's answer in transfer codings besides chunked (`gzip, chunked`, or `gzip` ending
+/// when the worker closes) reaches the client on both paths with the codings named, for the
+/// client to undo: the fast path answered it with a 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_codings_besides_chunked_are_passed_on_on_both_paths() {
+    // Not real gzip: the proxy does not look inside a coding, and neither does the test.
+    let worker = ScriptedServer::start(|request| {
+        if request.contains("/chunked") {
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n4\r\nGZIP\r\n0\r\n\r\n"
+                    .to_vec(),
+                false,
+            )
+        } else {
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\nconnection: close\r\n\r\nGZIP"
+                    .to_vec(),
+                true,
+            )
+        }
+    });
+    let upstream = upstream_section("least_conn", &[(worker.addr, 1)]);
+    for fast_path in ["true", "false"] {
+        let proxy = Proxy::start_with_server(&format!("fast_path = {fast_path}\n"), &upstream);
+        for path in ["/chunked", "/until-close"] {
+            let mut stream = raw_tcp::connect(proxy.addr, None);
+            let request = format!("GET {path} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n");
+            std::io::Write::write_all(&mut stream, request.as_bytes()).unwrap();
+            let answer = read_for(&mut stream, Duration::from_secs(5));
+            let seen = format!("{path}, fast_path = {fast_path}: {answer}");
+            assert!(answer.starts_with("HTTP/1.1 200 "), "{seen}");
+            let lower = answer.to_ascii_lowercase();
+            let chunked = lower.contains("\r\ntransfer-encoding: gzip, chunked\r\n")
+                && answer.ends_with("4\r\nGZIP\r\n0\r\n\r\n");
+            // Pingora's path ends a body without chunks by closing, as the worker did.
+            let closed = path == "/until-close"
+                && lower.contains("\r\ntransfer-encoding: gzip\r\n")
+                && lower.contains("\r\nconnection: close\r\n")
+                && answer.ends_with("\r\n\r\nGZIP");
+            assert!(chunked || closed, "{seen}");
+        }
+    }
+}
+
 /// A worker switching protocols for a request that asked for no upgrade gets a 502 on both
 /// paths, never a tunnel the client cannot use.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

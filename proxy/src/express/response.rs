@@ -95,7 +95,9 @@ pub fn parse(buf: &[u8], client: ClientSide<'_>) -> Result<Parsed, BadResponse> 
         return Ok(Parsed::Informational(len));
     }
     let mut length: Option<u64> = None;
-    let mut chunked = false;
+    // The `Transfer-Encoding` values, in order: the codings the client is told of.
+    let mut coding_lists: [&[u8]; 4] = [b""; 4];
+    let mut coding_count = 0;
     let mut worker_closes = response.version != Some(1);
     let mut has_date = false;
     // The `Connection` values: the headers they name stay here (RFC 9110 §7.6.1).
@@ -110,10 +112,13 @@ pub fn parse(buf: &[u8], client: ClientSide<'_>) -> Result<Parsed, BadResponse> 
             }
             length = Some(value);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            if chunked || !line.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-                return Err(BadResponse("Transfer-Encoding other than chunked"));
+            match coding_lists.get_mut(coding_count) {
+                Some(slot) => {
+                    *slot = line.value.trim_ascii();
+                    coding_count += 1;
+                }
+                None => return Err(BadResponse("more than 4 Transfer-Encoding headers")),
             }
-            chunked = true;
         } else if name.eq_ignore_ascii_case(b"connection") {
             worker_closes |= line
                 .value
@@ -130,10 +135,17 @@ pub fn parse(buf: &[u8], client: ClientSide<'_>) -> Result<Parsed, BadResponse> 
             has_date = true;
         }
     }
+    let codings = TransferCodings::of(&coding_lists[..coding_count])?;
+    // A transfer coding replaces a length (RFC 9112 §6.3), on a HEAD's answer too: a message
+    // never carries both.
+    let coded = codings != TransferCodings::None;
     let framing = if client.head_request || status == 204 || status == 304 {
         Framing::Empty
-    } else if chunked {
+    } else if codings == TransferCodings::ChunkedLast {
         Framing::Chunked
+    } else if codings == TransferCodings::ChunkedNotLast {
+        // RFC 9112 §6.3: the body then ends when the worker closes.
+        Framing::UntilClose
     } else if let Some(length) = length {
         Framing::Length(length)
     } else {
@@ -164,9 +176,7 @@ pub fn parse(buf: &[u8], client: ClientSide<'_>) -> Result<Parsed, BadResponse> 
         let dropped = is_hop_by_hop(name)
             || name.eq_ignore_ascii_case(b"x-request-id")
             || (connection_count > 0 && named_by_connection())
-            // Chunked framing replaces a length (RFC 9112 §6.3), on a HEAD's answer too: a
-            // message never carries both.
-            || (chunked && name.eq_ignore_ascii_case(b"content-length"))
+            || (coded && name.eq_ignore_ascii_case(b"content-length"))
             // A 204 has no body to frame (RFC 9110 §8.6).
             || (status == 204 && name.eq_ignore_ascii_case(b"content-length"));
         if dropped {
@@ -177,9 +187,21 @@ pub fn parse(buf: &[u8], client: ClientSide<'_>) -> Result<Parsed, BadResponse> 
         head.put_slice(line.value);
         head.put_slice(b"\r\n");
     }
-    // A 204 has no body, so no framing for one (RFC 9112 §6.1).
-    if (chunked && status != 204) || framing == Framing::UntilClose {
-        head.put_slice(b"transfer-encoding: chunked\r\n");
+    // A 204 has no body, so no framing for one (RFC 9112 §6.1). Codings other than chunked
+    // (`gzip, chunked`) are the client's to undo, as Pingora's path passes them on; a body
+    // read until the worker closes goes on chunked after them.
+    if status != 204 && (coded || framing == Framing::UntilClose) {
+        head.put_slice(b"transfer-encoding: ");
+        for (i, list) in coding_lists.iter().take(coding_count).enumerate() {
+            if i > 0 {
+                head.put_slice(b", ");
+            }
+            head.put_slice(list);
+        }
+        if codings != TransferCodings::ChunkedLast {
+            head.put_slice(if coded { &b", chunked"[..] } else { b"chunked" });
+        }
+        head.put_slice(b"\r\n");
     }
     if !has_date {
         head.put_slice(b"date: ");
@@ -202,6 +224,45 @@ pub fn parse(buf: &[u8], client: ClientSide<'_>) -> Result<Parsed, BadResponse> 
         client_head: head,
         keepalive,
     }))
+}
+
+/// What a response's `Transfer-Encoding` lines say of its framing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TransferCodings {
+    None,
+    /// Chunked is the final coding: the body's chunks say where it ends.
+    ChunkedLast,
+    /// Codings without chunked last: the body ends when the worker closes.
+    ChunkedNotLast,
+}
+
+impl TransferCodings {
+    fn of(lists: &[&[u8]]) -> Result<Self, BadResponse> {
+        if lists.is_empty() {
+            return Ok(TransferCodings::None);
+        }
+        let mut codings = lists
+            .iter()
+            .flat_map(|list| list.split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|coding| !coding.is_empty())
+            .peekable();
+        let mut last_is_chunked = None;
+        while let Some(coding) = codings.next() {
+            let chunked = coding.eq_ignore_ascii_case(b"chunked");
+            // RFC 9112 §6.1 lets a response end by closing after `chunked, gzip`; relayed
+            // chunked, that would be chunked twice, which no sender may do.
+            if chunked && codings.peek().is_some() {
+                return Err(BadResponse("chunked before another transfer coding"));
+            }
+            last_is_chunked = Some(chunked);
+        }
+        match last_is_chunked {
+            None => Err(BadResponse("empty Transfer-Encoding")),
+            Some(true) => Ok(TransferCodings::ChunkedLast),
+            Some(false) => Ok(TransferCodings::ChunkedNotLast),
+        }
+    }
 }
 
 /// Headers about one connection, not the message (Transfer-Encoding is written again when the
@@ -336,6 +397,33 @@ mod tests {
     }
 
     #[test]
+    fn codings_other_than_chunked_are_the_clients_to_undo() {
+        let raw = "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding:  chunked \r\n\
+                   Content-Length: 3\r\n\r\n";
+        let h = head(raw, side(true));
+        assert_eq!((h.framing, h.reusable), (Framing::Chunked, true));
+        let out = String::from_utf8(h.client_head).unwrap();
+        assert!(
+            out.contains("\r\ntransfer-encoding: gzip, chunked\r\n"),
+            "{out}"
+        );
+        assert!(!out.contains("Content-Length"), "{out}");
+
+        // Without chunked last, the body ends when the worker closes: chunked is added.
+        let h = head(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 3\r\n\r\n",
+            side(true),
+        );
+        assert_eq!((h.framing, h.reusable), (Framing::UntilClose, false));
+        let out = String::from_utf8(h.client_head).unwrap();
+        assert!(
+            out.contains("\r\ntransfer-encoding: gzip, chunked\r\n"),
+            "{out}"
+        );
+        assert!(!out.contains("Content-Length"), "{out}");
+    }
+
+    #[test]
     fn a_space_before_a_colon_is_taken_and_not_passed_on() {
         let h = head(
             "HTTP/1.1 200 OK\r\nContent-Length : 2\r\nX-A  : 1\r\n\r\nok",
@@ -397,7 +485,9 @@ mod tests {
             "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
             "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
             "HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n",
-            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: ,\r\n\r\n",
             "HTTP/1.1 101 Switching Protocols\r\n\r\n",
             "HTTP/1.1 2000 OK\r\n\r\n",
             "NOT HTTP\r\n\r\n",
