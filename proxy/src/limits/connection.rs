@@ -144,7 +144,12 @@ impl<A: HttpServerApp + Send + Sync + 'static> ConnectionGate<A> {
             // on the settings it was given untouched.
             if answered_at.is_none() && settings.as_ref().is_some_and(carries_pipelined_bytes) {
                 // The client sent its next request with the last one: no wait, and only
-                // Pingora's session can read what it already took of it.
+                // Pingora's session can read what it already took of it. The request has
+                // begun: the rest of it is under the client deadline, and the edge has not
+                // seen it yet (a refusal of Pingora's is counted).
+                if let Some(client) = stream.as_any().downcast_ref::<ClientStream>() {
+                    client.request_begins();
+                }
                 served = self
                     .serve_by_pingora(stream, settings, false, shutdown)
                     .await;
