@@ -736,6 +736,22 @@ async fn a_worker_past_read_timeout_gets_a_504_or_the_request_moves_to_another()
     assert_eq!(page["status"], 504);
     assert_eq!(page["request_id"], id.as_str());
 
+    // With retries left but no other worker to try, still a 504 (it was a 502), on both
+    // paths, and the operator is told which worker timed out.
+    for fast_path in [true, false] {
+        let proxy = Proxy::start_with_server_capturing(
+            &format!("fast_path = {fast_path}\n"),
+            &upstream(&[(slow.addr, 1)], 2),
+        );
+        let response = client().get(proxy.url("/slow")).send().await.unwrap();
+        assert_eq!(response.status(), 504, "fast_path = {fast_path}");
+        let logged = proxy.output();
+        assert!(
+            logged.contains("no other backend left") && logged.contains(&slow.addr.to_string()),
+            "fast_path = {fast_path}: {logged}"
+        );
+    }
+
     // With a second worker and a retry, the GET is replayed there.
     let quick = ScriptedServer::start(|_| {
         (

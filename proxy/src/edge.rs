@@ -87,6 +87,8 @@ pub struct RequestCtx {
     lease: Option<Lease>,
     /// Backends that already failed this request.
     failed: Vec<SocketAddr>,
+    /// The last of them timed out: with none left to try, the answer is a 504, as nginx's.
+    last_timed_out: bool,
     attempts: u32,
     /// The verified session, when the route's policy looked for one and found it.
     identity: Option<Verified>,
@@ -125,6 +127,7 @@ impl ProxyHttp for Edge {
             request_id: HeaderValue::from_static(""),
             lease: None,
             failed: Vec::new(),
+            last_timed_out: false,
             attempts: 0,
             identity: None,
             started: Instant::now(),
@@ -279,6 +282,11 @@ impl ProxyHttp for Edge {
             let all_down = ctx.runtime.pool.healthy_count() == 0;
             return Err(if ctx.failed.is_empty() || all_down {
                 Error::explain(ErrorType::HTTPStatus(503), "no healthy backend")
+            } else if ctx.last_timed_out {
+                Error::explain(
+                    ErrorType::HTTPStatus(504),
+                    "timed out, and no other backend left to retry on",
+                )
             } else {
                 Error::explain(
                     ErrorType::HTTPStatus(502),
@@ -308,6 +316,7 @@ impl ProxyHttp for Edge {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        ctx.last_timed_out = is_timeout(&e);
         if let Some(lease) = &ctx.lease {
             let slot = lease.slot();
             ctx.failed.push(slot.addr);
@@ -332,6 +341,7 @@ impl ProxyHttp for Edge {
         ctx: &mut RequestCtx,
         _client_reused: bool,
     ) -> Box<Error> {
+        ctx.last_timed_out = is_timeout(&e);
         if let Some(lease) = &ctx.lease {
             ctx.failed.push(lease.slot().addr);
             if *e.esource() == ErrorSource::Upstream {
@@ -736,12 +746,21 @@ pub(crate) fn record(f: &Finished<'_>) {
     }
 }
 
+/// A worker that did not answer (or accept, or read) in time.
+fn is_timeout(e: &Error) -> bool {
+    *e.esource() == ErrorSource::Upstream
+        && matches!(
+            e.etype(),
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+        )
+}
+
 const UNDECIDED: u8 = 0;
 const LOGGED: u8 = 1;
 const QUIET: u8 = 2;
 
-/// Failures with no backend to blame (none left to try), a line a second.
-static NO_BACKEND_LOG: FailureLog = FailureLog::new();
+/// Failures with no backend to blame (none left to try), a line a second, on both paths.
+pub(crate) static NO_BACKEND_LOG: FailureLog = FailureLog::new();
 
 /// Whether a failed request's lines (Pingora's retry warning, its final error) reach the log:
 /// a line a second per backend, as on the fast path, decided at the request's first line. A

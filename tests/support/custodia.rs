@@ -180,6 +180,11 @@ impl Proxy {
         Proxy::launch_with(free_addr(), server, sections, env, false)
     }
 
+    /// [`Proxy::start_with_server`] with its output kept for [`Proxy::output`].
+    pub fn start_with_server_capturing(server: &str, sections: &str) -> Proxy {
+        Proxy::launch_with(free_addr(), server, sections, &[], true)
+    }
+
     fn launch(addr: SocketAddr, sections: &str, env: &[(&str, &str)], capture: bool) -> Proxy {
         Proxy::launch_with(addr, "", sections, env, capture)
     }

@@ -315,17 +315,22 @@ impl Exchange<'_> {
         }
         let settings = &runtime.config.upstream;
         let mut failed: Vec<SocketAddr> = Vec::new();
+        // The last failure was a timeout: an answer that never came is a 504, as nginx says.
+        let mut last_timed_out = false;
         loop {
             // A retry moves the request: the previous backend's count is released first, and
             // its failover counted once another backend has taken the request.
             let moved_from = self.lease.take().map(|lease| lease.slot().clone());
             let Some(lease) = runtime.pool.pick(&failed) else {
                 let all_down = runtime.pool.healthy_count() == 0;
-                let status = if failed.is_empty() || all_down {
-                    503
+                let (status, why) = if failed.is_empty() || all_down {
+                    (503, "no healthy backend")
+                } else if last_timed_out {
+                    (504, "timed out, and no other backend left to retry on")
                 } else {
-                    502
+                    (502, "failed, and no other backend left to retry on")
                 };
+                self.log_no_backend_left(why);
                 return self.error_page(client, status).await;
             };
             if let Some(failed) = moved_from {
@@ -381,35 +386,63 @@ impl Exchange<'_> {
                 }
             };
             failed.push(slot.addr);
+            last_timed_out = e.kind() == io::ErrorKind::TimedOut;
             // Nothing of the answer has reached the client, and a GET or HEAD is safe to replay
             // (a failed connect never reached the worker at all).
             if may_retry {
+                self.log_failure(&slot, &e, true);
                 continue;
             }
             let status = if connect_failed && runtime.pool.healthy_count() == 0 {
                 503
-            } else if e.kind() == io::ErrorKind::TimedOut {
+            } else if last_timed_out {
                 504
             } else {
                 502
             };
-            self.log_failure(&slot, &e);
+            self.log_failure(&slot, &e, false);
             return self.error_page(client, status).await;
         }
     }
 
     /// At most a line a second per backend ([`crate::balancer::FailureLog`]); the metrics
-    /// count every failure.
-    fn log_failure(&self, slot: &BackendSlot, e: &io::Error) {
+    /// count every failure. A failure the request moves on from is a warning, as on Pingora's
+    /// path; the one that fails it, an error.
+    fn log_failure(&self, slot: &BackendSlot, e: &io::Error, retrying: bool) {
         let Some(unlogged) = slot.failure_log().admit(flow::now_unix()) else {
             return;
         };
+        let request_id = self.request_id.to_str().unwrap_or("");
+        let (method, path) = (self.req.method(), self.req.path());
+        if retrying {
+            tracing::warn!(
+                backend = slot.label.as_str(),
+                error = %e,
+                request_id,
+                unlogged,
+                "{method} {path}: failed, retrying on another backend"
+            );
+        } else {
+            tracing::error!(
+                backend = slot.label.as_str(),
+                error = %e,
+                request_id,
+                unlogged,
+                "{method} {path}: fail to proxy"
+            );
+        }
+    }
+
+    /// The request failed for want of a backend to try: a line a second, shared with
+    /// Pingora's path.
+    fn log_no_backend_left(&self, why: &str) {
+        let Some(unlogged) = edge::NO_BACKEND_LOG.admit(flow::now_unix()) else {
+            return;
+        };
         tracing::error!(
-            backend = slot.label.as_str(),
-            error = %e,
             request_id = self.request_id.to_str().unwrap_or(""),
             unlogged,
-            "{} {}: fail to proxy",
+            "{} {}: fail to proxy: {why}",
             self.req.method(),
             self.req.path()
         );
@@ -441,7 +474,7 @@ impl Exchange<'_> {
             let (done, extra) = match body.frame(&data, &mut out) {
                 Ok(step) => step,
                 Err(e) => {
-                    self.log_failure(slot, &e);
+                    self.log_failure(slot, &e, false);
                     self.keepalive = false;
                     if !head_sent {
                         // Nothing has gone out yet: the client can still be told.
@@ -486,12 +519,12 @@ impl Exchange<'_> {
                         io::ErrorKind::UnexpectedEof,
                         "the backend closed mid-answer",
                     );
-                    self.log_failure(slot, &e);
+                    self.log_failure(slot, &e, false);
                     return false;
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    self.log_failure(slot, &e);
+                    self.log_failure(slot, &e, false);
                     return false;
                 }
             }
