@@ -214,15 +214,19 @@ pub fn run(config: ProxyConfig, options: StartOptions) -> Result<(), ProxyError>
 /// `SO_REUSEPORT` (one per thread), so a second instance would bind next to the first and
 /// take a share of its clients. A plain bind (no `SO_REUSEPORT`) is refused by any listener
 /// on the address, ours included; `--upgrade` skips this, as it takes the sockets over.
+/// Every socket stays bound until all are: two of our own addresses that overlap (`0.0.0.0:P`
+/// and `127.0.0.1:P`) are refused here too, not only by another process.
 fn check_addresses_are_free(config: &ProxyConfig) -> Result<(), ProxyError> {
     let public = config.server.listen.iter().map(|a| (*a, "server.listen"));
     let admin = config.admin.iter().map(|a| (a.listen, "admin.listen"));
+    let mut held = Vec::new();
     for (addr, key) in public.chain(admin) {
-        std::net::TcpListener::bind(addr).map_err(|source| ProxyError::Listen {
+        let socket = std::net::TcpListener::bind(addr).map_err(|source| ProxyError::Listen {
             addr,
             key,
             source,
         })?;
+        held.push(socket);
     }
     Ok(())
 }
@@ -261,6 +265,29 @@ fn write_pid_file(config: &ProxyConfig) -> Result<(), ProxyError> {
 mod tests {
     use super::*;
     use std::net::ToSocketAddrs;
+
+    #[test]
+    fn addresses_are_checked_together_not_one_at_a_time() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[upstream]\nbackends = [\"127.0.0.1:1\"]\n"
+        );
+        let mut config = crate::config::parse(&text, std::path::Path::new("t.toml")).unwrap();
+        assert!(check_addresses_are_free(&config).is_ok());
+        // Validation refuses this; were it to let one through, the check must not.
+        config.admin = Some(crate::config::AdminSettings {
+            listen: SocketAddr::from(([127, 0, 0, 1], port)),
+        });
+        let message = check_addresses_are_free(&config).unwrap_err().to_string();
+        assert!(
+            message.contains(&format!("cannot listen on 127.0.0.1:{port} (admin.listen)")),
+            "{message}"
+        );
+    }
 
     #[test]
     fn each_worker_gets_a_distinct_key_for_the_same_address() {

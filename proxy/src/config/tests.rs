@@ -544,3 +544,50 @@ fn routes_without_auth_are_refused() {
     let message = error_of("[upstream]\nbackends = [\"127.0.0.1:1\"]\n[[route]]\nprefix = \"/\"\npolicy = \"public\"\n");
     assert!(message.contains("need an [auth] section"), "{message}");
 }
+
+#[test]
+fn overlapping_listen_addresses_are_refused() {
+    let upstream = "[upstream]\nbackends = [\"127.0.0.1:1\"]\n";
+    // (public listen, admin listen): each pair would fight over one port.
+    for (public, admin) in [
+        ("\"127.0.0.1:8080\"", "0.0.0.0:8080"),
+        ("\"0.0.0.0:8080\"", "127.0.0.1:8080"),
+        ("\"127.0.0.1:8080\"", "[::]:8080"),
+        ("\"[::]:8080\"", "127.0.0.1:8080"),
+        ("\"[::1]:8080\"", "[::]:8080"),
+        ("\"0.0.0.0:8080\"", "[::]:8080"),
+        ("\"127.0.0.1:8080\"", "[::ffff:127.0.0.1]:8080"),
+        ("[\"127.0.0.1:8081\", \"10.0.0.1:8080\"]", "0.0.0.0:8080"),
+    ] {
+        let text =
+            format!("[server]\nlisten = {public}\n{upstream}[admin]\nlisten = \"{admin}\"\n");
+        let message = error_of(&text);
+        assert!(
+            message.contains("key `admin.listen`")
+                && message.contains("must be separate")
+                && message.starts_with("test.toml:6:"),
+            "{public} / {admin} → {message}"
+        );
+    }
+    for list in [
+        "[\"0.0.0.0:8080\", \"127.0.0.1:8080\"]",
+        "[\"127.0.0.1:8080\", \"[::]:8080\"]",
+    ] {
+        let message = error_of(&format!("[server]\nlisten = {list}\n{upstream}"));
+        assert!(
+            message.contains("key `server.listen`") && message.contains("overlap"),
+            "{list} → {message}"
+        );
+    }
+    // Different ports, or addresses the kernel keeps apart, are fine.
+    for (public, admin) in [
+        ("\"0.0.0.0:8080\"", "0.0.0.0:9090"),
+        ("\"127.0.0.1:8080\"", "127.0.0.2:8080"),
+        ("\"0.0.0.0:8080\"", "[::1]:8080"),
+        ("\"[::1]:8080\"", "127.0.0.1:8080"),
+    ] {
+        let text =
+            format!("[server]\nlisten = {public}\n{upstream}[admin]\nlisten = \"{admin}\"\n");
+        assert!(parse_str(&text).is_ok(), "{public} / {admin}");
+    }
+}

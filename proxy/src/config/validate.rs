@@ -3,9 +3,10 @@
 //! Rules checked here (single-value rules live in the serde types of [`super::file`]):
 //! 1. TOML syntax, unknown keys and wrong types are reported by the parser with their key path.
 //! 2. `upstream.backends` lists at least one backend, none twice.
-//! 3. `server.listen` lists no address twice.
+//! 3. `server.listen` lists no address twice, nor two that overlap (the same port, one IP
+//!    unspecified: `0.0.0.0` takes every IPv4 address, `::` every address).
 //! 4. `upstream.health.timeout` is not longer than `upstream.health.interval`.
-//! 5. `admin.listen` is not one of the public `server.listen` addresses.
+//! 5. `admin.listen` is not one of the public `server.listen` addresses, nor overlaps one.
 //! 6. `log.level` is a valid level or `RUST_LOG`-style directive list.
 //! 7. `upstream.discovery_interval` is at least 100 ms.
 //! 8. `[auth]` and `[[route]]`: see [`super::auth`] (secrets come from the environment).
@@ -13,6 +14,7 @@
 //!    `client_timeout` is between 1 s and 10 min, `send_timeout` between 1 s and 1 h.
 
 use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -80,14 +82,19 @@ fn into_model(
         };
 
     let server = file.server;
-    let mut seen = HashSet::new();
-    for addr in &server.listen.0 {
-        if !seen.insert(addr.0) {
-            return Err(invalid(
-                find_key(text, "listen"),
-                "server.listen",
-                format!("address {} is listed twice", addr.0),
-            ));
+    for (i, addr) in server.listen.0.iter().enumerate() {
+        for earlier in &server.listen.0[..i] {
+            let message = if earlier.0 == addr.0 {
+                format!("address {} is listed twice", addr.0)
+            } else if let Some(why) = listen_conflict(earlier.0, addr.0) {
+                format!(
+                    "addresses {} and {} overlap ({why}): list only one of them",
+                    earlier.0, addr.0
+                )
+            } else {
+                continue;
+            };
+            return Err(invalid(find_key(text, "listen"), "server.listen", message));
         }
     }
     if server.threads > MAX_THREADS {
@@ -164,14 +171,25 @@ fn into_model(
 
     let admin = file.admin.map(|a| AdminSettings { listen: a.listen.0 });
     if let Some(admin) = &admin {
-        if server.listen.0.iter().any(|l| l.0 == admin.listen) {
-            return Err(invalid(
-                find_key_in_section(text, "admin", "listen"),
-                "admin.listen",
+        for public in &server.listen.0 {
+            let message = if public.0 == admin.listen {
                 format!(
                     "{} is also a public listen address: the admin listener must be separate",
                     admin.listen
-                ),
+                )
+            } else if let Some(why) = listen_conflict(public.0, admin.listen) {
+                format!(
+                    "{} overlaps the public listen address {} ({why}): the admin listener must \
+                     be separate, on another port",
+                    admin.listen, public.0
+                )
+            } else {
+                continue;
+            };
+            return Err(invalid(
+                find_key_in_section(text, "admin", "listen"),
+                "admin.listen",
+                message,
             ));
         }
     }
@@ -323,6 +341,35 @@ fn into_model(
                 unhealthy_after: health.unhealthy_after.get(),
             },
         },
+    })
+}
+
+/// Why two different listen addresses cannot both be bound, or `None` when they can: the same
+/// port with the same IP (`::ffff:127.0.0.1` is `127.0.0.1`), or with an unspecified IP that
+/// takes the other one in: `0.0.0.0` takes every IPv4 address, `::` every IPv6 and (Linux's
+/// default, dual stack) every IPv4 address too.
+pub(crate) fn listen_conflict(a: SocketAddr, b: SocketAddr) -> Option<String> {
+    if a.port() != b.port() {
+        return None;
+    }
+    let (x, y) = (a.ip().to_canonical(), b.ip().to_canonical());
+    if x == y {
+        return Some(format!("{a} and {b} are the same address"));
+    }
+    let takes =
+        |wild: IpAddr, other: IpAddr| wild.is_unspecified() && (wild.is_ipv6() || other.is_ipv4());
+    let wild = if takes(x, y) {
+        x
+    } else if takes(y, x) {
+        y
+    } else {
+        return None;
+    };
+    let port = a.port();
+    Some(if wild.is_ipv6() {
+        format!("the same port {port}, and `::` takes every IPv6 and IPv4 address on it")
+    } else {
+        format!("the same port {port}, and `0.0.0.0` takes every IPv4 address on it")
     })
 }
 
