@@ -445,6 +445,11 @@ pub struct HostPort {
 impl HostPort {
     pub fn parse(text: &str) -> Result<HostPort, String> {
         if let Ok(addr) = text.parse::<std::net::SocketAddr>() {
+            if addr.port() == 0 {
+                return Err(format!(
+                    "invalid address `{text}`: port 0 is no port to connect to (1 to 65535)"
+                ));
+            }
             return Ok(HostPort {
                 host: addr.ip().to_string(),
                 port: addr.port(),
@@ -466,8 +471,13 @@ impl HostPort {
                     && !label.starts_with('-')
                     && !label.ends_with('-')
             });
-        if !valid_name || port == 0 {
+        if !valid_name {
             return Err(bad());
+        }
+        if port == 0 {
+            return Err(format!(
+                "invalid address `{text}`: port 0 is no port to connect to (1 to 65535)"
+            ));
         }
         Ok(HostPort {
             host: host.to_ascii_lowercase(),
@@ -500,11 +510,19 @@ pub struct Address(pub std::net::SocketAddr);
 impl<'de> Deserialize<'de> for Address {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
-        text.parse().map(Address).map_err(|_| {
+        let addr: std::net::SocketAddr = text.parse().map_err(|_| {
             de::Error::custom(format!(
                 "invalid listen address `{text}`: expected \"IP:port\", e.g. \"127.0.0.1:8080\" or \"0.0.0.0:8080\""
             ))
-        })
+        })?;
+        if addr.port() == 0 {
+            // Port 0 asks the kernel for any free port: one per worker thread, none known.
+            return Err(de::Error::custom(format!(
+                "invalid listen address `{text}`: port 0 would listen on a random port; \
+                 expected a port from 1 to 65535"
+            )));
+        }
+        Ok(Address(addr))
     }
 }
 

@@ -591,3 +591,41 @@ fn overlapping_listen_addresses_are_refused() {
         assert!(parse_str(&text).is_ok(), "{public} / {admin}");
     }
 }
+
+#[test]
+fn port_0_is_refused_everywhere() {
+    let upstream = "[upstream]\nbackends = [\"127.0.0.1:1\"]\n";
+    let cases = [
+        (
+            format!("[server]\nlisten = \"127.0.0.1:0\"\n{upstream}"),
+            "server.listen",
+        ),
+        (
+            format!("[server]\nlisten = [\"127.0.0.1:8080\", \"[::1]:0\"]\n{upstream}"),
+            "server.listen",
+        ),
+        (
+            format!("{upstream}[admin]\nlisten = \"127.0.0.1:0\"\n"),
+            "admin.listen",
+        ),
+        (
+            "[upstream]\nbackends = [\"127.0.0.1:0\"]\n".to_string(),
+            "upstream.backends",
+        ),
+        (
+            "[upstream]\nbackends = [{ addr = \"[::1]:0\" }]\n".to_string(),
+            "upstream.backends",
+        ),
+        (
+            "[upstream]\nbackends = [\"app:0\"]\n".to_string(),
+            "upstream.backends",
+        ),
+    ];
+    for (text, key) in cases {
+        let message = error_of(&text);
+        assert!(
+            message.contains(&format!("key `{key}")) && message.contains(":0`"),
+            "{text:?} → {message}"
+        );
+    }
+}
