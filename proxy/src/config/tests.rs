@@ -321,15 +321,15 @@ fn errors_name_the_key_and_the_line() {
         ("[upstream]\nbackends = [\"127.0.0.1:1\"]\n[log]\nlevel = \"custodia_proxy=debug, verbose\"\n",
          "log.level", "`verbose` is not a level"),
         ("[upstream]\nbackends = [\"127.0.0.1:1\"]\n[upstream.health]\ntimeout = \"0s\"\n",
-         "upstream.health.timeout", "longer than 0s"),
+         "upstream.health.timeout", "0s is out of range: must be between 1ms and 1d"),
         ("[upstream]\nbackends = [\"127.0.0.1:1\"]\n[upstream.health]\ninterval = \"0s\"\ntimeout = \"0s\"\n",
-         "upstream.health.interval", "longer than 0s"),
+         "upstream.health.interval", "0s is out of range: must be between 1ms and 1d"),
         ("[server]\nthreads = 100000\n[upstream]\nbackends = [\"127.0.0.1:1\"]\n",
          "server.threads", "more than the 1024"),
         ("[upstream]\nbackends = [\"127.0.0.1:1\"]\n[log]\nformat = \"xml\"\n",
          "log.format", "unknown variant"),
         ("[upstream]\nbackends = [\"127.0.0.1:1\"]\ndiscovery_interval = \"1ms\"\n",
-         "upstream.discovery_interval", "at least 100ms"),
+         "upstream.discovery_interval", "must be between 100ms and 1d"),
     ];
     for (text, key, words) in cases {
         let message = error_of(text);
@@ -628,4 +628,81 @@ fn port_0_is_refused_everywhere() {
             "{text:?} → {message}"
         );
     }
+}
+
+#[test]
+fn every_duration_key_has_a_range() {
+    let backends = "backends = [\"127.0.0.1:1\"]\n";
+    // (table, key, too small, too large, the range named)
+    let cases = [
+        ("server", "grace_period", None, "2h", "0s and 1h"),
+        ("server", "keepalive_timeout", None, "1d", "0s and 1h"),
+        (
+            "upstream",
+            "connect_timeout",
+            Some("0s"),
+            "11m",
+            "1ms and 10m",
+        ),
+        ("upstream", "read_timeout", Some("0s"), "2d", "1ms and 1d"),
+        ("upstream", "send_timeout", Some("0ms"), "25h", "1ms and 1d"),
+        (
+            "upstream",
+            "idle_timeout",
+            Some("0s"),
+            "1year",
+            "1ms and 1d",
+        ),
+        (
+            "upstream",
+            "discovery_interval",
+            Some("99ms"),
+            "2d",
+            "100ms and 1d",
+        ),
+        (
+            "upstream.health",
+            "interval",
+            Some("0s"),
+            "2d",
+            "1ms and 1d",
+        ),
+        (
+            "limits",
+            "client_timeout",
+            Some("999ms"),
+            "11m",
+            "1s and 10m",
+        ),
+        ("limits", "send_timeout", Some("0s"), "61m", "1s and 1h"),
+    ];
+    for (table, key, small, large, range) in cases {
+        // A duration past what the clock can add (it panicked per connection) is refused too.
+        for value in small.into_iter().chain([large, "300000000000years"]) {
+            let header = if table == "upstream" {
+                String::new()
+            } else {
+                format!("[{table}]\n")
+            };
+            let text = format!("[upstream]\n{backends}{header}{key} = \"{value}\"\n");
+            let message = error_of(&text);
+            let line = text.lines().position(|l| l.starts_with(key)).unwrap() + 1;
+            assert!(
+                message.starts_with(&format!("test.toml:{line}: key `{table}.{key}`: "))
+                    && message.contains("is out of range")
+                    && message.ends_with(&format!("must be between {range}")),
+                "{value} → {message}"
+            );
+        }
+    }
+    // The bounds themselves are in range, and 0 is "stop at once" for the grace period.
+    let text = format!(
+        "[server]\ngrace_period = \"0s\"\nkeepalive_timeout = \"1h\"\n\
+         [upstream]\n{backends}connect_timeout = \"1ms\"\nread_timeout = \"1d\"\n\
+         [limits]\nsend_timeout = \"1s\"\n"
+    );
+    let config = parse_str(&text).unwrap();
+    assert_eq!(config.server.grace_period, Duration::ZERO);
+    assert_eq!(config.upstream.connect_timeout, Duration::from_millis(1));
+    assert_eq!(config.upstream.read_timeout, Duration::from_secs(86_400));
 }

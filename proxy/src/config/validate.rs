@@ -8,10 +8,11 @@
 //! 4. `upstream.health.timeout` is not longer than `upstream.health.interval`.
 //! 5. `admin.listen` is not one of the public `server.listen` addresses, nor overlaps one.
 //! 6. `log.level` is a valid level or `RUST_LOG`-style directive list.
-//! 7. `upstream.discovery_interval` is at least 100 ms.
+//! 7. Every duration is within its range ([`DURATION_RANGES`]): timeouts at least 1 ms, nothing
+//!    over a day (`auth.session_ttl`: see [`super::auth`]).
 //! 8. `[auth]` and `[[route]]`: see [`super::auth`] (secrets come from the environment).
-//! 9. `[limits]`: counts and sizes are in range while parsing (0 is refused);
-//!    `client_timeout` is between 1 s and 10 min, `send_timeout` between 1 s and 1 h.
+//! 9. `[limits]`: counts and sizes are in range while parsing (0 is refused); its durations
+//!    as rule 7 says.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -25,6 +26,58 @@ use super::ConfigError;
 
 /// Proxy worker threads at most (each holds its own listening sockets and upstream pool).
 const MAX_THREADS: usize = 1024;
+
+const MS: Duration = Duration::from_millis(1);
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// The range of every duration key (`auth.session_ttl`'s is checked in [`super::auth`]).
+/// Timeouts are at least 1 ms (0 would fail every request) and nothing is longer than a day:
+/// each is added to the clock, and a duration past what an `Instant` holds would panic there.
+pub const DURATION_RANGES: [(&str, Duration, Duration); 11] = [
+    // 0: stop at once.
+    ("server.grace_period", Duration::ZERO, HOUR),
+    // Counted in whole seconds, at least 1 s.
+    ("server.keepalive_timeout", Duration::ZERO, HOUR),
+    ("upstream.connect_timeout", MS, Duration::from_secs(600)),
+    ("upstream.read_timeout", MS, DAY),
+    ("upstream.send_timeout", MS, DAY),
+    ("upstream.idle_timeout", MS, DAY),
+    (
+        "upstream.discovery_interval",
+        Duration::from_millis(100),
+        DAY,
+    ),
+    ("upstream.health.interval", MS, DAY),
+    ("upstream.health.timeout", MS, DAY),
+    (
+        "limits.client_timeout",
+        Duration::from_secs(1),
+        Duration::from_secs(600),
+    ),
+    ("limits.send_timeout", Duration::from_secs(1), HOUR),
+];
+
+/// A range bound the way the file writes it: `1ms`, `100ms`, `1s`, `10m`, `1h`, `1d`.
+fn duration_bound(d: Duration) -> String {
+    let ms = d.as_millis();
+    let units: [(u128, &str); 4] = [
+        (DAY.as_millis(), "d"),
+        (HOUR.as_millis(), "h"),
+        (MINUTE.as_millis(), "m"),
+        (1000, "s"),
+    ];
+    for (size, unit) in units {
+        if ms >= size && ms.is_multiple_of(size) {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    if ms == 0 {
+        return "0s".into();
+    }
+    format!("{ms}ms")
+}
 
 /// The levels `log.level` names (a directive without `=`).
 const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
@@ -140,23 +193,41 @@ fn into_model(
         });
     }
 
-    let health = upstream.health;
-    if health.interval.0.is_zero() || health.timeout.0.is_zero() {
-        let key = if health.interval.0.is_zero() {
-            "interval"
-        } else {
-            "timeout"
+    // Every duration within its range (see [`DURATION_RANGES`]): a zero timeout fails every
+    // request, and one past what an `Instant` can hold panics where it is added to the clock.
+    let duration = |table: &str, key: &str, value: Duration| -> Result<Duration, ConfigError> {
+        let path = format!("{table}.{key}");
+        let Some((_, min, max)) = DURATION_RANGES.iter().find(|(k, _, _)| *k == path) else {
+            return Ok(value);
         };
-        return Err(invalid(
-            find_key(text, key),
-            if key == "interval" {
-                "upstream.health.interval"
-            } else {
-                "upstream.health.timeout"
-            },
-            format!("the health check {key} must be longer than 0s"),
-        ));
-    }
+        if (*min..=*max).contains(&value) {
+            return Ok(value);
+        }
+        Err(invalid(
+            find_key_in_section(text, table, key),
+            &path,
+            format!(
+                "{} is out of range: must be between {} and {}",
+                humantime::format_duration(value),
+                duration_bound(*min),
+                duration_bound(*max)
+            ),
+        ))
+    };
+    let grace_period = duration("server", "grace_period", server.grace_period.0)?;
+    let keepalive_timeout = duration("server", "keepalive_timeout", server.keepalive_timeout.0)?;
+    let connect_timeout = duration("upstream", "connect_timeout", upstream.connect_timeout.0)?;
+    let read_timeout = duration("upstream", "read_timeout", upstream.read_timeout.0)?;
+    let upstream_send_timeout = duration("upstream", "send_timeout", upstream.send_timeout.0)?;
+    let idle_timeout = duration("upstream", "idle_timeout", upstream.idle_timeout.0)?;
+    let discovery_interval = duration(
+        "upstream",
+        "discovery_interval",
+        upstream.discovery_interval.0,
+    )?;
+    let health = upstream.health;
+    duration("upstream.health", "interval", health.interval.0)?;
+    duration("upstream.health", "timeout", health.timeout.0)?;
     if health.timeout.0 > health.interval.0 {
         return Err(invalid(
             find_key(text, "timeout"),
@@ -219,39 +290,11 @@ fn into_model(
             ),
         ));
     }
-    if upstream.discovery_interval.0 < std::time::Duration::from_millis(100) {
-        return Err(invalid(
-            find_key(text, "discovery_interval"),
-            "upstream.discovery_interval",
-            "the discovery interval must be at least 100ms".into(),
-        ));
-    }
-
     let routes_span = file.route.span();
     let routes = file.route.into_inner();
     let limits = file.limits;
-    let limit_between = |key: &'static str, value: Duration, max: Duration, range: &str| {
-        if value < Duration::from_secs(1) || value > max {
-            return Err(invalid(
-                find_key_in_section(text, "limits", key),
-                &format!("limits.{key}"),
-                format!("must be between {range}"),
-            ));
-        }
-        Ok(value)
-    };
-    let client_timeout = limit_between(
-        "client_timeout",
-        limits.client_timeout.0,
-        Duration::from_secs(600),
-        "1s and 10m",
-    )?;
-    let send_timeout = limit_between(
-        "send_timeout",
-        limits.send_timeout.0,
-        Duration::from_secs(3600),
-        "1s and 1h",
-    )?;
+    let client_timeout = duration("limits", "client_timeout", limits.client_timeout.0)?;
+    let send_timeout = duration("limits", "send_timeout", limits.send_timeout.0)?;
     let mut route_body_sizes: Vec<(String, u64)> = routes
         .iter()
         .filter_map(|r| r.max_body_size.map(|size| (r.prefix.clone(), size.0)))
@@ -314,8 +357,8 @@ fn into_model(
         server: ServerSettings {
             listen: server.listen.0.into_iter().map(|a| a.0).collect(),
             threads,
-            grace_period: server.grace_period.0,
-            keepalive_timeout: server.keepalive_timeout.0,
+            grace_period,
+            keepalive_timeout,
             fast_path: server.fast_path,
             pid_file: PathBuf::from(server.pid_file),
             upgrade_sock: PathBuf::from(server.upgrade_sock),
@@ -327,12 +370,12 @@ fn into_model(
                 BalanceName::RoundRobin => Balance::RoundRobin,
             },
             backends,
-            connect_timeout: upstream.connect_timeout.0,
-            read_timeout: upstream.read_timeout.0,
-            send_timeout: upstream.send_timeout.0,
-            idle_timeout: upstream.idle_timeout.0,
+            connect_timeout,
+            read_timeout,
+            send_timeout: upstream_send_timeout,
+            idle_timeout,
             retries: upstream.retries,
-            discovery_interval: upstream.discovery_interval.0,
+            discovery_interval,
             health: HealthSettings {
                 path: health.path.0,
                 interval: health.interval.0,
@@ -379,11 +422,20 @@ fn line_of(text: &str, offset: usize) -> usize {
         .map_or(1, |before| before.matches('\n').count() + 1)
 }
 
-/// Like [`find_key`], but only after the `[section]` header.
+/// Like [`find_key`], but only in the `[section]` table: from its header to the next one.
 fn find_key_in_section(text: &str, section: &str, key: &str) -> Option<std::ops::Range<usize>> {
     let header = format!("[{section}]");
-    let start = text.find(&header)?;
-    find_key(&text[start..], key).map(|r| r.start + start..r.end + start)
+    let start = text.find(&header)? + header.len();
+    let rest = text.get(start..)?;
+    let mut end = 0;
+    for line in rest.split_inclusive('\n').skip(1) {
+        if line.trim_start().starts_with('[') {
+            break;
+        }
+        end += line.len();
+    }
+    let first = rest.split_inclusive('\n').next().map_or(0, str::len);
+    find_key(rest.get(..first + end)?, key).map(|r| r.start + start..r.end + start)
 }
 
 /// The `prefix =` line of the `index`-th `[[route]]` table (they are read in the order written).
