@@ -945,3 +945,76 @@ async fn even_a_trusted_x_forwarded_host_does_not_change_redirects() {
         .await;
     forwarded_host_is_ignored_for_redirects(&stack).await;
 }
+
+// ---------------------------------------------------------------- workers' keys
+
+/// A worker that cannot verify the proxy's identity assertions (another key, or none) is taken
+/// out of the pool by the health checks, and the log says why: before, it passed them, and
+/// signed-in users it served saw the guest page or a 401, at random.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_cannot_verify_the_proxys_assertions_is_unhealthy() {
+    let (stack, browser, _cookies) = signed_in(AuthConfig::new().capture_output()).await;
+    let good = stack.workers[0].addr;
+    let other_key = support::custodia::Worker::start_with_env(
+        "w-other-key",
+        &[(
+            "CUSTODIA_ASSERTION_KEY",
+            "another-assertion-key-fedcba9876543210fedcba98",
+        )],
+    );
+    let no_key = support::custodia::Worker::start_with_env("w-no-key", &[]);
+    // A worker on the key that comes next, still accepting the proxy's: healthy.
+    let rotating = support::custodia::Worker::start_with_env(
+        "w-rotating",
+        &[
+            (
+                "CUSTODIA_ASSERTION_KEY",
+                "next-assertion-key-0123456789abcdef0123456789",
+            ),
+            ("CUSTODIA_ASSERTION_KEY_PREVIOUS", ASSERTION_KEY),
+        ],
+    );
+    stack.reload_with(
+        &[
+            (good, 1),
+            (other_key.addr, 1),
+            (no_key.addr, 1),
+            (rotating.addr, 1),
+        ],
+        false,
+    );
+
+    let proxy = stack.proxy();
+    eventually_async(
+        "the workers without the proxy's key out of the pool",
+        Duration::from_secs(20),
+        || async {
+            let state = |addr: std::net::SocketAddr| {
+                let proxy = proxy;
+                async move {
+                    proxy
+                        .backend_metric("custodia_upstream_healthy", addr)
+                        .await
+                }
+            };
+            let states = (
+                state(good).await,
+                state(other_key.addr).await,
+                state(no_key.addr).await,
+                state(rotating.addr).await,
+            );
+            (states == (Some(1.0), Some(0.0), Some(0.0), Some(1.0))).then_some(())
+        },
+    )
+    .await;
+    // Every signed-in request is served as the user, none as a guest.
+    for _ in 0..8 {
+        stack.assert_signed_in(&browser).await;
+    }
+    let logged = stack.output();
+    assert!(
+        logged.contains(&other_key.addr.to_string()) && logged.contains("is not the proxy's"),
+        "the proxy's log says which worker and why: {logged}"
+    );
+    assert!(logged.contains("no identity assertion key"), "{logged}");
+}

@@ -711,6 +711,7 @@ fn compose_wires_proxy_workers_ngrok_and_prometheus_together() {
         "APP_SECRET_KEY",
         "APP_SECRET_KEY_PREVIOUS",
         "CUSTODIA_ASSERTION_KEY",
+        "CUSTODIA_ASSERTION_KEY_PREVIOUS",
     ] {
         assert!(
             get(app, "environment").get(key).is_some(),
@@ -798,6 +799,7 @@ fn env_example_lists_every_variable_compose_uses() {
         "APP_SECRET_KEY",
         "APP_SECRET_KEY_PREVIOUS",
         "CUSTODIA_ASSERTION_KEY",
+        "CUSTODIA_ASSERTION_KEY_PREVIOUS",
         "NGROK_AUTHTOKEN",
         "NGROK_DOMAIN",
     ] {
@@ -1093,6 +1095,7 @@ fn the_kubernetes_manifests_agree_with_the_images_and_the_config() {
         "APP_SECRET_KEY",
         "APP_SECRET_KEY_PREVIOUS",
         "CUSTODIA_ASSERTION_KEY",
+        "CUSTODIA_ASSERTION_KEY_PREVIOUS",
     ] {
         assert!(worker_secrets.contains(key), "the workers get {key}");
     }

@@ -20,6 +20,9 @@ use crate::server::serve;
 
 /// Environment variable holding the identity assertion HMAC key (its raw bytes are the key).
 pub const ASSERTION_KEY_ENV: &str = "CUSTODIA_ASSERTION_KEY";
+/// Earlier values of [`ASSERTION_KEY_ENV`] (comma-separated): assertions signed with them are
+/// still accepted while the proxy's change of key rolls out.
+pub const ASSERTION_KEY_PREVIOUS_ENV: &str = "CUSTODIA_ASSERTION_KEY_PREVIOUS";
 /// When [`ASSERTION_KEY_ENV`] is unset, the assertion key is derived from this (the seed's
 /// session secret), exactly as custodia-proxy derives it.
 pub const APP_SECRET_KEY_ENV: &str = "APP_SECRET_KEY";
@@ -61,6 +64,9 @@ Options:
 Environment:
   CUSTODIA_ASSERTION_KEY  HMAC-SHA256 key (at least 32 bytes) shared with custodia-proxy to
                           verify X-Custodia-Identity. Generate one with: openssl rand -hex 32
+  CUSTODIA_ASSERTION_KEY_PREVIOUS
+                          earlier CUSTODIA_ASSERTION_KEY values, comma-separated: while the
+                          proxy's change of key rolls out, assertions signed with them still pass
   APP_SECRET_KEY          when CUSTODIA_ASSERTION_KEY is unset, the key is derived from it, as
                           custodia-proxy derives its own (the seed's .env works unchanged);
                           with neither set, every request is served as a guest; an empty
@@ -254,6 +260,25 @@ pub fn derived_previous_keys(list: Option<&str>) -> Result<Vec<Vec<u8>>, CliErro
     Ok(keys)
 }
 
+/// The keys of [`ASSERTION_KEY_PREVIOUS_ENV`]'s comma-separated values, each refused as
+/// [`assertion_key`] refuses a key.
+pub fn previous_assertion_keys(list: Option<&str>) -> Result<Vec<Vec<u8>>, CliError> {
+    let mut keys = Vec::new();
+    for old in list.unwrap_or("").split(',').map(str::trim) {
+        if old.is_empty() {
+            continue;
+        }
+        if let Some(weakness) = custodia_identity::secret_weakness(old.as_bytes()) {
+            return Err(CliError::WeakKey {
+                name: ASSERTION_KEY_PREVIOUS_ENV,
+                weakness,
+            });
+        }
+        keys.push(old.as_bytes().to_vec());
+    }
+    Ok(keys)
+}
+
 /// What a worker bound to `bound` calls itself by default: the address, or the host's name
 /// with the port when the address is every interface's (in a container, each replica's
 /// `0.0.0.0:8000` would name none of them).
@@ -308,7 +333,13 @@ pub fn run_cli(args: impl IntoIterator<Item = OsString>) -> i32 {
     };
     let (assertion_key, previous_assertion_keys) =
         match assertion_key(std::env::var_os(ASSERTION_KEY_ENV).as_deref()) {
-            Ok(Some(key)) => (Some(key), Vec::new()),
+            Ok(Some(key)) => {
+                let previous = std::env::var(ASSERTION_KEY_PREVIOUS_ENV).ok();
+                match previous_assertion_keys(previous.as_deref()) {
+                    Ok(previous) => (Some(key), previous),
+                    Err(error) => return usage_error(&error),
+                }
+            }
             // Derived, as the proxy derives its own: from the current secret and the earlier
             // ones a rotation still accepts.
             Ok(None) => {
@@ -558,6 +589,23 @@ mod tests {
             "{message}"
         );
         assert!(message.contains("openssl rand -hex 32"), "{message}");
+    }
+
+    #[test]
+    fn previous_assertion_keys_are_a_list_of_strong_keys() {
+        let a = "5f0c7a1d9e2b4c6f8a0d1e3f5a7c9b1d2e4f6a8c0b2d4e6f8a1c3e5f7b9d0a2c";
+        let b = "c3a1e5f7b9d0a2c45f0c7a1d9e2b4c6f8a0d1e3f5a7c9b1d2e4f6a8c0b2d4e6f";
+        assert!(previous_assertion_keys(None).unwrap().is_empty());
+        assert!(previous_assertion_keys(Some("")).unwrap().is_empty());
+        assert_eq!(
+            previous_assertion_keys(Some(&format!(" {a} ,{b},"))).unwrap(),
+            vec![a.as_bytes().to_vec(), b.as_bytes().to_vec()]
+        );
+        let weak = previous_assertion_keys(Some(&format!("{a},short"))).unwrap_err();
+        assert!(
+            weak.to_string().starts_with(ASSERTION_KEY_PREVIOUS_ENV),
+            "{weak}"
+        );
     }
 
     #[test]

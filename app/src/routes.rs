@@ -21,7 +21,10 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use serde::Serialize;
 
-use crate::identity::{verify_assertion, Identity, IDENTITY_HEADER};
+use crate::identity::{
+    verify_assertion, verify_key_check, AssertionError, Identity, HEALTH_PROBLEM_HEADER,
+    IDENTITY_HEADER, KEY_CHECK_HEADER,
+};
 use crate::page::HomePage;
 
 /// One literal for [`HELLO_MESSAGE`] and the precomputed head of the hello JSON.
@@ -88,6 +91,8 @@ pub struct AppState {
     in_flight: AtomicUsize,
     /// Identity assertions refused so far (for the log's back-off).
     assertions_refused: AtomicU64,
+    /// Health checks whose key check failed so far (for the log's back-off).
+    key_checks_failed: AtomicU64,
 }
 
 impl fmt::Debug for AppState {
@@ -111,6 +116,7 @@ impl AppState {
             shutting_down: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             assertions_refused: AtomicU64::new(0),
+            key_checks_failed: AtomicU64::new(0),
         }
     }
 
@@ -189,6 +195,52 @@ impl AppState {
     }
 }
 
+impl AppState {
+    /// Why this worker would refuse the identity assertions of the proxy whose health check
+    /// sent `req`, if it would: no key, another key, or a clock too far from the proxy's. The
+    /// proxy then takes it out of the pool, where it would have served signed-in users as
+    /// guests. `None` when it verifies, or the check sent none (a proxy without logins).
+    fn key_check_problem<B>(&self, req: &Request<B>, now_unix: u64) -> Option<String> {
+        let token = req.headers().get(KEY_CHECK_HEADER)?;
+        let refused = match (self.settings.assertion_key.as_deref(), token.to_str()) {
+            (None, _) => "this worker has no identity assertion key (set APP_SECRET_KEY or \
+                          CUSTODIA_ASSERTION_KEY as the proxy's)"
+                .to_string(),
+            (Some(_), Err(_)) => "the key check is not text".to_string(),
+            (Some(key), Ok(token)) => {
+                let verified = verify_key_check(token, key, now_unix).or_else(|error| {
+                    self.settings
+                        .previous_assertion_keys
+                        .iter()
+                        .find_map(|old| verify_key_check(token, old, now_unix).ok())
+                        .ok_or(error)
+                });
+                match verified {
+                    Ok(()) => return None,
+                    Err(error) => key_check_refusal(&error),
+                }
+            }
+        };
+        let failed = self.key_checks_failed.fetch_add(1, Ordering::Relaxed) + 1;
+        if failed.is_power_of_two() {
+            tracing::warn!(failed, "health check failed: {refused}");
+        }
+        Some(refused)
+    }
+}
+
+fn key_check_refusal(error: &AssertionError) -> String {
+    match error {
+        AssertionError::Expired { .. } | AssertionError::IssuedInFuture { .. } => {
+            format!("the proxy's clock and this worker's disagree ({error})")
+        }
+        _ => format!(
+            "this worker refuses the proxy's identity assertions ({error}): its key \
+             (CUSTODIA_ASSERTION_KEY, or the one derived from APP_SECRET_KEY) is not the proxy's"
+        ),
+    }
+}
+
 pub(crate) struct InFlight<'a>(&'a AtomicUsize);
 
 impl Drop for InFlight<'_> {
@@ -248,7 +300,7 @@ pub fn handle_at<B>(req: &Request<B>, state: &AppState, now: SystemTime) -> Resp
         Route::Home => home(req, state, now_unix),
         Route::Hello => hello(state, now),
         Route::Me => me(req, state, now_unix),
-        Route::Health => health(state),
+        Route::Health => health(req, state, now_unix),
     }
 }
 
@@ -308,15 +360,28 @@ fn me<B>(req: &Request<B>, state: &AppState, now_unix: u64) -> Response<Full<Byt
     }
 }
 
-fn health(state: &AppState) -> Response<Full<Bytes>> {
+fn health<B>(req: &Request<B>, state: &AppState, now_unix: u64) -> Response<Full<Bytes>> {
     if state.is_shutting_down() {
-        response(
+        return response(
             StatusCode::SERVICE_UNAVAILABLE,
             TEXT,
             Bytes::from_static(b"shutting down"),
-        )
-    } else {
-        response(StatusCode::OK, TEXT, Bytes::from_static(b"ok"))
+        );
+    }
+    match state.key_check_problem(req, now_unix) {
+        None => response(StatusCode::OK, TEXT, Bytes::from_static(b"ok")),
+        Some(problem) => {
+            let mut refused = response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                TEXT,
+                Bytes::from(format!("{problem}\n")),
+            );
+            // For the proxy's log: it reads the answer's head, not its body.
+            if let Ok(reason) = HeaderValue::try_from(problem) {
+                refused.headers_mut().insert(HEALTH_PROBLEM_HEADER, reason);
+            }
+            refused
+        }
     }
 }
 
@@ -582,6 +647,48 @@ mod tests {
         state.begin_shutdown();
         let response = handle(&get("/healthz").body(()).unwrap(), &state);
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn healthz_fails_a_proxys_key_check_this_worker_cannot_verify() {
+        use crate::identity::sign_key_check;
+        let check = |state: &AppState, key: &[u8], at: u64| {
+            let req = get("/healthz")
+                .header(KEY_CHECK_HEADER, sign_key_check(key, at))
+                .body(())
+                .unwrap();
+            handle(&req, state)
+        };
+        let other: &[u8] = b"another-key-another-key-0123456789";
+
+        // The proxy's key, or one a rotation still accepts: healthy.
+        assert_eq!(
+            check(&state(Some(KEY)), KEY, now_unix()).status(),
+            StatusCode::OK
+        );
+        let rotating = AppState::new(AppSettings {
+            assertion_key: Some(other.to_vec()),
+            previous_assertion_keys: vec![KEY.to_vec()],
+            ..AppSettings::default()
+        });
+        assert_eq!(check(&rotating, KEY, now_unix()).status(), StatusCode::OK);
+
+        // Another key, no key, or a clock far from the proxy's: not, and the head says why.
+        for (state, at, why) in [
+            (state(Some(other)), now_unix(), "is not the proxy's"),
+            (state(None), now_unix(), "no identity assertion key"),
+            (state(Some(KEY)), now_unix() - 600, "clock"),
+        ] {
+            let response = check(&state, KEY, at);
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE, "{why}");
+            let reason = response.headers()[HEALTH_PROBLEM_HEADER].to_str().unwrap();
+            assert!(reason.contains(why), "{reason}");
+            assert!(body(response).contains(why));
+        }
+
+        // A check without one (a proxy with no logins) asks nothing of the key.
+        let plain = handle(&get("/healthz").body(()).unwrap(), &state(None));
+        assert_eq!(plain.status(), StatusCode::OK);
     }
 
     #[test]

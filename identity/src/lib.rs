@@ -27,6 +27,17 @@ pub const IDENTITY_HEADER: &str = "x-custodia-identity";
 pub const ISSUER: &str = "custodia-proxy";
 /// The `aud` claim (or one element of it) every assertion must carry.
 pub const AUDIENCE: &str = "custodia-app";
+/// The request header of a health check's key check ([`sign_key_check`]).
+pub const KEY_CHECK_HEADER: &str = "x-custodia-key-check";
+/// The response header in which a worker's `/healthz` says why it fails (a key check it
+/// refuses), for the proxy's log: health checks read the answer's head only.
+pub const HEALTH_PROBLEM_HEADER: &str = "x-custodia-health";
+/// The `aud` of a key check: never [`AUDIENCE`], so no key check is ever taken for a user.
+pub const KEY_CHECK_AUDIENCE: &str = "custodia-app-key-check";
+/// The `sub` of a key check.
+const KEY_CHECK_SUBJECT: &str = "custodia-proxy-health-check";
+/// How long a key check is valid: a check's whole round trip.
+const KEY_CHECK_TTL_SECS: u64 = 60;
 /// Shortest accepted key: 32 bytes, the HMAC-SHA256 output size (RFC 7518 §3.2).
 pub const MIN_KEY_LEN: usize = 32;
 /// Clock skew tolerated between proxy and worker when checking `exp` and `iat`.
@@ -266,9 +277,42 @@ pub fn derive_assertion_key(app_secret_key: &str) -> String {
 ///
 /// The key should be at least [`MIN_KEY_LEN`] bytes; callers check that once at startup.
 pub fn sign_assertion(identity: &Identity, key: &[u8], now_unix: u64, ttl_secs: u64) -> String {
+    sign_for(AUDIENCE, identity, key, now_unix, ttl_secs)
+}
+
+/// A key check, sent by the proxy's health checks to the workers: a worker that refuses it
+/// would refuse every signed-in user's assertion (another key, a skewed clock), and is not
+/// healthy. Signed as an assertion, but for [`KEY_CHECK_AUDIENCE`], which
+/// [`verify_assertion`] refuses.
+pub fn sign_key_check(key: &[u8], now_unix: u64) -> String {
+    let probe = Identity {
+        sub: KEY_CHECK_SUBJECT.to_string(),
+        ..Identity::default()
+    };
+    sign_for(
+        KEY_CHECK_AUDIENCE,
+        &probe,
+        key,
+        now_unix,
+        KEY_CHECK_TTL_SECS,
+    )
+}
+
+/// Whether `token` is a key check signed under `key` and valid at `now_unix`.
+pub fn verify_key_check(token: &str, key: &[u8], now_unix: u64) -> Result<(), AssertionError> {
+    verify_for(KEY_CHECK_AUDIENCE, token, key, now_unix).map(|_| ())
+}
+
+fn sign_for(
+    audience: &'static str,
+    identity: &Identity,
+    key: &[u8],
+    now_unix: u64,
+    ttl_secs: u64,
+) -> String {
     let claims = ClaimsOut {
         iss: ISSUER,
-        aud: AUDIENCE,
+        aud: audience,
         sub: &identity.sub,
         email: identity.email.as_deref(),
         name: identity.name.as_deref(),
@@ -296,6 +340,15 @@ pub fn sign_assertion(identity: &Identity, key: &[u8], now_unix: u64, ttl_secs: 
 /// Verifies an assertion made by [`sign_assertion`] (or any conforming HS256 JWT) under `key`,
 /// at time `now_unix`, and returns the identity it vouches for.
 pub fn verify_assertion(
+    token: &str,
+    key: &[u8],
+    now_unix: u64,
+) -> Result<Identity, AssertionError> {
+    verify_for(AUDIENCE, token, key, now_unix)
+}
+
+fn verify_for(
+    audience: &str,
     token: &str,
     key: &[u8],
     now_unix: u64,
@@ -333,7 +386,7 @@ pub fn verify_assertion(
     if claims.iss.as_deref() != Some(ISSUER) {
         return Err(AssertionError::Issuer { iss: claims.iss });
     }
-    if !claims.aud.is_some_and(|aud| aud.includes(AUDIENCE)) {
+    if !claims.aud.is_some_and(|aud| aud.includes(audience)) {
         return Err(AssertionError::Audience);
     }
     let sub = match claims.sub {
@@ -406,6 +459,30 @@ mod tests {
         let token = sign_assertion(&alice(), KEY, NOW, 60);
         assert_eq!(verify_assertion(&token, KEY, NOW).unwrap(), alice());
         assert_eq!(verify_assertion(&token, KEY, NOW + 60).unwrap(), alice());
+    }
+
+    #[test]
+    fn a_key_check_verifies_under_its_key_only_and_is_never_a_users_assertion() {
+        let check = sign_key_check(KEY, NOW);
+        assert!(verify_key_check(&check, KEY, NOW + 30).is_ok());
+        assert!(matches!(
+            verify_key_check(&check, b"another-key-0123456789abcdef-0123456789", NOW),
+            Err(AssertionError::Signature)
+        ));
+        assert!(matches!(
+            verify_key_check(&check, KEY, NOW + 3600),
+            Err(AssertionError::Expired { .. })
+        ));
+        // Sent as a user's assertion, it is refused; and a user's is no key check.
+        assert!(matches!(
+            verify_assertion(&check, KEY, NOW),
+            Err(AssertionError::Audience)
+        ));
+        let users = sign_assertion(&alice(), KEY, NOW, 60);
+        assert!(matches!(
+            verify_key_check(&users, KEY, NOW),
+            Err(AssertionError::Audience)
+        ));
     }
 
     #[test]

@@ -10,6 +10,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
+use pingora_core::{Error, ErrorType};
+use pingora_http::ResponseHeader;
 use pingora_load_balancing::health_check::{HealthCheck, HttpHealthCheck};
 use pingora_load_balancing::Backend;
 use tokio::task::JoinSet;
@@ -31,7 +33,16 @@ impl HealthChecker {
     pub async fn check_all(&self) {
         let runtime = self.runtime.load_full();
         let settings = runtime.config.upstream.health.clone();
-        let probe = Arc::new(probe_for(&settings));
+        // With logins on, each check also asks the worker to verify an assertion of ours: one
+        // that cannot (no key, another key, a skewed clock) would serve signed-in users as
+        // guests, and is taken out as unhealthy.
+        let key_check = runtime.auth.as_ref().map(|auth| {
+            custodia_identity::sign_key_check(
+                auth.settings.assertion_key.0.as_bytes(),
+                crate::auth::flow::now_unix(),
+            )
+        });
+        let probe = Arc::new(probe_for(&settings, key_check.as_deref()));
         let mut probes = JoinSet::new();
         for member in runtime.pool.members() {
             let slot = member.slot.clone();
@@ -72,8 +83,29 @@ impl HealthChecker {
     }
 }
 
-fn probe_for(settings: &HealthSettings) -> HttpHealthCheck {
+fn probe_for(settings: &HealthSettings, key_check: Option<&str>) -> HttpHealthCheck {
     let mut probe = HttpHealthCheck::new("localhost", false);
+    if let Some(token) = key_check {
+        // Base64url and dots: always a valid header value.
+        let _ = probe
+            .req
+            .insert_header(custodia_identity::KEY_CHECK_HEADER, token);
+    }
+    // Any 200 passes; a worker saying why it does not is quoted in the log.
+    probe.validator = Some(Box::new(|answer: &ResponseHeader| {
+        if answer.status == 200 {
+            return Ok(());
+        }
+        let why = answer
+            .headers
+            .get(custodia_identity::HEALTH_PROBLEM_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map_or(String::new(), |why| format!(": {why}"));
+        Error::e_explain(
+            ErrorType::CustomCode("non 200 code", answer.status.as_u16()),
+            format!("status {}{why}", answer.status.as_u16()),
+        )
+    }));
     probe.peer_template.options.connection_timeout = Some(settings.timeout);
     probe.peer_template.options.read_timeout = Some(settings.timeout);
     probe.peer_template.options.write_timeout = Some(settings.timeout);
