@@ -132,7 +132,10 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
         print!("{}", config::summary(&config));
         return 0;
     }
-    crate::logging::init(&config.log);
+    if let Err(message) = crate::logging::init(&config.log) {
+        eprintln!("custodia-proxy: {message}");
+        return 1;
+    }
     match server::run(config, StartOptions { upgrade }) {
         Ok(()) => 0,
         Err(e) => {

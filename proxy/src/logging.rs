@@ -13,12 +13,35 @@ use tracing_subscriber::Layer;
 use crate::access_log::{AccessLayer, TARGET};
 use crate::config::{LogFormat, LogSettings};
 
-/// Install the subscriber (once per process; later calls do nothing).
-pub fn init(settings: &LogSettings) {
-    let directives = std::env::var("RUST_LOG")
-        .ok()
-        .filter(|v| !v.trim().is_empty())
-        .unwrap_or_else(|| settings.level.clone());
+/// The level directives in force: `RUST_LOG` when set (and not blank), else `[log] level`. An
+/// invalid `RUST_LOG` is an error, as an invalid `level` in the file is: falling back to some
+/// level would hide the mistake (or, for a word such as `warning`, silence every line).
+pub fn directives(settings: &LogSettings) -> Result<String, String> {
+    directives_with(settings, std::env::var_os("RUST_LOG"))
+}
+
+fn directives_with(
+    settings: &LogSettings,
+    rust_log: Option<std::ffi::OsString>,
+) -> Result<String, String> {
+    let Some(value) = rust_log else {
+        return Ok(settings.level.clone());
+    };
+    let Some(value) = value.to_str() else {
+        return Err("invalid RUST_LOG: it is not valid UTF-8".into());
+    };
+    if value.trim().is_empty() {
+        return Ok(settings.level.clone());
+    }
+    crate::config::validate::check_level(value)
+        .map_err(|why| format!("invalid RUST_LOG `{value}`: {why}"))?;
+    Ok(value.to_string())
+}
+
+/// Install the subscriber (once per process; later calls do nothing). Fails only when
+/// `RUST_LOG` is invalid (see [`directives`]).
+pub fn init(settings: &LogSettings) -> Result<(), String> {
+    let directives = directives(settings)?;
     let level = || {
         EnvFilter::builder()
             .parse(&directives)
@@ -67,6 +90,42 @@ pub fn init(settings: &LogSettings) {
         .with(json)
         .with(access)
         .try_init();
+    Ok(())
+}
+
+/// Whether `directives` let the access log through: its lines are `info` events of target
+/// `custodia_access`, muted by a level above `info` that does not name that target.
+pub fn access_log_passes(directives: &str) -> bool {
+    use tracing::callsite::{Callsite, Identifier};
+    use tracing::metadata::Kind;
+    use tracing::{field::FieldSet, Level, Metadata};
+
+    /// A stand-in for the access log's callsite, to ask a filter about it.
+    struct AccessProbe;
+    impl Callsite for AccessProbe {
+        fn set_interest(&self, _: tracing::subscriber::Interest) {}
+        fn metadata(&self) -> &Metadata<'_> {
+            &PROBE
+        }
+    }
+    static ACCESS_PROBE: AccessProbe = AccessProbe;
+    static PROBE: Metadata<'static> = Metadata::new(
+        "access log probe",
+        TARGET,
+        Level::INFO,
+        None,
+        None,
+        None,
+        FieldSet::new(&[], Identifier(&ACCESS_PROBE)),
+        Kind::EVENT,
+    );
+    let Ok(filter) = EnvFilter::builder().parse(directives) else {
+        return false;
+    };
+    let hint = filter.max_level_hint().unwrap_or(LevelFilter::TRACE);
+    hint >= LevelFilter::INFO
+        && <EnvFilter as Layer<tracing_subscriber::Registry>>::register_callsite(&filter, &PROBE)
+            .is_always()
 }
 
 /// Pingora's `trace` events print whole request heads (`Cookie`, `/callback?code=…`): secrets
@@ -81,6 +140,48 @@ mod tests {
     use crate::config::LogSettings;
 
     #[test]
+    fn an_invalid_rust_log_is_an_error_not_a_fallback() {
+        let file = LogSettings {
+            level: "warn".into(),
+            format: LogFormat::Text,
+            access_log: true,
+        };
+        let with = |value: Option<&str>| directives_with(&file, value.map(Into::into));
+        assert_eq!(with(None).unwrap(), "warn");
+        assert_eq!(with(Some(" ")).unwrap(), "warn", "blank is unset");
+        assert_eq!(with(Some("debug")).unwrap(), "debug", "RUST_LOG wins");
+        for bad in ["warning", "debug[", "info,verbose", "x=y=z"] {
+            let message = with(Some(bad)).unwrap_err();
+            assert!(
+                message.starts_with(&format!("invalid RUST_LOG `{bad}`: ")),
+                "{bad}: {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_access_log_passes_info_or_a_level_naming_it() {
+        for on in [
+            "info",
+            "debug",
+            "trace",
+            "warn,custodia_access=info",
+            "error,custodia=info",
+        ] {
+            assert!(access_log_passes(on), "{on}");
+        }
+        for off in [
+            "warn",
+            "error",
+            "off",
+            "info,custodia_access=warn",
+            "custodia_proxy=debug",
+        ] {
+            assert!(!access_log_passes(off), "{off}");
+        }
+    }
+
+    #[test]
     fn the_global_maximum_follows_the_level_so_muted_logs_cost_nothing() {
         if std::env::var_os("RUST_LOG").is_some() {
             return; // the environment decides the level then
@@ -89,7 +190,8 @@ mod tests {
             level: "warn".into(),
             format: LogFormat::Text,
             access_log: true,
-        });
+        })
+        .unwrap();
         assert_eq!(LevelFilter::current(), LevelFilter::WARN);
         // Muted callsites of every level register without tripping the filters' hints.
         tracing::trace!("muted");

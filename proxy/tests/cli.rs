@@ -194,12 +194,17 @@ impl Drop for Running {
 
 impl Running {
     fn start(config: &Path) -> Running {
+        Running::start_with_log(config, "warn")
+    }
+
+    /// [`Running::start`] with `RUST_LOG=rust_log`.
+    fn start_with_log(config: &Path, rust_log: &str) -> Running {
         let mut command = Command::new(env!("CARGO_BIN_EXE_custodia-proxy"));
         command
             .args(["--config", config.to_str().unwrap()])
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", rust_log)
             .current_dir(std::env::temp_dir())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped());
@@ -327,5 +332,31 @@ fn a_second_instance_on_the_same_addresses_is_refused() {
     );
     assert!(first.0.try_wait().unwrap().is_none(), "the first runs on");
     drop(first);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An invalid `RUST_LOG` stops the start, as an invalid `[log] level` does: no falling back to
+/// `info`, nor (for a word such as `warning`) to logging nothing at all.
+#[test]
+fn an_invalid_rust_log_stops_the_start_and_is_named() {
+    let dir = std::env::temp_dir().join(format!("custodia-cli-{}-rust-log", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("proxy.toml");
+    std::fs::write(
+        &config,
+        serving_config(dir.to_str().unwrap(), free_port(), free_port()),
+    )
+    .unwrap();
+    for bad in ["warning", "debug["] {
+        let (code, stderr) = Running::start_with_log(&config, bad)
+            .exits_within(std::time::Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("RUST_LOG={bad}: the proxy started"));
+        assert_eq!(code, Some(1), "{stderr}");
+        assert!(
+            stderr.starts_with(&format!("custodia-proxy: invalid RUST_LOG `{bad}`: ")),
+            "RUST_LOG={bad}: {stderr}"
+        );
+        assert!(!dir.join("proxy.pid").exists(), "no pid file");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -60,16 +60,22 @@ pub fn summary(config: &ProxyConfig) -> String {
             d(u.discovery_interval)
         );
     }
+    let access = if !config.log.access_log {
+        "off".to_string()
+    } else if crate::logging::access_log_passes(&config.log.level) {
+        "on stdout (JSON lines)".to_string()
+    } else {
+        // `access_log = true`, but the lines are `info` events of target custodia_access.
+        format!(
+            "muted by level `{}` (it needs info, or custodia_access=info)",
+            config.log.level
+        )
+    };
     let _ = writeln!(
         out,
-        "  logs            {} {} on stderr; access log {}",
+        "  logs            {} {} on stderr; access log {access}",
         config.log.format.as_str(),
         config.log.level,
-        if config.log.access_log {
-            "on stdout (JSON lines)"
-        } else {
-            "off"
-        }
     );
     let _ = writeln!(
         out,

@@ -318,6 +318,10 @@ fn errors_name_the_key_and_the_line() {
          "log.level", "invalid level"),
         ("[upstream]\nbackends = [\"127.0.0.1:1\"]\n[log]\nlevel = \"warning\"\n",
          "log.level", "`warning` is not a level"),
+        ("[upstream]\nbackends = [\"127.0.0.1:1\"]\n[log]\nlevel = \"\"\n",
+         "log.level", "an empty level would log nothing"),
+        ("[upstream]\nbackends = [\"127.0.0.1:1\"]\n[log]\nlevel = \" , \"\n",
+         "log.level", "an empty level would log nothing"),
         ("[upstream]\nbackends = [\"127.0.0.1:1\"]\n[log]\nlevel = \"custodia_proxy=debug, verbose\"\n",
          "log.level", "`verbose` is not a level"),
         ("[upstream]\nbackends = [\"127.0.0.1:1\"]\n[upstream.health]\ntimeout = \"0s\"\n",
@@ -705,4 +709,26 @@ fn every_duration_key_has_a_range() {
     assert_eq!(config.server.grace_period, Duration::ZERO);
     assert_eq!(config.upstream.connect_timeout, Duration::from_millis(1));
     assert_eq!(config.upstream.read_timeout, Duration::from_secs(86_400));
+}
+
+#[test]
+fn the_summary_says_whether_the_level_lets_the_access_log_through() {
+    let with_log = |log: &str| {
+        let c = parse_str(&format!(
+            "[upstream]\nbackends = [\"127.0.0.1:1\"]\n[log]\n{log}\n"
+        ))
+        .unwrap();
+        summary(&c)
+    };
+    let on = with_log("level = \"info\"");
+    assert!(on.contains("access log on stdout (JSON lines)"), "{on}");
+    let named = with_log("level = \"warn,custodia_access=info\"");
+    assert!(named.contains("access log on stdout"), "{named}");
+    let muted = with_log("level = \"warn\"");
+    assert!(
+        muted.contains("access log muted by level `warn`") && !muted.contains("on stdout"),
+        "{muted}"
+    );
+    let off = with_log("level = \"info\"\naccess_log = false");
+    assert!(off.contains("access log off"), "{off}");
 }

@@ -266,30 +266,14 @@ fn into_model(
     }
 
     let log = file.log;
-    // A bare word is a valid directive, for a module of that name: `level = "warning"` would
-    // parse, enable a module nobody has and leave every log line (the access log too) off.
-    if let Some(word) = log.level.split(',').map(str::trim).find(|d| {
-        !d.is_empty() && !d.contains('=') && !LEVELS.contains(&d.to_ascii_lowercase().as_str())
-    }) {
+    if let Err(message) = check_level(&log.level) {
         return Err(invalid(
             find_key_in_section(text, "log", "level"),
             "log.level",
-            format!(
-                "`{word}` is not a level: expected one of trace, debug, info, warn, error, off, \
-                 or `module=level` (e.g. \"info,custodia_proxy=debug\")"
-            ),
+            message,
         ));
     }
-    if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&log.level) {
-        return Err(invalid(
-            find_key_in_section(text, "log", "level"),
-            "log.level",
-            format!(
-                "invalid level `{}` ({e}): expected e.g. \"info\", \"warn\" or \"info,custodia_proxy=debug\"",
-                log.level
-            ),
-        ));
-    }
+
     let routes_span = file.route.span();
     let routes = file.route.into_inner();
     let limits = file.limits;
@@ -385,6 +369,35 @@ fn into_model(
             },
         },
     })
+}
+
+/// Why `directives` (`[log] level` or `RUST_LOG`) are no level, or would log nothing by
+/// mistake.
+pub fn check_level(directives: &str) -> Result<(), String> {
+    if directives.split(',').all(|d| d.trim().is_empty()) {
+        return Err(
+            "an empty level would log nothing, not even errors or the access log: expected one \
+             of trace, debug, info, warn, error, or off to mean nothing"
+                .into(),
+        );
+    }
+    // A bare word is a valid directive, for a module of that name: `level = "warning"` would
+    // parse, enable a module nobody has and leave every log line (the access log too) off.
+    if let Some(word) = directives.split(',').map(str::trim).find(|d| {
+        !d.is_empty() && !d.contains('=') && !LEVELS.contains(&d.to_ascii_lowercase().as_str())
+    }) {
+        return Err(format!(
+            "`{word}` is not a level: expected one of trace, debug, info, warn, error, off, \
+             or `module=level` (e.g. \"info,custodia_proxy=debug\")"
+        ));
+    }
+    if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(directives) {
+        return Err(format!(
+            "invalid level `{directives}` ({e}): expected e.g. \"info\", \"warn\" or \
+             \"info,custodia_proxy=debug\""
+        ));
+    }
+    Ok(())
 }
 
 /// Why two different listen addresses cannot both be bound, or `None` when they can: the same
