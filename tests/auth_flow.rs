@@ -536,6 +536,46 @@ async fn idp_down_after_start_existing_sessions_keep_working() {
     );
 }
 
+/// The proxy's own answers (login redirects and the edge's 401, on both request paths) carry
+/// the security headers a browser needs (no sniffing, no framing, no `Referer` leaking `rd=` or
+/// a code), and over https HSTS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxys_own_answers_carry_security_headers() {
+    for https in [false, true] {
+        let config = AuthConfig::new();
+        let stack = if https { config.public_https() } else { config }
+            .start()
+            .await;
+        let browser = stack.browser();
+        // /api/me without a session: answered by the fast path; /login by Pingora's.
+        let answers = [
+            browser.get_html("/api/me").await,
+            browser.get_json("/api/me").await,
+            browser.get_html("/login?rd=/api/me").await,
+        ];
+        for reply in &answers {
+            let seen = format!("https = {https}: {}", reply.describe());
+            assert!(
+                reply.status == StatusCode::FOUND || reply.status == StatusCode::UNAUTHORIZED,
+                "{seen}"
+            );
+            assert_eq!(
+                reply.header("x-content-type-options"),
+                Some("nosniff"),
+                "{seen}"
+            );
+            assert_eq!(reply.header("x-frame-options"), Some("DENY"), "{seen}");
+            assert_eq!(
+                reply.header("referrer-policy"),
+                Some("no-referrer"),
+                "{seen}"
+            );
+            let hsts = reply.header("strict-transport-security");
+            assert_eq!(hsts, https.then_some("max-age=31536000"), "{seen}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_public_url_uses_host_prefixed_secure_cookies() {
     let stack = AuthConfig::new().public_https().start().await;

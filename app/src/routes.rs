@@ -16,7 +16,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE};
+use http::header::{
+    HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE, REFERRER_POLICY, WWW_AUTHENTICATE,
+    X_CONTENT_TYPE_OPTIONS, X_FRAME_OPTIONS,
+};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use serde::Serialize;
@@ -47,6 +50,11 @@ const TEXT: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
 const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
 const NO_CACHE: HeaderValue = HeaderValue::from_static("no-cache");
 const GET_HEAD: HeaderValue = HeaderValue::from_static("GET, HEAD");
+const NOSNIFF: HeaderValue = HeaderValue::from_static("nosniff");
+const DENY: HeaderValue = HeaderValue::from_static("DENY");
+const SAME_ORIGIN: HeaderValue = HeaderValue::from_static("same-origin");
+/// The proxy's challenge for the same refusal (RFC 9110 §15.5.2: a 401 names one).
+const CHALLENGE: HeaderValue = HeaderValue::from_static("Bearer realm=\"custodia\"");
 
 /// What a worker is told at startup; [`AppState::new`] turns it into the runtime state.
 #[derive(Clone, Default)]
@@ -335,10 +343,12 @@ struct Me<'a> {
 
 fn me<B>(req: &Request<B>, state: &AppState, now_unix: u64) -> Response<Full<Bytes>> {
     let Some(identity) = state.verified_identity(req, now_unix) else {
-        return json_response(
+        let mut refused = json_response(
             StatusCode::UNAUTHORIZED,
             Bytes::from_static(br#"{"error":"unauthenticated"}"#),
         );
+        refused.headers_mut().insert(WWW_AUTHENTICATE, CHALLENGE);
+        return refused;
     };
     let me = Me {
         identity: &identity,
@@ -392,7 +402,13 @@ fn json_response(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
 fn response(status: StatusCode, content_type: HeaderValue, body: Bytes) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
-    response.headers_mut().insert(CONTENT_TYPE, content_type);
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, content_type);
+    // No content sniffing, no framing (clickjacking of Login and Logout), and no `Referer`
+    // beyond this origin (the links out are to the IdP and avatars).
+    headers.insert(X_CONTENT_TYPE_OPTIONS, NOSNIFF);
+    headers.insert(X_FRAME_OPTIONS, DENY);
+    headers.insert(REFERRER_POLICY, SAME_ORIGIN);
     response
 }
 
@@ -578,6 +594,10 @@ mod tests {
         let state = state(Some(KEY));
         let response = handle(&get("/api/me").body(()).unwrap(), &state);
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            response.headers()[WWW_AUTHENTICATE],
+            "Bearer realm=\"custodia\""
+        );
         assert_eq!(body(response), r#"{"error":"unauthenticated"}"#);
 
         let req = get("/api/me")
@@ -647,6 +667,18 @@ mod tests {
         state.begin_shutdown();
         let response = handle(&get("/healthz").body(()).unwrap(), &state);
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn every_answer_forbids_sniffing_framing_and_outside_referers() {
+        let state = state(Some(KEY));
+        for path in ["/", "/api/hello", "/api/me", "/healthz", "/nowhere"] {
+            let response = handle(&get(path).body(()).unwrap(), &state);
+            let headers = response.headers();
+            assert_eq!(headers[X_CONTENT_TYPE_OPTIONS], "nosniff", "{path}");
+            assert_eq!(headers[X_FRAME_OPTIONS], "DENY", "{path}");
+            assert_eq!(headers[REFERRER_POLICY], "same-origin", "{path}");
+        }
     }
 
     #[test]

@@ -549,12 +549,15 @@ impl Edge {
     ) -> Result<bool> {
         // A 401 only ever goes to API clients (browsers are redirected to /login).
         let json = response.status == 401 || pages::wants_json(session.req_header());
-        let mut header = ResponseHeader::build(response.status, Some(response.headers.len() + 4))?;
+        let mut header = ResponseHeader::build(response.status, Some(response.headers.len() + 8))?;
         for (name, value) in response.headers {
             header.append_header(name, value)?;
         }
         header.insert_header(headers::X_REQUEST_ID, ctx.request_id.clone())?;
         header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+        for (name, value) in own_answer_headers(&ctx.runtime) {
+            header.insert_header(name, value)?;
+        }
         let body = match &response.page {
             Some(page) => {
                 let id = ctx.request_id.to_str().unwrap_or("");
@@ -573,6 +576,20 @@ impl Edge {
         }
         Ok(true)
     }
+}
+
+/// The security headers of an answer of the proxy's own ([`pages::OWN_ANSWER_HEADERS`]), and
+/// HSTS when browsers reach it over https.
+pub(crate) fn own_answer_headers(
+    runtime: &Runtime,
+) -> impl Iterator<Item = (&'static str, &'static str)> {
+    let https = runtime
+        .auth
+        .as_ref()
+        .is_some_and(|auth| auth.cookies.secure);
+    pages::OWN_ANSWER_HEADERS
+        .into_iter()
+        .chain(https.then_some(pages::HSTS))
 }
 
 /// The session check of an ordinary request (no proxy endpoint) under its route's policy, on

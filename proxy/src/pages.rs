@@ -12,6 +12,41 @@ pub fn wants_json(req: &impl RequestHead) -> bool {
     accept.contains("json") && !accept.contains("text/html")
 }
 
+/// Headers on every answer the proxy writes itself (error pages, login redirects, its 401s):
+/// no content sniffing, no framing (clickjacking of the Login and Logout links), and no
+/// `Referer` carrying the proxy's URLs (`rd=`, `/callback?code=…`) elsewhere.
+pub const OWN_ANSWER_HEADERS: [(&str, &str); 3] = [
+    ("x-content-type-options", "nosniff"),
+    ("x-frame-options", "DENY"),
+    ("referrer-policy", "no-referrer"),
+];
+
+/// Over https (`[auth] public_url`), the proxy's own answers also tell browsers to come back
+/// over https only, for a year (Pomerium's default; no `includeSubDomains`: the operator's
+/// other hosts are not the proxy's to decide).
+pub const HSTS: (&str, &str) = ("strict-transport-security", "max-age=31536000");
+
+/// What an error page tells a person about `status`: the request's fault (4xx) or the site's.
+fn explanation(status: u16) -> &'static str {
+    match status {
+        400 => "The request could not be understood.",
+        403 => "You do not have access to this page.",
+        404 => "The page you are looking for does not exist.",
+        405 => "This kind of request is not allowed here.",
+        408 => "The request took too long to arrive.",
+        413 => "The request is larger than this site accepts.",
+        414 => "The address (URL) is longer than this site accepts.",
+        429 => "Too many requests. Please wait a moment and try again.",
+        431 => "The request's headers are larger than this site accepts.",
+        400..=499 => "The request could not be handled.",
+        // The seed's nginx 50x.html.
+        _ => {
+            "Sorry, the page you are looking for is currently unavailable.<br/>\n\
+              Please try again later."
+        }
+    }
+}
+
 /// A complete error response: header and body.
 pub struct ErrorPage {
     pub header: ResponseHeader,
@@ -35,20 +70,24 @@ pub fn error_page(status: u16, json: bool, request_id: &str) -> pingora_core::Re
              <style>body{{font-family:Arial,sans-serif;background:#f4f4f4;text-align:center;padding-top:80px}}\
              .container{{display:inline-block;background:#fff;padding:30px 40px;border-radius:10px;box-shadow:0 0 15px rgba(0,0,0,.1)}}\
              small{{color:#777}}</style>\n</head>\n<body>\n<div class=\"container\">\n\
-             <h1>An error occurred.</h1>\n<p>Sorry, the page you are looking for is currently unavailable.<br/>\n\
-             Please try again later.</p>\n<p><small>{status} {reason} &middot; request id {id}</small></p>\n\
+             <h1>An error occurred.</h1>\n<p>{explanation}</p>\n\
+             <p><small>{status} {reason} &middot; request id {id}</small></p>\n\
              </div>\n</body>\n</html>\n",
             status = code.as_u16(),
             reason = reason,
+            explanation = explanation(code.as_u16()),
             id = escape_html(request_id),
         );
         ("text/html; charset=utf-8", body)
     };
     let body = Bytes::from(body);
-    let mut header = ResponseHeader::build(code, Some(4))?;
+    let mut header = ResponseHeader::build(code, Some(4 + OWN_ANSWER_HEADERS.len()))?;
     header.insert_header(http::header::CONTENT_TYPE, content_type)?;
     header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
     header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+    for (name, value) in OWN_ANSWER_HEADERS {
+        header.insert_header(name, value)?;
+    }
     Ok(ErrorPage { header, body })
 }
 
@@ -112,6 +151,15 @@ mod tests {
         let body = std::str::from_utf8(&page.body).unwrap();
         assert!(body.contains("503 Service Unavailable"));
         assert!(body.contains("abc&lt;1&gt;"), "request id escaped: {body}");
+        assert!(body.contains("currently unavailable"), "{body}");
+        for (name, value) in OWN_ANSWER_HEADERS {
+            assert_eq!(page.header.headers[name], value);
+        }
+        // A refusal for the client's fault says so, not "try again later".
+        let too_large = error_page(413, false, "id").unwrap();
+        let body = std::str::from_utf8(&too_large.body).unwrap();
+        assert!(body.contains("larger than this site accepts"), "{body}");
+        assert!(!body.contains("try again later"), "{body}");
         let json = error_page(502, true, "id-1").unwrap();
         let v: serde_json::Value = serde_json::from_slice(&json.body).unwrap();
         assert_eq!(v["status"], 502);

@@ -548,6 +548,7 @@ impl Exchange<'_> {
             .map(|(name, value)| (*name, value.as_bytes()))
             .collect();
         extra.push(("cache-control", b"no-store"));
+        extra.extend(edge::own_answer_headers(self.runtime).map(|(n, v)| (n, v.as_bytes())));
         if let Some((content_type, _)) = &body {
             extra.push(("content-type", content_type.as_bytes()));
         }
