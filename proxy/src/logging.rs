@@ -5,8 +5,13 @@
 
 use std::io::IsTerminal;
 
+use std::fmt::Write;
+
+use tracing::field::{Field, Visit};
+use tracing::subscriber::Interest;
+use tracing::{Event, Level, Metadata};
 use tracing_subscriber::filter::{filter_fn, EnvFilter, LevelFilter};
-use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::layer::{Context, Filter, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 
@@ -52,12 +57,7 @@ pub fn init(settings: &LogSettings) -> Result<(), String> {
     // filter carries the level's hint.
     let hint = level().max_level_hint().unwrap_or(LevelFilter::TRACE);
     // (A hint must not be exceeded by what the filter lets through.)
-    let not_access = || {
-        filter_fn(move |meta| {
-            meta.target() != TARGET && *meta.level() <= hint && !dumps_requests(meta)
-        })
-        .with_max_level_hint(hint)
-    };
+    let not_access = || Diagnostics { hint };
     let access_hint = hint.min(LevelFilter::INFO);
     let (text, json) = match settings.format {
         LogFormat::Text => (
@@ -128,16 +128,211 @@ pub fn access_log_passes(directives: &str) -> bool {
             .is_always()
 }
 
-/// Pingora's `trace` events print whole request heads (`Cookie`, `/callback?code=…`): secrets
-/// never reach our logs, whatever `RUST_LOG` asks for.
-fn dumps_requests(meta: &tracing::Metadata<'_>) -> bool {
-    *meta.level() == tracing::Level::TRACE && meta.target().starts_with("pingora")
+/// What goes to stderr: events up to the level's hint, but neither the access log (it has its
+/// own layer) nor Pingora's dumps of requests and responses.
+#[derive(Debug, Clone, Copy)]
+struct Diagnostics {
+    hint: LevelFilter,
+}
+
+impl<S> Filter<S> for Diagnostics {
+    fn enabled(&self, meta: &Metadata<'_>, _: &Context<'_, S>) -> bool {
+        meta.target() != TARGET && *meta.level() <= self.hint && !dumps_requests(meta)
+    }
+
+    fn callsite_enabled(&self, meta: &'static Metadata<'static>) -> Interest {
+        // Pingora's `log` records share one callsite per level: their target is only known
+        // per record, in `enabled`.
+        if *meta.level() > self.hint {
+            Interest::never()
+        } else {
+            Interest::sometimes()
+        }
+    }
+
+    fn event_enabled(&self, event: &Event<'_>, _: &Context<'_, S>) -> bool {
+        let message = message_of(event);
+        if prints_a_head(&message) {
+            return false;
+        }
+        // Pingora's first look for the listeners on `--upgrade` always finds none: the old
+        // process sends them only after this one asked. That is no error; a hand-over that
+        // really fails still says so ("Giving up reading socket from …", "Bootstrap failed").
+        if message.starts_with(NO_TRANSFER_YET) {
+            return self.hint >= LevelFilter::DEBUG;
+        }
+        true
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        Some(self.hint)
+    }
+}
+
+/// Pingora's message while it waits for the listeners of the process it upgrades from.
+const NO_TRANSFER_YET: &str = "No incoming socket transfer";
+
+/// Pingora modules whose `debug` and `trace` events print whole request or response heads
+/// (`Sending header to upstream RequestHeader { … authorization … }`, `upstream event:
+/// Header(ResponseHeader { … set-cookie … })`, `Response header: …`) or bodies: the
+/// `Authorization` and `Cookie` headers, query strings and the identity assertion would reach
+/// the logs, which must never hold a secret, whatever `RUST_LOG` asks for.
+const DUMPING_MODULES: [&str; 8] = [
+    "pingora_proxy::proxy_h1",
+    "pingora_proxy::proxy_h2",
+    "pingora_proxy::proxy_custom",
+    "pingora_proxy::proxy_cache",
+    "pingora_proxy::subrequest",
+    "pingora_core::protocols::http::v1::client",
+    "pingora_core::protocols::http::custom",
+    "pingora_cache",
+];
+
+/// Pingora events that print requests or responses: every `trace` event of Pingora's, and the
+/// `debug` events of [`DUMPING_MODULES`].
+fn dumps_requests(meta: &Metadata<'_>) -> bool {
+    let target = meta.target();
+    if !target.starts_with("pingora") {
+        return false;
+    }
+    match *meta.level() {
+        Level::TRACE => true,
+        Level::DEBUG => DUMPING_MODULES.iter().any(|m| {
+            target
+                .strip_prefix(m)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+        }),
+        _ => false,
+    }
+}
+
+/// Whether a message holds the `Debug` form of a request or response head (an `http` crate
+/// `Parts`, `Request` or `Response`, Pingora's `RequestHeader` / `ResponseHeader`), at any
+/// level and from any module: a net under [`dumps_requests`] for dumps elsewhere.
+fn prints_a_head(message: &str) -> bool {
+    ["headers: {", "RequestHeader {", "ResponseHeader {"]
+        .iter()
+        .any(|shape| message.contains(shape))
+}
+
+/// The `message` field of an event (a `log` record's text).
+fn message_of(event: &Event<'_>) -> String {
+    struct Message(String);
+    impl Visit for Message {
+        fn record_str(&mut self, field: &Field, value: &str) {
+            if field.name() == "message" {
+                self.0.push_str(value);
+            }
+        }
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            if field.name() == "message" {
+                let _ = write!(self.0, "{value:?}");
+            }
+        }
+    }
+    let mut message = Message(String::new());
+    event.record(&mut message);
+    message.0
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::LogSettings;
+
+    /// What a text layer behind [`Diagnostics`] with `hint` prints of the events `emit` logs.
+    fn printed(hint: LevelFilter, emit: impl FnOnce()) -> String {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(move || writer.clone())
+                .with_filter(Diagnostics { hint }),
+        );
+        tracing::subscriber::with_default(subscriber, emit);
+        let bytes = buffer.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn pingora_dumps_of_requests_and_responses_never_print() {
+        let out = printed(LevelFilter::TRACE, || {
+            tracing::debug!(
+                target: "pingora_proxy::proxy_h1",
+                "Sending header to upstream RequestHeader {{ base: Parts {{ method: GET, \
+                 uri: /api?token=QUERY-SECRET, headers: {{\"authorization\": \"Bearer \
+                 BEARER-SECRET\", \"cookie\": \"c=COOKIE-SECRET\"}} }} }}"
+            );
+            tracing::debug!(
+                target: "pingora_proxy::proxy_h1",
+                "upstream event: Some(Body(Some(b\"BODY-SECRET\"), false))"
+            );
+            tracing::debug!(
+                target: "pingora_core::protocols::http::v1::client",
+                "Response header: ResponseHeader {{ base: Parts {{ status: 200 }} }}"
+            );
+            tracing::trace!(target: "pingora_core::apps::http_app", "TRACE-SECRET");
+            // A dump from anywhere else, at any level, is caught by its shape.
+            tracing::error!(
+                target: "pingora_core::somewhere_new",
+                "failed: Parts {{ method: GET, uri: /, headers: {{\"cookie\": \"SHAPE-SECRET\"}} }}"
+            );
+            // What is kept: Pingora's other debug events, and ours.
+            tracing::debug!(target: "pingora_proxy", "Successfully get a new request");
+            tracing::debug!(target: "pingora_proxy::proxy_common", "kept from proxy_common");
+            tracing::debug!(target: "pingora_proxy::proxy_h1x", "kept from a lookalike");
+            tracing::debug!(target: "custodia_proxy::edge", "kept from custodia");
+        });
+        for secret in ["QUERY", "BEARER", "COOKIE", "BODY", "TRACE", "SHAPE"] {
+            assert!(
+                !out.contains(&format!("{secret}-SECRET")),
+                "{secret}: {out}"
+            );
+        }
+        for kept in [
+            "Successfully get a new request",
+            "kept from proxy_common",
+            "kept from a lookalike",
+            "kept from custodia",
+        ] {
+            assert!(out.contains(kept), "{kept}: {out}");
+        }
+    }
+
+    #[test]
+    fn waiting_for_the_listeners_on_upgrade_is_no_error() {
+        let emit = || {
+            tracing::error!(
+                target: "pingora_core::server::transfer_fd",
+                "No incoming socket transfer, sleep 1s and try again"
+            );
+            tracing::error!(
+                target: "pingora_core::server::transfer_fd",
+                "Giving up reading socket from: /tmp/x.sock, error: EAGAIN"
+            );
+        };
+        let info = printed(LevelFilter::INFO, emit);
+        assert!(!info.contains("No incoming socket transfer"), "{info}");
+        assert!(
+            info.contains("ERROR") && info.contains("Giving up"),
+            "{info}"
+        );
+        let debug = printed(LevelFilter::DEBUG, emit);
+        assert!(debug.contains("No incoming socket transfer"), "{debug}");
+    }
 
     #[test]
     fn an_invalid_rust_log_is_an_error_not_a_fallback() {
