@@ -732,3 +732,25 @@ fn the_summary_says_whether_the_level_lets_the_access_log_through() {
     let off = with_log("level = \"info\"\naccess_log = false");
     assert!(off.contains("access log off"), "{off}");
 }
+
+#[test]
+fn syntax_errors_are_one_line() {
+    // The TOML parser writes its expectation on a second line: a log line (a refused reload)
+    // would be split in two.
+    for (text, expected) in [
+        (
+            "[upstream",
+            "test.toml:1: invalid table header: expected `.`, `]`",
+        ),
+        (
+            "[upstream]\nbackends = [\"a:1\"\n",
+            "test.toml:3: invalid array: expected `]`",
+        ),
+        (
+            "[upstream]\nbackends = [\"a:1\"]\n[upstream]\n",
+            "test.toml:3: invalid table header: duplicate key `upstream` in document root",
+        ),
+    ] {
+        assert_eq!(error_of(text), expected);
+    }
+}

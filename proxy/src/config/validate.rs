@@ -114,7 +114,7 @@ pub fn parse_with_env(text: &str, path: &Path, env: &dyn Env) -> Result<ProxyCon
             path: path.to_path_buf(),
             line,
             key: if key == "." { String::new() } else { key },
-            message: inner.message().trim().to_string(),
+            message: one_line(inner.message()),
         }
     })?;
     into_model(file, text, path, env)
@@ -427,6 +427,17 @@ pub(crate) fn listen_conflict(a: SocketAddr, b: SocketAddr) -> Option<String> {
     } else {
         format!("the same port {port}, and `0.0.0.0` takes every IPv4 address on it")
     })
+}
+
+/// A parser message on one line: the TOML parser puts what it expected on a line of its own,
+/// which would split a log line (a refused reload's) in two.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 /// 1-based line number of a byte offset.
