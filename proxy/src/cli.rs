@@ -153,10 +153,25 @@ fn reload_running(path: &std::path::Path) -> i32 {
         eprintln!("custodia-proxy: invalid configuration: {e}");
         1
     };
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    // The file's own problem first: a file that cannot be read is not "no running proxy".
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(source) => {
+            return invalid(config::ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
     let Some(pid_file) = crate::running::pid_file_named_in(&text) else {
-        // Not TOML (or not readable): the loader says why, with the line.
-        return config::load(path).map_or_else(invalid, |_| 1);
+        // Not TOML, or no usable pid_file: the loader says why, with the line.
+        return config::load(path).map_or_else(invalid, |_| {
+            eprintln!(
+                "custodia-proxy: cannot reload: {} names no usable server.pid_file",
+                path.display()
+            );
+            1
+        });
     };
     let pid = match crate::running::running_pid(&pid_file) {
         Ok(pid) => pid,

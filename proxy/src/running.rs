@@ -7,13 +7,17 @@ use std::path::{Path, PathBuf};
 use crate::config::env::parse_dotenv;
 
 /// Where the pid file is, as `text` (a config file) says, before anything else in it is
-/// checked: `None` when it is not TOML at all.
+/// checked: `None` when it is not TOML at all, or `server.pid_file` is there but no path (not
+/// a string, or empty): never the default in its place, which may be another proxy's.
 pub fn pid_file_named_in(text: &str) -> Option<PathBuf> {
     let table: toml::Table = text.parse().ok()?;
-    let named = table
-        .get("server")
-        .and_then(|server| server.get("pid_file"))
-        .and_then(|file| file.as_str());
+    let named = match table.get("server") {
+        None => None,
+        Some(server) => match server.as_table()?.get("pid_file") {
+            None => None,
+            Some(file) => Some(file.as_str().filter(|f| !f.trim().is_empty())?),
+        },
+    };
     Some(PathBuf::from(
         named.unwrap_or(crate::config::file::DEFAULT_PID_FILE),
     ))
@@ -143,6 +147,10 @@ mod tests {
             Some(PathBuf::from(crate::config::file::DEFAULT_PID_FILE))
         );
         assert_eq!(pid_file_named_in("not [toml"), None);
+        // Named, but no path: not the default pid file in its place (another proxy's).
+        assert_eq!(pid_file_named_in("[server]\npid_file = 5\n"), None);
+        assert_eq!(pid_file_named_in("[server]\npid_file = \"\"\n"), None);
+        assert_eq!(pid_file_named_in("server = 5\n"), None);
     }
 
     #[test]

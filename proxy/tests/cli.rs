@@ -360,3 +360,43 @@ fn an_invalid_rust_log_stops_the_start_and_is_named() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--reload` reports the config file's own problem, not "no running custodia-proxy" (nor
+/// the default pid file's, when the file's `pid_file` is no path).
+#[test]
+fn reload_names_the_config_files_problem_first() {
+    let dir = std::env::temp_dir().join(format!("custodia-cli-{}-reload", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let missing = dir.join("absent.toml");
+    for (path, words) in [(&missing, "No such file"), (&dir, "Is a directory")] {
+        let out = proxy(&["--config", path.to_str().unwrap(), "--reload"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(&format!("cannot read config file {}", path.display()))
+                && stderr.contains(words)
+                && !stderr.contains("pid file"),
+            "{stderr}"
+        );
+    }
+    for (value, words) in [("5", "invalid type"), ("\"\"", "an empty path")] {
+        with_file(
+            "pid",
+            &format!("[server]\npid_file = {value}\n[upstream]\nbackends = [\"127.0.0.1:1\"]\n"),
+            |path| {
+                for flag in ["--reload", "--check"] {
+                    let out = proxy(&["--config", path.to_str().unwrap(), flag]);
+                    let stderr = String::from_utf8_lossy(&out.stderr);
+                    assert_eq!(out.status.code(), Some(1), "{flag} {value}: {stderr}");
+                    assert!(
+                        stderr.contains(":2: key `server.pid_file`: ")
+                            && stderr.contains(words)
+                            && !stderr.contains("no running"),
+                        "{flag} pid_file = {value}: {stderr}"
+                    );
+                }
+            },
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -754,3 +754,19 @@ fn syntax_errors_are_one_line() {
         assert_eq!(error_of(text), expected);
     }
 }
+
+#[test]
+fn empty_pid_file_and_upgrade_sock_are_refused() {
+    for key in ["pid_file", "upgrade_sock"] {
+        let message = error_of(&format!(
+            "[server]\nthreads = 1\n{key} = \"\"\n[upstream]\nbackends = [\"127.0.0.1:1\"]\n"
+        ));
+        assert_eq!(
+            message,
+            format!(
+                "test.toml:3: key `server.{key}`: an empty path: name a file, or leave `{key}` \
+                 out for the default"
+            )
+        );
+    }
+}

@@ -13,6 +13,7 @@
 //! 8. `[auth]` and `[[route]]`: see [`super::auth`] (secrets come from the environment).
 //! 9. `[limits]`: counts and sizes are in range while parsing (0 is refused); its durations
 //!    as rule 7 says.
+//! 10. `server.pid_file` and `server.upgrade_sock` are not empty.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -148,6 +149,18 @@ fn into_model(
                 continue;
             };
             return Err(invalid(find_key(text, "listen"), "server.listen", message));
+        }
+    }
+    for (key, value) in [
+        ("pid_file", &server.pid_file),
+        ("upgrade_sock", &server.upgrade_sock),
+    ] {
+        if value.trim().is_empty() {
+            return Err(invalid(
+                find_key_in_section(text, "server", key),
+                &format!("server.{key}"),
+                format!("an empty path: name a file, or leave `{key}` out for the default"),
+            ));
         }
     }
     if server.threads > MAX_THREADS {
