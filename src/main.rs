@@ -5,10 +5,14 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
+// Output to a reader that has gone (`custodia --help | head -1`) is no panic.
+use custodia_proxy::cli::say;
+
 const USAGE: &str = "\
 usage: custodia [run] [--config FILE]     start the local stack (default config/custodia.toml)
        custodia proxy ARGS…              the same as custodia-proxy ARGS…
-       custodia app ARGS…                the same as custodia-app ARGS…";
+       custodia app ARGS…                the same as custodia-app ARGS…
+       custodia --version                the version";
 
 /// `custodia proxy` is the same program as `custodia-proxy`, allocator included.
 #[global_allocator]
@@ -34,7 +38,11 @@ fn main() {
             custodia_app::run_cli(args)
         }
         Some("--help") | Some("-h") | Some("help") => {
-            println!("{USAGE}");
+            say(&format!("{USAGE}\n"));
+            0
+        }
+        Some("--version") | Some("-V") => {
+            say(&format!("custodia {}\n", env!("CARGO_PKG_VERSION")));
             0
         }
         Some("run") => run_stack(&args[2..]),
@@ -56,7 +64,7 @@ fn run_stack(args: &[OsString]) -> i32 {
                 config = PathBuf::from(&flag["--config=".len()..]);
             }
             Some("--help" | "-h") => {
-                println!("{USAGE}");
+                say(&format!("{USAGE}\n"));
                 return 0;
             }
             Some(other) => return usage_error(&format!("unknown argument `{other}`")),

@@ -174,3 +174,28 @@ async fn a_taken_port_stops_the_start_and_says_which() {
     );
     assert!(!String::from_utf8_lossy(&out.stdout).contains("local stack is up"));
 }
+
+/// `custodia --version` and `--help`, as `custodia-proxy` and `custodia-app` have them; output
+/// to a reader that has gone (`custodia --help | head -1`) is no panic.
+#[test]
+fn the_root_binary_has_help_and_version() {
+    let out = Command::new(custodia_bin())
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout, format!("custodia {}\n", env!("CARGO_PKG_VERSION")));
+    for flag in ["--help", "--version"] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(custodia_bin())
+            .arg(flag)
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{flag}: {stderr}");
+        assert!(stderr.is_empty(), "{flag}: {stderr}");
+    }
+}

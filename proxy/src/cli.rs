@@ -90,7 +90,7 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
     let args = match parse_args(args) {
         Ok(args) => args,
         Err(message) => {
-            eprintln!("custodia-proxy: {message}\n\n{USAGE}");
+            say_err(&format!("custodia-proxy: {message}\n\n{USAGE}"));
             return 2;
         }
     };
@@ -104,18 +104,20 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
         version,
     } = args;
     if help {
-        println!("{USAGE}");
+        say(&format!("{USAGE}\n"));
         return 0;
     }
     if version {
-        println!("custodia-proxy {}", env!("CARGO_PKG_VERSION"));
+        say(&format!("custodia-proxy {}\n", env!("CARGO_PKG_VERSION")));
         return 0;
     }
     if let Some(url) = probe {
         return crate::probe::run_probe("custodia-proxy", &url);
     }
     let Some(path) = config else {
-        eprintln!("custodia-proxy: --config FILE is required\n\n{USAGE}");
+        say_err(&format!(
+            "custodia-proxy: --config FILE is required\n\n{USAGE}"
+        ));
         return 2;
     };
     if reload {
@@ -124,23 +126,23 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
     let config = match config::load(&path) {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("custodia-proxy: invalid configuration: {e}");
+            say_err(&format!("custodia-proxy: invalid configuration: {e}"));
             return 1;
         }
     };
     if check {
-        print!("{}", config::summary(&config));
+        say(&config::summary(&config));
         return 0;
     }
     if let Err(message) = crate::logging::init(&config.log) {
-        eprintln!("custodia-proxy: {message}");
+        say_err(&format!("custodia-proxy: {message}"));
         return 1;
     }
     match server::run(config, StartOptions { upgrade }) {
         Ok(()) => 0,
         Err(e) => {
-            tracing::error!("custodia-proxy cannot start: {e}");
-            eprintln!("custodia-proxy: {e}");
+            // Once, on stderr, whatever the log level or format (not also as a log event).
+            say_err(&format!("custodia-proxy: {e}"));
             1
         }
     }
@@ -150,7 +152,7 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
 /// this shell's: the secrets are often only in the service's), then send it SIGHUP.
 fn reload_running(path: &std::path::Path) -> i32 {
     let invalid = |e: config::ConfigError| {
-        eprintln!("custodia-proxy: invalid configuration: {e}");
+        say_err(&format!("custodia-proxy: invalid configuration: {e}"));
         1
     };
     // The file's own problem first: a file that cannot be read is not "no running proxy".
@@ -166,17 +168,17 @@ fn reload_running(path: &std::path::Path) -> i32 {
     let Some(pid_file) = crate::running::pid_file_named_in(&text) else {
         // Not TOML, or no usable pid_file: the loader says why, with the line.
         return config::load(path).map_or_else(invalid, |_| {
-            eprintln!(
+            say_err(&format!(
                 "custodia-proxy: cannot reload: {} names no usable server.pid_file",
                 path.display()
-            );
+            ));
             1
         });
     };
     let pid = match crate::running::running_pid(&pid_file) {
         Ok(pid) => pid,
         Err(message) => {
-            eprintln!("custodia-proxy: cannot reload: {message}");
+            say_err(&format!("custodia-proxy: cannot reload: {message}"));
             return 1;
         }
     };
@@ -186,14 +188,14 @@ fn reload_running(path: &std::path::Path) -> i32 {
         std::fs::canonicalize(path),
     ) {
         if running != asked {
-            eprintln!(
+            say_err(&format!(
                 "custodia-proxy: cannot reload: process {pid} reads {}, not {}; a reload makes it \
                  read its own file again: edit that one, or start a proxy on {} (--upgrade to \
                  take over the listeners)",
                 running.display(),
                 asked.display(),
                 asked.display()
-            );
+            ));
             return 1;
         }
     }
@@ -206,17 +208,32 @@ fn reload_running(path: &std::path::Path) -> i32 {
     }
     match crate::running::send_sighup(pid) {
         Ok(()) => {
-            println!(
-                "custodia-proxy: asked process {pid} to reload {} (its log says whether it did)",
+            say(&format!(
+                "custodia-proxy: asked process {pid} to reload {} (its log says whether it did)\n",
                 path.display()
-            );
+            ));
             0
         }
         Err(message) => {
-            eprintln!("custodia-proxy: cannot reload: {message}");
+            say_err(&format!("custodia-proxy: cannot reload: {message}"));
             1
         }
     }
+}
+
+/// Write `text` to stdout. A reader that has gone (`--help | head -1`) is no error: the
+/// command has nothing more to say to it (`println!` would panic on the broken pipe).
+pub fn say(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(text.as_bytes());
+    let _ = stdout.flush();
+}
+
+/// [`say`] on stderr, with a line end.
+pub fn say_err(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
 #[cfg(test)]

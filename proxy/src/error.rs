@@ -13,11 +13,17 @@ pub enum ProxyError {
     Runtime(#[from] RuntimeError),
     #[error(
         "cannot listen on {addr} ({key}): {source}{hint}",
-        hint = if source.kind() == std::io::ErrorKind::AddrInUse {
-            " (another process holds it: another custodia-proxy? Use --upgrade to take over \
-             from a running one)"
-        } else {
-            ""
+        hint = match (source.kind(), *key) {
+            // The public addresses are checked first: these being free means no proxy of this
+            // file runs, so --upgrade has nothing to take over.
+            (std::io::ErrorKind::AddrInUse, "admin.listen") => {
+                " (another process holds it; the admin listener needs an address of its own)"
+            }
+            (std::io::ErrorKind::AddrInUse, _) => {
+                " (another process holds it: another custodia-proxy? Use --upgrade to take \
+                 over from a running one)"
+            }
+            _ => "",
         }
     )]
     Listen {
@@ -33,4 +39,27 @@ pub enum ProxyError {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_upgrade_hint_is_given_only_where_it_applies() {
+        let taken = |key| {
+            ProxyError::Listen {
+                addr: std::net::SocketAddr::from(([127, 0, 0, 1], 9090)),
+                key,
+                source: std::io::ErrorKind::AddrInUse.into(),
+            }
+            .to_string()
+        };
+        assert!(taken("server.listen").contains("Use --upgrade"));
+        let admin = taken("admin.listen");
+        assert!(
+            !admin.contains("upgrade") && admin.contains("an address of its own"),
+            "{admin}"
+        );
+    }
 }

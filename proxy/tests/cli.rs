@@ -276,6 +276,14 @@ fn a_taken_listen_address_is_a_clear_error_at_start() {
             stderr.contains(&format!("cannot listen on {taken} ({key})")),
             "{stderr}"
         );
+        // Said once (not also as a log event), with the hint that applies: a taken admin
+        // port with free public ones is no running proxy of this file to upgrade from.
+        assert_eq!(stderr.matches("cannot listen on").count(), 1, "{stderr}");
+        assert_eq!(
+            stderr.contains("--upgrade"),
+            key == "server.listen",
+            "{stderr}"
+        );
         assert!(!dir.join("proxy.pid").exists(), "no pid file");
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -399,4 +407,35 @@ fn reload_names_the_config_files_problem_first() {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Output to a reader that has gone (`custodia-proxy --help | head -1`) ends the command
+/// quietly, not with a panic about a broken pipe.
+#[test]
+fn a_closed_stdout_is_no_panic() {
+    with_file(
+        "epipe",
+        "[upstream]\nbackends = [\"127.0.0.1:1\"]\n",
+        |path| {
+            for args in [
+                vec!["--help"],
+                vec!["--version"],
+                vec!["--config", path.to_str().unwrap(), "--check"],
+            ] {
+                let (reader, writer) = std::io::pipe().unwrap();
+                drop(reader);
+                let out = Command::new(env!("CARGO_BIN_EXE_custodia-proxy"))
+                    .args(&args)
+                    .env_clear()
+                    .current_dir(std::env::temp_dir())
+                    .stdout(writer)
+                    .stderr(std::process::Stdio::piped())
+                    .output()
+                    .unwrap();
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+                assert!(stderr.is_empty(), "{args:?}: {stderr}");
+            }
+        },
+    );
 }
