@@ -989,13 +989,10 @@ async fn a_worker_that_cannot_verify_the_proxys_assertions_is_unhealthy() {
         "the workers without the proxy's key out of the pool",
         Duration::from_secs(20),
         || async {
-            let state = |addr: std::net::SocketAddr| {
-                let proxy = proxy;
-                async move {
-                    proxy
-                        .backend_metric("custodia_upstream_healthy", addr)
-                        .await
-                }
+            let state = |addr: std::net::SocketAddr| async move {
+                proxy
+                    .backend_metric("custodia_upstream_healthy", addr)
+                    .await
             };
             let states = (
                 state(good).await,

@@ -38,7 +38,7 @@ fn explanation(status: u16) -> &'static str {
         414 => "The address (URL) is longer than this site accepts.",
         429 => "Too many requests. Please wait a moment and try again.",
         431 => "The request's headers are larger than this site accepts.",
-        400..=499 => "The request could not be handled.",
+        status if status < 500 => "The request could not be handled.",
         // The seed's nginx 50x.html.
         _ => {
             "Sorry, the page you are looking for is currently unavailable.<br/>\n\
