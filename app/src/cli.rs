@@ -314,6 +314,15 @@ fn os_bytes(value: &OsStr) -> Vec<u8> {
     value.to_string_lossy().into_owned().into_bytes()
 }
 
+/// Write `text` to stdout; a reader that has gone (`--help | head -1`) is no error
+/// (`print!` would panic on the broken pipe).
+fn say(text: &str) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(text.as_bytes());
+    let _ = stdout.flush();
+}
+
 /// Runs the worker from a full command line (program name first, as `std::env::args_os()`
 /// gives it) and returns the process exit status: 0 after a clean shutdown (SIGTERM or
 /// Ctrl-C), [`EXIT_USAGE`] for bad arguments or key, [`EXIT_FAILURE`] if it cannot run.
@@ -321,11 +330,11 @@ pub fn run_cli(args: impl IntoIterator<Item = OsString>) -> i32 {
     let args = match parse_args(args.into_iter().skip(1)) {
         Ok(Command::Run(args)) => args,
         Ok(Command::Help) => {
-            print!("{USAGE}");
+            say(USAGE);
             return 0;
         }
         Ok(Command::Version) => {
-            println!("custodia-app {}", env!("CARGO_PKG_VERSION"));
+            say(&format!("custodia-app {}\n", env!("CARGO_PKG_VERSION")));
             return 0;
         }
         Ok(Command::Probe(url)) => return crate::probe::run_probe("custodia-app", &url),

@@ -577,6 +577,25 @@ fn binary_prints_help_and_version() {
     assert!(stdout.starts_with("custodia-app "), "{stdout}");
 }
 
+/// `custodia-app --help | head -1`: a reader that has gone is no panic.
+#[test]
+fn a_closed_stdout_is_no_panic() {
+    for flag in ["--help", "--version"] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(env!("CARGO_BIN_EXE_custodia-app"))
+            .arg(flag)
+            .env_clear()
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{flag}: {stderr}");
+        assert!(stderr.is_empty(), "{flag}: {stderr}");
+    }
+}
+
 #[cfg(unix)]
 #[test]
 fn binary_serves_and_stops_cleanly_on_sigterm() {
