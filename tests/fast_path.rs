@@ -408,8 +408,9 @@ async fn invalid_status_codes_and_targets_are_refused_on_both_paths() {
 async fn headers_the_workers_connection_header_names_stay_at_the_proxy() {
     let worker = ScriptedServer::start(|_| {
         (
-            b"HTTP/1.1 200 OK\r\nconnection: x-secret, X-Other\r\nx-secret: s\r\n\
-              x-other: o\r\nx-kept: k\r\ncontent-length: 2\r\n\r\nok"
+            b"HTTP/1.1 200 OK\r\nconnection: x-secret, X-Other, Content-Length, Date\r\n\
+              x-secret: s\r\nx-other: o\r\nx-kept: k\r\ncontent-length: 2\r\n\
+              date: Sun, 06 Dec 2026 09:00:00 GMT\r\n\r\nok"
                 .to_vec(),
             false,
         )
@@ -431,6 +432,10 @@ async fn headers_the_workers_connection_header_names_stay_at_the_proxy() {
             "fast_path = {fast_path}: {outcome:?}"
         );
         assert_eq!(outcome.header("x-kept"), Some("k"), "{outcome:?}");
+        // Not the framing or the date: without its length the answer could only end by
+        // closing, and a keep-alive client hung until the idle timeout.
+        assert_eq!(outcome.header("content-length"), Some("2"), "{outcome:?}");
+        assert!(outcome.header("date").is_some(), "{outcome:?}");
     }
 }
 

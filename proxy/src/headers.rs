@@ -132,6 +132,16 @@ pub fn remove_connection_named(response: &mut pingora_http::ResponseHeader) {
         .iter()
         .flat_map(|value| value.as_bytes().split(|&b| b == b','))
         .filter_map(|token| HeaderName::from_bytes(token.trim_ascii()).ok())
+        // The message's framing and date are not the connection's to take away (nginx ignores
+        // such a `Connection` too): a length dropped left the body unframed.
+        .filter(|name| {
+            ![
+                header::CONTENT_LENGTH,
+                header::TRANSFER_ENCODING,
+                header::DATE,
+            ]
+            .contains(name)
+        })
         .collect();
     for name in named {
         response.remove_header(&name);

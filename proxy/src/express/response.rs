@@ -175,7 +175,9 @@ pub fn parse(buf: &[u8], client: ClientSide<'_>) -> Result<Parsed, BadResponse> 
         };
         let dropped = is_hop_by_hop(name)
             || name.eq_ignore_ascii_case(b"x-request-id")
-            || (connection_count > 0 && named_by_connection())
+            // The message's framing and date are not the connection's to take away (nginx
+            // ignores such a `Connection` too): a length dropped left the body unframed.
+            || (connection_count > 0 && !is_message_framing(name) && named_by_connection())
             || (coded && name.eq_ignore_ascii_case(b"content-length"))
             // A 204 has no body to frame (RFC 9110 §8.6).
             || (status == 204 && name.eq_ignore_ascii_case(b"content-length"));
@@ -278,6 +280,13 @@ fn is_hop_by_hop(name: &[u8]) -> bool {
     ]
     .iter()
     .any(|h| name.eq_ignore_ascii_case(h))
+}
+
+/// Headers a `Connection` list cannot remove: how the body is framed, and `Date`.
+fn is_message_framing(name: &[u8]) -> bool {
+    [&b"content-length"[..], b"transfer-encoding", b"date"]
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h))
 }
 
 /// A Content-Length of digits only (at most 18 of them: no overflow).
@@ -394,6 +403,20 @@ mod tests {
         assert!(String::from_utf8(to_head.client_head)
             .unwrap()
             .contains("Content-Length: 9"));
+    }
+
+    #[test]
+    fn connection_cannot_take_away_the_length_or_the_date() {
+        let h = head(
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nDate: Sun, 06 Dec 2026 09:00:00 GMT\r\n\
+             X-Hop: 1\r\nConnection: Content-Length, Date, X-Hop\r\n\r\nhello",
+            side(true),
+        );
+        assert_eq!((h.framing, h.keepalive), (Framing::Length(5), true));
+        let out = String::from_utf8(h.client_head).unwrap();
+        assert!(out.contains("\r\nContent-Length: 5\r\n"), "{out}");
+        assert!(out.contains("\r\nDate: Sun, 06 Dec 2026"), "{out}");
+        assert!(!out.contains("X-Hop"), "{out}");
     }
 
     #[test]
