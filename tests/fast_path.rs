@@ -10,7 +10,7 @@ use std::io::Read;
 use std::time::{Duration, Instant};
 
 use support::custodia::{client, upstream_section, Proxy, Worker};
-use support::echo::{RecordingServer, ScriptedServer, PAUSE};
+use support::echo::{OneRequestServer, RecordingServer, ScriptedServer, PAUSE};
 use support::process::{eventually, eventually_async};
 use support::raw_tcp;
 
@@ -227,6 +227,37 @@ async fn a_worker_closing_its_idle_connections_costs_no_request() {
         Duration::from_secs(5),
         || (half_closed_to_worker() == 0).then_some(()),
     );
+}
+
+/// A pooled worker connection the worker closes just as the proxy sends on it costs no
+/// request, on either path: the request goes again to the same worker on a new connection
+/// (nginx's extra try for a cached connection). Pingora's path answered every other one 502
+/// with a single worker, and failed over from a healthy worker with several.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_closed_under_a_request_costs_no_request_on_both_paths() {
+    let worker = OneRequestServer::start();
+    let upstream =
+        upstream_section("least_conn", &[(worker.addr, 1)]).replace("retries = 2", "retries = 0");
+    for fast_path in [true, false] {
+        let proxy = Proxy::start_with_server(&format!("fast_path = {fast_path}\n"), &upstream);
+        let client = client();
+        for i in 0..6 {
+            let response = client.get(proxy.url("/again")).send().await.unwrap();
+            assert_eq!(
+                response.status(),
+                200,
+                "fast_path = {fast_path}, request {i}"
+            );
+            assert_eq!(response.text().await.unwrap(), "one");
+        }
+        let failovers: f64 = proxy
+            .metric("custodia_upstream_failovers_total")
+            .await
+            .iter()
+            .map(|(_, v)| v)
+            .sum();
+        assert_eq!(failovers, 0.0, "fast_path = {fast_path}");
+    }
 }
 
 /// A worker that sends more than its framing said, in a later write: the bytes after its answer

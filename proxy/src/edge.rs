@@ -35,7 +35,7 @@ use async_trait::async_trait;
 use http::{HeaderName, HeaderValue};
 use pingora_core::modules::http::HttpModules;
 use pingora_core::upstreams::peer::HttpPeer;
-use pingora_core::{Error, ErrorSource, ErrorType, Result};
+use pingora_core::{Error, ErrorSource, ErrorType, Result, RetryType};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 
@@ -89,6 +89,12 @@ pub struct RequestCtx {
     failed: Vec<SocketAddr>,
     /// The last of them timed out: with none left to try, the answer is a 504, as nginx's.
     last_timed_out: bool,
+    /// A pooled connection was found closed and the request is sent again to the same backend:
+    /// once per request, and not a failure of the backend's (nginx's extra try for a cached
+    /// connection; the fast path's too).
+    stale_retried: bool,
+    /// That retry is the next `upstream_peer`'s to make.
+    stale_retry_pending: bool,
     attempts: u32,
     /// The verified session, when the route's policy looked for one and found it.
     identity: Option<Verified>,
@@ -128,6 +134,8 @@ impl ProxyHttp for Edge {
             lease: None,
             failed: Vec::new(),
             last_timed_out: false,
+            stale_retried: false,
+            stale_retry_pending: false,
             attempts: 0,
             identity: None,
             started: Instant::now(),
@@ -277,6 +285,13 @@ impl ProxyHttp for Edge {
     ) -> Result<Box<HttpPeer>> {
         // A retry moves the request: the previous backend's count is released first, and its
         // failover counted once another backend has taken the request.
+        if std::mem::take(&mut ctx.stale_retry_pending) {
+            // Sent again after a closed pooled connection: the same backend, which did not fail.
+            if let Some(lease) = &ctx.lease {
+                ctx.upstream_started = Some(Instant::now());
+                return Ok(Box::new(peer_for(lease.slot().addr, &ctx.runtime)));
+            }
+        }
         let moved_from = ctx.lease.take().map(|lease| lease.slot().clone());
         let Some(lease) = ctx.runtime.pool.pick(&ctx.failed) else {
             let all_down = ctx.runtime.pool.healthy_count() == 0;
@@ -299,12 +314,7 @@ impl ProxyHttp for Edge {
         }
         ctx.attempts += 1;
         ctx.upstream_started = Some(Instant::now());
-        let upstream = &ctx.runtime.config.upstream;
-        let mut peer = HttpPeer::new(lease.slot().addr, false, String::new());
-        peer.options.connection_timeout = Some(upstream.connect_timeout);
-        peer.options.read_timeout = Some(upstream.read_timeout);
-        peer.options.write_timeout = Some(upstream.send_timeout);
-        peer.options.idle_timeout = Some(upstream.idle_timeout);
+        let peer = peer_for(lease.slot().addr, &ctx.runtime);
         ctx.lease = Some(lease);
         Ok(Box::new(peer))
     }
@@ -339,8 +349,22 @@ impl ProxyHttp for Edge {
         session: &mut Session,
         mut e: Box<Error>,
         ctx: &mut RequestCtx,
-        _client_reused: bool,
+        client_reused: bool,
     ) -> Box<Error> {
+        // The worker may have seen the request: replay only what is safe to replay.
+        let replayable = session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated()
+            && session.response_written().is_none()
+            && *e.esource() == ErrorSource::Upstream;
+        // Pingora marks a failure that a reused connection explains (closed by the worker while
+        // it idled in the pool) `ReusedOnly`: sent again once to the same backend, as the fast
+        // path does, instead of a 502 (one backend) or a failover from a healthy one.
+        if client_reused && e.retry == RetryType::ReusedOnly && replayable && !ctx.stale_retried {
+            ctx.stale_retried = true;
+            ctx.stale_retry_pending = true;
+            e.set_retry(true);
+            return e.more_context(format!("backend {peer}, a pooled connection"));
+        }
         ctx.last_timed_out = is_timeout(&e);
         if let Some(lease) = &ctx.lease {
             ctx.failed.push(lease.slot().addr);
@@ -350,11 +374,6 @@ impl ProxyHttp for Edge {
                 }
             }
         }
-        // The worker may have seen the request: replay only what is safe to replay.
-        let replayable = session.req_header().method.is_idempotent()
-            && !session.as_ref().retry_buffer_truncated()
-            && session.response_written().is_none()
-            && *e.esource() == ErrorSource::Upstream;
         e.set_retry(replayable && ctx.may_retry());
         e.more_context(format!("backend {peer}"))
     }
@@ -761,6 +780,17 @@ pub(crate) fn record(f: &Finished<'_>) {
             sub: f.identity.map(|v| v.session.sub.as_str()),
         });
     }
+}
+
+/// How the proxy reaches a backend: the upstream settings' timeouts.
+fn peer_for(addr: SocketAddr, runtime: &Runtime) -> HttpPeer {
+    let upstream = &runtime.config.upstream;
+    let mut peer = HttpPeer::new(addr, false, String::new());
+    peer.options.connection_timeout = Some(upstream.connect_timeout);
+    peer.options.read_timeout = Some(upstream.read_timeout);
+    peer.options.write_timeout = Some(upstream.send_timeout);
+    peer.options.idle_timeout = Some(upstream.idle_timeout);
+    peer
 }
 
 /// A worker that did not answer (or accept, or read) in time.

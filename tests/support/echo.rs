@@ -148,6 +148,45 @@ fn hang_up_connection(stream: TcpStream) {
     }
 }
 
+/// Answers the first request of each connection with `200 one`, keeping the connection open,
+/// and closes it without an answer when a second request comes on it: a pooled connection the
+/// worker dropped just as the proxy sent on it. Health checks get `200 ok`.
+#[allow(dead_code)]
+pub struct OneRequestServer {
+    pub addr: SocketAddr,
+    _acceptor: Acceptor,
+}
+
+#[allow(dead_code)]
+impl OneRequestServer {
+    pub fn start() -> OneRequestServer {
+        let acceptor = Acceptor::start(one_request_connection);
+        OneRequestServer {
+            addr: acceptor.addr,
+            _acceptor: acceptor,
+        }
+    }
+}
+
+fn one_request_connection(stream: TcpStream) {
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut writer = stream;
+    let mut answered = false;
+    while let Some((request_line, _)) = read_head(&mut reader) {
+        let ok = if request_line.starts_with("GET /healthz ") {
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+        } else if answered {
+            return; // dropping the stream closes it with no response
+        } else {
+            answered = true;
+            "HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\none"
+        };
+        if writer.write_all(ok.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
 /// Records the raw bytes of every request that reaches it (except health checks) and answers
 /// each with `200 ok`: tests see exactly what the proxy forwarded. Request bodies are read by
 /// `Content-Length` or chunked framing, as a worker would.
