@@ -433,6 +433,49 @@ async fn invalid_status_codes_and_targets_are_refused_on_both_paths() {
     }
 }
 
+/// Answers no client could frame or read alike are a 502 on both paths (Pingora's relayed
+/// them: a status of 600, `Content-Length: 5, 5`, an empty `Transfer-Encoding` the client
+/// then waited on); and an HTTP/1.0 worker's answer reaches the client as HTTP/1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_a_client_could_not_frame_are_a_502_on_both_paths() {
+    let worker = ScriptedServer::start(|request_line| {
+        let head = if request_line.starts_with("GET /600 ") {
+            "HTTP/1.1 600 Odd\r\ncontent-length: 5"
+        } else if request_line.starts_with("GET /listed ") {
+            "HTTP/1.1 200 OK\r\ncontent-length: 5, 5"
+        } else if request_line.starts_with("GET /empty-coding ") {
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: \r\ncontent-length: 5"
+        } else {
+            "HTTP/1.0 200 OK\r\ncontent-length: 5"
+        };
+        (format!("{head}\r\n\r\nhello").into_bytes(), false)
+    });
+    for path in ["/600", "/listed", "/empty-coding"] {
+        for (fast_path, outcome) in raw_get_on_both_paths(worker.addr, path) {
+            assert_eq!(
+                outcome.status(),
+                Some(502),
+                "{path}, fast_path = {fast_path}: {outcome:?}"
+            );
+        }
+    }
+    let upstream = upstream_section("least_conn", &[(worker.addr, 1)]);
+    for fast_path in ["true", "false"] {
+        let proxy = Proxy::start_with_server(&format!("fast_path = {fast_path}\n"), &upstream);
+        let mut stream = raw_tcp::connect(proxy.addr, None);
+        std::io::Write::write_all(
+            &mut stream,
+            b"GET /old HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+        let answer = read_for(&mut stream, Duration::from_secs(5));
+        assert!(
+            answer.starts_with("HTTP/1.1 200 ") && answer.ends_with("hello"),
+            "fast_path = {fast_path}: {answer}"
+        );
+    }
+}
+
 /// Headers a worker's `Connection` header names are about its connection to the proxy: they
 /// reach no client, on either path (both passed them on).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

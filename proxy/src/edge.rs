@@ -416,6 +416,13 @@ impl ProxyHttp for Edge {
             // connection now, and says so, as the fast path's does.
             session.set_keepalive(None);
         }
+        if let Some(problem) = unrelayable(upstream_response) {
+            // Refused as the fast path refuses it: relayed, the client could not frame it.
+            return Err(Error::explain(ErrorType::InvalidHTTPHeader, problem).into_up());
+        }
+        // The proxy speaks HTTP/1.1 to the client whatever the worker spoke (RFC 9110 §6.2),
+        // as the fast path does.
+        upstream_response.set_version(http::Version::HTTP_11);
         if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
             if !session.is_upgrade_req() {
                 // A protocol switch nobody asked for: relayed, it would leave the client on a
@@ -780,6 +787,36 @@ pub(crate) fn record(f: &Finished<'_>) {
             sub: f.identity.map(|v| v.session.sub.as_str()),
         });
     }
+}
+
+/// Why a worker's answer cannot be passed on, if it cannot: a status outside 100–599, a
+/// `Content-Length` that is not one number, an empty `Transfer-Encoding` (the fast path's
+/// checks, `express::response`).
+fn unrelayable(answer: &ResponseHeader) -> Option<&'static str> {
+    if !(100..600).contains(&answer.status.as_u16()) {
+        return Some("status code outside 100–599");
+    }
+    let mut length = None;
+    for value in answer.headers.get_all(http::header::CONTENT_LENGTH) {
+        let digits = value.as_bytes().trim_ascii();
+        if digits.is_empty() || digits.len() > 18 || !digits.iter().all(u8::is_ascii_digit) {
+            return Some("bad Content-Length");
+        }
+        if length.is_some_and(|known| known != digits) {
+            return Some("conflicting Content-Length");
+        }
+        length = Some(digits);
+    }
+    let codings = answer.headers.get_all(http::header::TRANSFER_ENCODING);
+    if codings.iter().next().is_some()
+        && codings
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .all(|coding| coding.trim_ascii().is_empty())
+    {
+        return Some("empty Transfer-Encoding");
+    }
+    None
 }
 
 /// How the proxy reaches a backend: the upstream settings' timeouts.
