@@ -697,6 +697,37 @@ async fn chunked_and_unframed_answers_are_relayed_whole_on_a_connection_that_sta
         .contains("connection: close"));
 }
 
+/// A chunked answer's bytes are counted as its body, on both paths: the fast path counted its
+/// chunk sizes, line ends and trailers too (56 bytes for a body of 12).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_answer_counts_its_body_bytes_on_both_paths() {
+    let worker = ScriptedServer::start(|_| {
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+              5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nx-trailer: t\r\n\r\n"
+                .to_vec(),
+            false,
+        )
+    });
+    let upstream = upstream_section("least_conn", &[(worker.addr, 1)]);
+    for fast_path in [true, false] {
+        let proxy = Proxy::start_with_server(&format!("fast_path = {fast_path}\n"), &upstream);
+        let answer = client().get(proxy.url("/chunked")).send().await.unwrap();
+        assert_eq!(answer.text().await.unwrap(), "hello, world");
+        let counted = eventually_async("the answer counted", Duration::from_secs(5), || async {
+            let bytes: f64 = proxy
+                .metric("custodia_response_bytes_total")
+                .await
+                .iter()
+                .map(|(_, v)| v)
+                .sum();
+            (bytes > 0.0).then_some(bytes)
+        })
+        .await;
+        assert_eq!(counted, 12.0, "fast_path = {fast_path}");
+    }
+}
+
 /// Requests pipelined behind one Pingora's path serves (a POST with a body, or everything
 /// with the fast path off) are answered, in order, on both paths: Pingora closed such a
 /// connection after the first answer and the rest went unanswered.

@@ -40,6 +40,8 @@ pub struct ChunkedEnd {
     remaining: u64,
     digits: u32,
     line: usize,
+    /// Chunk data bytes seen so far (the body without its framing).
+    data: u64,
 }
 
 impl Default for ChunkedEnd {
@@ -49,6 +51,7 @@ impl Default for ChunkedEnd {
             remaining: 0,
             digits: 0,
             line: 0,
+            data: 0,
         }
     }
 }
@@ -65,6 +68,7 @@ impl ChunkedEnd {
                     let available = (bytes.len() - i) as u64;
                     let take = available.min(self.remaining);
                     self.remaining -= take;
+                    self.data += take;
                     // `take` ≤ the bytes left in the slice: it fits a usize.
                     i += take as usize;
                     if self.remaining == 0 {
@@ -150,6 +154,12 @@ impl ChunkedEnd {
         Ok((self.state == State::Done).then_some(i))
     }
 
+    /// The body's bytes fed so far, without chunk sizes, extensions, line ends or trailers:
+    /// what the metrics and the access log count, as Pingora's path counts them.
+    pub fn data_bytes(&self) -> u64 {
+        self.data
+    }
+
     fn long_line(&mut self) -> Result<(), Malformed> {
         self.line += 1;
         if self.line > MAX_LINE {
@@ -187,6 +197,15 @@ mod tests {
 
     const BODY: &[u8] =
         b"5\r\nhello\r\n1a;name=v\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nx-trailer: 1\r\n\r\n";
+
+    #[test]
+    fn only_chunk_data_counts_as_body_bytes() {
+        let mut tracker = ChunkedEnd::default();
+        for piece in BODY.chunks(3) {
+            let _ = tracker.feed(piece);
+        }
+        assert_eq!(tracker.data_bytes(), 5 + 26);
+    }
 
     #[test]
     fn finds_the_end_of_a_body_fed_whole_or_byte_by_byte() {

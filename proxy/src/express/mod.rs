@@ -876,19 +876,23 @@ impl Body {
                 self.sent += take;
                 Ok((self.remaining == 0, data.len() as u64 > take))
             }
-            Framing::Chunked => match self.chunks.feed(data) {
-                Ok(Some(end)) => {
-                    out.put_slice(&data[..end]);
-                    self.sent += end as u64;
-                    Ok((true, end < data.len()))
+            Framing::Chunked => {
+                // Relayed framing and all; counted as the body it carries.
+                let before = self.chunks.data_bytes();
+                let fed = self.chunks.feed(data);
+                self.sent += self.chunks.data_bytes() - before;
+                match fed {
+                    Ok(Some(end)) => {
+                        out.put_slice(&data[..end]);
+                        Ok((true, end < data.len()))
+                    }
+                    Ok(None) => {
+                        out.put_slice(data);
+                        Ok((false, false))
+                    }
+                    Err(chunked::Malformed) => Err(invalid("malformed chunked body")),
                 }
-                Ok(None) => {
-                    out.put_slice(data);
-                    self.sent += data.len() as u64;
-                    Ok((false, false))
-                }
-                Err(chunked::Malformed) => Err(invalid("malformed chunked body")),
-            },
+            }
             Framing::UntilClose => {
                 if !data.is_empty() {
                     out.put_slice(format!("{:x}\r\n", data.len()).as_bytes());
