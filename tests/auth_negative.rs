@@ -1014,4 +1014,23 @@ async fn a_worker_that_cannot_verify_the_proxys_assertions_is_unhealthy() {
         "the proxy's log says which worker and why: {logged}"
     );
     assert!(logged.contains("no identity assertion key"), "{logged}");
+
+    // With only workers that refuse it, the site still serves (as guests): the proxy stays
+    // ready, degraded, and says why, rather than failing every readiness probe at once.
+    stack.reload_with(&[(other_key.addr, 1)], false);
+    let readyz = eventually_async("/readyz says degraded", Duration::from_secs(20), || async {
+        let reply = reqwest::get(proxy.admin_url("/readyz")).await.ok()?;
+        let status = reply.status();
+        let body = reply.text().await.ok()?;
+        body.contains("degraded").then_some((status, body))
+    })
+    .await;
+    assert_eq!(readyz.0, StatusCode::OK, "{}", readyz.1);
+    assert!(
+        readyz.1.contains(&other_key.addr.to_string()),
+        "{}",
+        readyz.1
+    );
+    let guest = browser.get_html("/").await;
+    assert_eq!(guest.status, StatusCode::OK, "{}", guest.describe());
 }

@@ -69,8 +69,9 @@ Environment:
                           proxy's change of key rolls out, assertions signed with them still pass
   APP_SECRET_KEY          when CUSTODIA_ASSERTION_KEY is unset, the key is derived from it, as
                           custodia-proxy derives its own (the seed's .env works unchanged);
-                          with neither set, every request is served as a guest; an empty
-                          value counts as unset, as in custodia-proxy
+                          when it is set, the key derived from this is still accepted (moving
+                          to a key of your own); with neither set, every request is served as
+                          a guest; an empty value counts as unset, as in custodia-proxy
   APP_SECRET_KEY_PREVIOUS earlier APP_SECRET_KEY values, comma-separated: while a key rotation
                           rolls out, assertions signed with keys derived from them still pass
   RUST_LOG                log filter [default: info]; logs go to stderr
@@ -260,6 +261,34 @@ pub fn derived_previous_keys(list: Option<&str>) -> Result<Vec<Vec<u8>>, CliErro
     Ok(keys)
 }
 
+/// The worker's assertion key and the earlier ones it still accepts, from the environment
+/// (`env` reads a variable). The key: `CUSTODIA_ASSERTION_KEY`, else derived from
+/// `APP_SECRET_KEY`, as the proxy chooses its own. Accepted besides: every earlier key a change
+/// may still have the proxy sign with — `CUSTODIA_ASSERTION_KEY_PREVIOUS`, the keys derived
+/// from `APP_SECRET_KEY_PREVIOUS`, and, with a key of its own, the one derived from
+/// `APP_SECRET_KEY` (so moving from the derived key to one of your own, or back, never has the
+/// workers refuse the proxy in between).
+pub type WorkerKeys = (Option<Vec<u8>>, Vec<Vec<u8>>);
+
+pub fn worker_keys(env: &dyn Fn(&str) -> Option<OsString>) -> Result<WorkerKeys, CliError> {
+    let text = |name: &str| env(name).and_then(|v| v.into_string().ok());
+    let own = assertion_key(env(ASSERTION_KEY_ENV).as_deref())?;
+    let derived = derived_assertion_key(text(APP_SECRET_KEY_ENV).as_deref())?;
+    let mut previous = previous_assertion_keys(text(ASSERTION_KEY_PREVIOUS_ENV).as_deref())?;
+    previous.extend(derived_previous_keys(
+        text(APP_SECRET_KEY_PREVIOUS_ENV).as_deref(),
+    )?);
+    let key = match own {
+        Some(own) => {
+            previous.extend(derived);
+            Some(own)
+        }
+        None => derived,
+    };
+    previous.retain(|old| Some(old) != key.as_ref());
+    Ok((key, previous))
+}
+
 /// The keys of [`ASSERTION_KEY_PREVIOUS_ENV`]'s comma-separated values, each refused as
 /// [`assertion_key`] refuses a key.
 pub fn previous_assertion_keys(list: Option<&str>) -> Result<Vec<Vec<u8>>, CliError> {
@@ -340,30 +369,11 @@ pub fn run_cli(args: impl IntoIterator<Item = OsString>) -> i32 {
         Ok(Command::Probe(url)) => return crate::probe::run_probe("custodia-app", &url),
         Err(error) => return usage_error(&error),
     };
-    let (assertion_key, previous_assertion_keys) =
-        match assertion_key(std::env::var_os(ASSERTION_KEY_ENV).as_deref()) {
-            Ok(Some(key)) => {
-                let previous = std::env::var(ASSERTION_KEY_PREVIOUS_ENV).ok();
-                match previous_assertion_keys(previous.as_deref()) {
-                    Ok(previous) => (Some(key), previous),
-                    Err(error) => return usage_error(&error),
-                }
-            }
-            // Derived, as the proxy derives its own: from the current secret and the earlier
-            // ones a rotation still accepts.
-            Ok(None) => {
-                let secret = std::env::var(APP_SECRET_KEY_ENV).ok();
-                let previous = std::env::var(APP_SECRET_KEY_PREVIOUS_ENV).ok();
-                match (
-                    derived_assertion_key(secret.as_deref()),
-                    derived_previous_keys(previous.as_deref()),
-                ) {
-                    (Ok(key), Ok(previous)) => (key, previous),
-                    (Err(error), _) | (_, Err(error)) => return usage_error(&error),
-                }
-            }
-            Err(error) => return usage_error(&error),
-        };
+    let keys = worker_keys(&|name| std::env::var_os(name));
+    let (assertion_key, previous_assertion_keys) = match keys {
+        Ok(keys) => keys,
+        Err(error) => return usage_error(&error),
+    };
     init_logging();
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -598,6 +608,56 @@ mod tests {
             "{message}"
         );
         assert!(message.contains("openssl rand -hex 32"), "{message}");
+    }
+
+    #[test]
+    fn a_worker_accepts_every_key_a_change_may_still_have_the_proxy_sign_with() {
+        let secret = "5f0c7a1d9e2b4c6f8a0d1e3f5a7c9b1d2e4f6a8c0b2d4e6f8a1c3e5f7b9d0a2c";
+        let old_secret = "c3a1e5f7b9d0a2c45f0c7a1d9e2b4c6f8a0d1e3f5a7c9b1d2e4f6a8c0b2d4e6f";
+        let own = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a6978";
+        let old_own = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718";
+        let keys = |vars: &[(&str, &str)]| {
+            let vars: Vec<(String, String)> = vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            worker_keys(&move |name| {
+                vars.iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| OsString::from(v))
+            })
+            .unwrap()
+        };
+        let derived = |s: &str| custodia_identity::derive_assertion_key(s).into_bytes();
+
+        // Derived only: the secret's key, and the earlier secrets'.
+        let (key, previous) = keys(&[
+            (APP_SECRET_KEY_ENV, secret),
+            (APP_SECRET_KEY_PREVIOUS_ENV, old_secret),
+        ]);
+        assert_eq!(key, Some(derived(secret)));
+        assert_eq!(previous, vec![derived(old_secret)]);
+
+        // A key of its own, next to the secret: the derived one is still accepted (the proxy
+        // may still sign with it), and the earlier own keys.
+        let (key, previous) = keys(&[
+            (ASSERTION_KEY_ENV, own),
+            (ASSERTION_KEY_PREVIOUS_ENV, old_own),
+            (APP_SECRET_KEY_ENV, secret),
+        ]);
+        assert_eq!(key, Some(own.as_bytes().to_vec()));
+        assert_eq!(previous, vec![old_own.as_bytes().to_vec(), derived(secret)]);
+
+        // Back to the derived key, the own one still accepted.
+        let (key, previous) = keys(&[
+            (APP_SECRET_KEY_ENV, secret),
+            (ASSERTION_KEY_PREVIOUS_ENV, own),
+        ]);
+        assert_eq!(key, Some(derived(secret)));
+        assert_eq!(previous, vec![own.as_bytes().to_vec()]);
+
+        // Nothing: a guest-only worker.
+        assert_eq!(keys(&[]), (None, Vec::new()));
     }
 
     #[test]

@@ -30,7 +30,7 @@ impl AdminApp {
                 waiting.join(", ")
             ));
         }
-        if pool.healthy_count() == 0 {
+        if pool.healthy_count() == 0 && !pool.members().iter().any(|m| m.slot.is_key_refused()) {
             return Some(format!(
                 "no healthy backend (0 of {} pass health checks)",
                 pool.members().len()
@@ -45,6 +45,29 @@ impl AdminApp {
             }
         }
         None
+    }
+
+    /// Why the proxy serves worse than it should, while it serves: every worker runs but
+    /// refuses the proxy's key check (a key change rolled out in the wrong order, a worker
+    /// without the key). The pool then falls back to them all and signed-in users are served
+    /// as guests, as before the key check existed; taking the site down instead (a readiness
+    /// probe failing on every proxy) would serve no one.
+    pub fn degraded_reason(&self) -> Option<String> {
+        let runtime = self.runtime.load();
+        let pool = &runtime.pool;
+        let refusing: Vec<&str> = pool
+            .members()
+            .iter()
+            .filter(|m| m.slot.is_key_refused())
+            .map(|m| m.slot.label.as_str())
+            .collect();
+        (pool.healthy_count() == 0 && !refusing.is_empty()).then(|| {
+            format!(
+                "no backend verifies the proxy's identity assertions ({} refuse its key check, \
+                 see the log): signed-in users are served as guests",
+                refusing.join(", ")
+            )
+        })
     }
 
     fn metrics(&self) -> Response<Vec<u8>> {
@@ -95,7 +118,10 @@ impl ServeHttp for AdminApp {
             "/metrics" => self.metrics(),
             "/healthz" => text(StatusCode::OK, "ok\n".into()),
             "/readyz" => match self.not_ready_reason() {
-                None => text(StatusCode::OK, "ready\n".into()),
+                None => match self.degraded_reason() {
+                    None => text(StatusCode::OK, "ready\n".into()),
+                    Some(why) => text(StatusCode::OK, format!("ready, degraded: {why}\n")),
+                },
                 Some(reason) => text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("not ready: {reason}\n"),

@@ -21,6 +21,9 @@ pub const STRIPPED_HEADERS: &[&str] = &[
     "x-auth-request-user",
     "x-auth-request-email",
     "x-custodia-identity",
+    // The health checks' question to the workers (`custodia_identity::KEY_CHECK_HEADER`):
+    // asked by anyone else, a worker would describe its key to the internet.
+    "x-custodia-key-check",
     "remote-user",
     "x-remote-user",
 ];

@@ -55,6 +55,11 @@ impl HealthChecker {
                     ext: Default::default(),
                 };
                 let result = tokio::time::timeout(settings.timeout, probe.check(&backend)).await;
+                let key_refused = matches!(
+                    &result,
+                    Ok(Err(e)) if matches!(e.etype(), ErrorType::CustomCode(KEY_REFUSED, _))
+                );
+                slot.set_key_refused(key_refused);
                 let error = match result {
                     Ok(Ok(())) => None,
                     Ok(Err(e)) => Some(e.to_string()),
@@ -83,6 +88,10 @@ impl HealthChecker {
     }
 }
 
+/// The error of a check the worker answered, refusing the key check (its reason in
+/// `X-Custodia-Health`).
+const KEY_REFUSED: &str = "key check refused";
+
 fn probe_for(settings: &HealthSettings, key_check: Option<&str>) -> HttpHealthCheck {
     let mut probe = HttpHealthCheck::new("localhost", false);
     if let Some(token) = key_check {
@@ -96,15 +105,21 @@ fn probe_for(settings: &HealthSettings, key_check: Option<&str>) -> HttpHealthCh
         if answer.status == 200 {
             return Ok(());
         }
-        let why = answer
+        let status = answer.status.as_u16();
+        match answer
             .headers
             .get(custodia_identity::HEALTH_PROBLEM_HEADER)
             .and_then(|v| v.to_str().ok())
-            .map_or(String::new(), |why| format!(": {why}"));
-        Error::e_explain(
-            ErrorType::CustomCode("non 200 code", answer.status.as_u16()),
-            format!("status {}{why}", answer.status.as_u16()),
-        )
+        {
+            Some(why) => Error::e_explain(
+                ErrorType::CustomCode(KEY_REFUSED, status),
+                format!("status {status}: {why}"),
+            ),
+            None => Error::e_explain(
+                ErrorType::CustomCode("non 200 code", status),
+                format!("status {status}"),
+            ),
+        }
     }));
     probe.peer_template.options.connection_timeout = Some(settings.timeout);
     probe.peer_template.options.read_timeout = Some(settings.timeout);

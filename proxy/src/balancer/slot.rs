@@ -43,6 +43,9 @@ pub struct BackendSlot {
     /// Failed requests logged at most once a second: a backend that is down would otherwise
     /// write a line per request (thousands a second under load).
     failure_log: FailureLog,
+    /// Its last health check was answered, but refused the proxy's key check: it runs, and
+    /// would serve signed-in users as guests.
+    key_refused: AtomicBool,
 }
 
 /// A budget of one log line per second for a backend's failed requests.
@@ -97,6 +100,7 @@ impl BackendSlot {
             response_seconds: crate::metrics::LatencyHistogram::new(),
             latency: LatencyEstimate::default(),
             failure_log: FailureLog::default(),
+            key_refused: AtomicBool::new(false),
         }
     }
 
@@ -188,6 +192,15 @@ impl BackendSlot {
         } else {
             None
         }
+    }
+
+    /// Whether the last health check found it running but refusing the proxy's key check.
+    pub fn set_key_refused(&self, refused: bool) {
+        self.key_refused.store(refused, Ordering::Relaxed);
+    }
+
+    pub fn is_key_refused(&self) -> bool {
+        self.key_refused.load(Ordering::Relaxed)
     }
 
     /// A request could not connect: take the backend out at once (passive check, like nginx's
