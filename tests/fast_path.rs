@@ -445,12 +445,14 @@ async fn answers_a_client_could_not_frame_are_a_502_on_both_paths() {
             "HTTP/1.1 200 OK\r\ncontent-length: 5, 5"
         } else if request_line.starts_with("GET /empty-coding ") {
             "HTTP/1.1 200 OK\r\ntransfer-encoding: \r\ncontent-length: 5"
+        } else if request_line.starts_with("GET /chunked-twice ") {
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked"
         } else {
             "HTTP/1.0 200 OK\r\ncontent-length: 5"
         };
         (format!("{head}\r\n\r\nhello").into_bytes(), false)
     });
-    for path in ["/600", "/listed", "/empty-coding"] {
+    for path in ["/600", "/listed", "/empty-coding", "/chunked-twice"] {
         for (fast_path, outcome) in raw_get_on_both_paths(worker.addr, path) {
             assert_eq!(
                 outcome.status(),

@@ -131,7 +131,17 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
         }
     };
     if check {
-        say(&config::summary(&config));
+        // What the start would log at: `RUST_LOG` wins over the file, and an invalid one stops
+        // the start, so it fails the check too.
+        let mut in_force = config;
+        match crate::logging::directives(&in_force.log) {
+            Ok(level) => in_force.log.level = level,
+            Err(message) => {
+                say_err(&format!("custodia-proxy: {message}"));
+                return 1;
+            }
+        }
+        say(&config::summary(&in_force));
         return 0;
     }
     if let Err(message) = crate::logging::init(&config.log) {

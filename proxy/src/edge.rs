@@ -549,7 +549,9 @@ impl ProxyHttp for Edge {
         _e: &Error,
         _context: ProxyWarnLogContext,
     ) -> bool {
-        !failure_logged(ctx)
+        // A pooled connection found closed is no failure of the backend's: no warning, as on
+        // the fast path, and no share of its one line a second.
+        ctx.stale_retry_pending || !failure_logged(ctx)
     }
 
     /// What Pingora's own log lines say about a request: no query string (it may hold
@@ -790,11 +792,16 @@ pub(crate) fn record(f: &Finished<'_>) {
 }
 
 /// Why a worker's answer cannot be passed on, if it cannot: a status outside 100–599, a
-/// `Content-Length` that is not one number, an empty `Transfer-Encoding` (the fast path's
-/// checks, `express::response`).
+/// `Content-Length` that is not one number, `Transfer-Encoding` codings a proxy cannot frame
+/// a body by (none, or chunked before another coding): the fast path's checks
+/// (`express::response`).
 fn unrelayable(answer: &ResponseHeader) -> Option<&'static str> {
     if !(100..600).contains(&answer.status.as_u16()) {
         return Some("status code outside 100–599");
+    }
+    if answer.status.is_informational() {
+        // Passed on as the fast path passes them on: a 1xx frames no body.
+        return None;
     }
     let mut length = None;
     for value in answer.headers.get_all(http::header::CONTENT_LENGTH) {
@@ -808,13 +815,11 @@ fn unrelayable(answer: &ResponseHeader) -> Option<&'static str> {
         length = Some(digits);
     }
     let codings = answer.headers.get_all(http::header::TRANSFER_ENCODING);
-    if codings.iter().next().is_some()
-        && codings
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .all(|coding| coding.trim_ascii().is_empty())
-    {
-        return Some("empty Transfer-Encoding");
+    if codings.iter().next().is_some() {
+        let lists: Vec<&[u8]> = codings.iter().map(|v| v.as_bytes().trim_ascii()).collect();
+        if let Err(bad) = crate::express::TransferCodings::of(&lists) {
+            return Some(bad.0);
+        }
     }
     None
 }

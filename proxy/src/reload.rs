@@ -214,10 +214,10 @@ pub fn keep_startup_settings(
         changed.push("log.format");
         fresh.log.format = running.log.format;
     }
-    let attempts = fresh.upstream.retries as usize + 1;
-    if attempts > max_attempts {
+    if crate::server::attempts_for(fresh.upstream.retries) > max_attempts {
         changed.push("upstream.retries");
-        fresh.upstream.retries = max_attempts.saturating_sub(1) as u32;
+        let most = max_attempts.saturating_sub(crate::server::attempts_for(0));
+        fresh.upstream.retries = u32::try_from(most).unwrap_or(u32::MAX);
     }
     (fresh, changed)
 }
@@ -289,7 +289,7 @@ mod tests {
              [upstream]\nbackends = [\"127.0.0.1:9002\"]\nretries = 20\n\
              [admin]\nlisten = \"127.0.0.1:9091\"\n[log]\nlevel = \"debug\"\n",
         );
-        let (kept, changed) = keep_startup_settings(&running, fresh, 8);
+        let (kept, changed) = keep_startup_settings(&running, fresh, 9);
         assert_eq!(
             changed,
             vec![

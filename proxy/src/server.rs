@@ -56,7 +56,13 @@ fn server_conf(config: &ProxyConfig) -> ServerConf {
 
 /// Pingora's fixed attempt limit: at least [`MIN_ATTEMPTS`], so reloads can raise `retries`.
 fn max_attempts(config: &ProxyConfig) -> usize {
-    (config.upstream.retries as usize + 1).max(MIN_ATTEMPTS)
+    attempts_for(config.upstream.retries).max(MIN_ATTEMPTS)
+}
+
+/// Pingora's attempts a request may need with `retries`: the first, the retries, and the one
+/// extra try for a pooled connection found closed (`edge`), which no retry pays for.
+pub(crate) fn attempts_for(retries: u32) -> usize {
+    retries as usize + 2
 }
 
 /// Client connections read straight into the HTTP parser's own buffer. Pingora's default
@@ -98,8 +104,8 @@ fn worker_listen_key(addr: SocketAddr, worker: usize) -> String {
     format!("{host}:{}{}", "0".repeat(worker), addr.port())
 }
 
-/// Attempts Pingora allows per request whatever the starting `retries` (8 = 7 retries).
-const MIN_ATTEMPTS: usize = 8;
+/// Attempts Pingora allows per request whatever the starting `retries` (9 = 7 retries).
+const MIN_ATTEMPTS: usize = 9;
 
 /// Build the services and serve until shut down. Returns when the server has stopped.
 pub fn run(config: ProxyConfig, options: StartOptions) -> Result<(), ProxyError> {
@@ -214,19 +220,28 @@ pub fn run(config: ProxyConfig, options: StartOptions) -> Result<(), ProxyError>
 /// `SO_REUSEPORT` (one per thread), so a second instance would bind next to the first and
 /// take a share of its clients. A plain bind (no `SO_REUSEPORT`) is refused by any listener
 /// on the address, ours included; `--upgrade` skips this, as it takes the sockets over.
-/// Every socket stays bound until all are: two of our own addresses that overlap (`0.0.0.0:P`
-/// and `127.0.0.1:P`) are refused here too, not only by another process.
+/// Every socket stays bound until all are: the admin address overlapping a public one
+/// (`0.0.0.0:P` and `127.0.0.1:P`) is refused here too, not only by another process. Public
+/// addresses that overlap each other bind side by side in Pingora (`SO_REUSEPORT`): the later
+/// one is not held against the earlier.
 fn check_addresses_are_free(config: &ProxyConfig) -> Result<(), ProxyError> {
     let public = config.server.listen.iter().map(|a| (*a, "server.listen"));
     let admin = config.admin.iter().map(|a| (a.listen, "admin.listen"));
-    let mut held = Vec::new();
+    let mut held: Vec<(SocketAddr, std::net::TcpListener)> = Vec::new();
     for (addr, key) in public.chain(admin) {
+        let sibling = key == "server.listen"
+            && held
+                .iter()
+                .any(|(ours, _)| crate::config::validate::listen_conflict(*ours, addr).is_some());
+        if sibling {
+            continue;
+        }
         let socket = std::net::TcpListener::bind(addr).map_err(|source| ProxyError::Listen {
             addr,
             key,
             source,
         })?;
-        held.push(socket);
+        held.push((addr, socket));
     }
     Ok(())
 }
@@ -287,6 +302,13 @@ mod tests {
             message.contains(&format!("cannot listen on 127.0.0.1:{port} (admin.listen)")),
             "{message}"
         );
+        // Public addresses that overlap bind side by side in Pingora: not refused here.
+        config.admin = None;
+        config.server.listen = vec![
+            SocketAddr::from(([0, 0, 0, 0], port)),
+            SocketAddr::from(([127, 0, 0, 1], port)),
+        ];
+        assert!(check_addresses_are_free(&config).is_ok());
     }
 
     #[test]

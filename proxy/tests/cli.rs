@@ -369,6 +369,27 @@ fn an_invalid_rust_log_stops_the_start_and_is_named() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `--check` judges the level the start would use: an invalid `RUST_LOG` fails it, as it
+/// fails the start, and one that mutes the access log is said to.
+#[test]
+fn check_judges_rust_log_as_the_start_does() {
+    let config = "[upstream]\nbackends = [\"127.0.0.1:9001\"]\n";
+    let dir = std::env::temp_dir().join(format!("custodia-cli-{}-check-log", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("proxy.toml");
+    std::fs::write(&path, config).unwrap();
+    let path = path.to_str().unwrap();
+    let bad = proxy_env(&["--config", path, "--check"], &[("RUST_LOG", "warning")]);
+    assert_eq!(bad.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("invalid RUST_LOG `warning`"), "{stderr}");
+    let muted = proxy_env(&["--config", path, "--check"], &[("RUST_LOG", "warn")]);
+    assert_eq!(muted.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&muted.stdout);
+    assert!(stdout.contains("muted by level `warn`"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `--reload` reports the config file's own problem, not "no running custodia-proxy" (nor
 /// the default pid file's, when the file's `pid_file` is no path).
 #[test]

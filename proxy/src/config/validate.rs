@@ -3,8 +3,7 @@
 //! Rules checked here (single-value rules live in the serde types of [`super::file`]):
 //! 1. TOML syntax, unknown keys and wrong types are reported by the parser with their key path.
 //! 2. `upstream.backends` lists at least one backend, none twice.
-//! 3. `server.listen` lists no address twice, nor two that overlap (the same port, one IP
-//!    unspecified: `0.0.0.0` takes every IPv4 address, `::` every address).
+//! 3. `server.listen` lists no address twice (`::ffff:127.0.0.1` is `127.0.0.1`).
 //! 4. `upstream.health.timeout` is not longer than `upstream.health.interval`.
 //! 5. `admin.listen` is not one of the public `server.listen` addresses, nor overlaps one.
 //! 6. `log.level` is a valid level or `RUST_LOG`-style directive list.
@@ -138,17 +137,18 @@ fn into_model(
     let server = file.server;
     for (i, addr) in server.listen.0.iter().enumerate() {
         for earlier in &server.listen.0[..i] {
-            let message = if earlier.0 == addr.0 {
-                format!("address {} is listed twice", addr.0)
-            } else if let Some(why) = listen_conflict(earlier.0, addr.0) {
-                format!(
-                    "addresses {} and {} overlap ({why}): list only one of them",
-                    earlier.0, addr.0
-                )
-            } else {
-                continue;
-            };
-            return Err(invalid(find_key(text, "listen"), "server.listen", message));
+            // Addresses that only overlap (`0.0.0.0:P` and `[::]:P`, nginx's way to listen on
+            // both families where `::` is IPv6 only) bind side by side: the public sockets are
+            // `SO_REUSEPORT`. The same address twice would take each connection twice over.
+            let same = earlier.0.port() == addr.0.port()
+                && earlier.0.ip().to_canonical() == addr.0.ip().to_canonical();
+            if same {
+                return Err(invalid(
+                    find_key(text, "listen"),
+                    "server.listen",
+                    format!("address {} is listed twice", addr.0),
+                ));
+            }
         }
     }
     for (key, value) in [

@@ -52,6 +52,7 @@ use crate::runtime::{HeldRuntime, Runtime};
 use crate::upstream_head::Overlay;
 use crate::{pages, request_guard};
 
+pub(crate) use response::TransferCodings;
 pub use upstream::idle_count;
 
 /// The most of a request head read in one go: Pingora's initial head buffer.
@@ -420,7 +421,7 @@ impl Exchange<'_> {
                 error = %e,
                 request_id,
                 unlogged,
-                "{method} {path}: failed, retrying on another backend"
+                "{method} {path}: failed; trying another backend if one is left"
             );
         } else {
             tracing::error!(

@@ -230,7 +230,7 @@ pub fn parse(buf: &[u8], client: ClientSide<'_>) -> Result<Parsed, BadResponse> 
 
 /// What a response's `Transfer-Encoding` lines say of its framing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TransferCodings {
+pub(crate) enum TransferCodings {
     None,
     /// Chunked is the final coding: the body's chunks say where it ends.
     ChunkedLast,
@@ -239,7 +239,9 @@ enum TransferCodings {
 }
 
 impl TransferCodings {
-    fn of(lists: &[&[u8]]) -> Result<Self, BadResponse> {
+    /// What `Transfer-Encoding` lines (their values, in order) say, or why no client could
+    /// frame the body by them. Pingora's path asks it too (`edge::unrelayable`).
+    pub(crate) fn of(lists: &[&[u8]]) -> Result<Self, BadResponse> {
         if lists.is_empty() {
             return Ok(TransferCodings::None);
         }
