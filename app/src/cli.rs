@@ -245,18 +245,27 @@ pub fn derived_assertion_key(secret: Option<&str>) -> Result<Option<Vec<u8>>, Cl
 /// The assertion keys derived from [`APP_SECRET_KEY_PREVIOUS_ENV`]'s comma-separated values,
 /// each refused as the proxy refuses it.
 pub fn derived_previous_keys(list: Option<&str>) -> Result<Vec<Vec<u8>>, CliError> {
+    listed_keys(list, APP_SECRET_KEY_PREVIOUS_ENV, |old| {
+        custodia_identity::derive_assertion_key(old).into_bytes()
+    })
+}
+
+/// The keys of a comma-separated list of secrets (variable `name`), each refused as the proxy
+/// refuses a weak secret, turned into keys by `key_of`.
+fn listed_keys(
+    list: Option<&str>,
+    name: &'static str,
+    key_of: impl Fn(&str) -> Vec<u8>,
+) -> Result<Vec<Vec<u8>>, CliError> {
     let mut keys = Vec::new();
     for old in list.unwrap_or("").split(',').map(str::trim) {
         if old.is_empty() {
             continue;
         }
         if let Some(weakness) = custodia_identity::secret_weakness(old.as_bytes()) {
-            return Err(CliError::WeakKey {
-                name: APP_SECRET_KEY_PREVIOUS_ENV,
-                weakness,
-            });
+            return Err(CliError::WeakKey { name, weakness });
         }
-        keys.push(custodia_identity::derive_assertion_key(old).into_bytes());
+        keys.push(key_of(old));
     }
     Ok(keys)
 }
@@ -292,20 +301,9 @@ pub fn worker_keys(env: &dyn Fn(&str) -> Option<OsString>) -> Result<WorkerKeys,
 /// The keys of [`ASSERTION_KEY_PREVIOUS_ENV`]'s comma-separated values, each refused as
 /// [`assertion_key`] refuses a key.
 pub fn previous_assertion_keys(list: Option<&str>) -> Result<Vec<Vec<u8>>, CliError> {
-    let mut keys = Vec::new();
-    for old in list.unwrap_or("").split(',').map(str::trim) {
-        if old.is_empty() {
-            continue;
-        }
-        if let Some(weakness) = custodia_identity::secret_weakness(old.as_bytes()) {
-            return Err(CliError::WeakKey {
-                name: ASSERTION_KEY_PREVIOUS_ENV,
-                weakness,
-            });
-        }
-        keys.push(old.as_bytes().to_vec());
-    }
-    Ok(keys)
+    listed_keys(list, ASSERTION_KEY_PREVIOUS_ENV, |old| {
+        old.as_bytes().to_vec()
+    })
 }
 
 /// What a worker bound to `bound` calls itself by default: the address, or the host's name
