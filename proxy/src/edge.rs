@@ -805,14 +805,13 @@ fn unrelayable(answer: &ResponseHeader) -> Option<&'static str> {
     }
     let mut length = None;
     for value in answer.headers.get_all(http::header::CONTENT_LENGTH) {
-        let digits = value.as_bytes().trim_ascii();
-        if digits.is_empty() || digits.len() > 18 || !digits.iter().all(u8::is_ascii_digit) {
+        let Some(value) = headers::parse_length(value.as_bytes()) else {
             return Some("bad Content-Length");
-        }
-        if length.is_some_and(|known| known != digits) {
+        };
+        if length.is_some_and(|known| known != value) {
             return Some("conflicting Content-Length");
         }
-        length = Some(digits);
+        length = Some(value);
     }
     let codings = answer.headers.get_all(http::header::TRANSFER_ENCODING);
     if codings.iter().next().is_some() {

@@ -132,20 +132,28 @@ pub fn remove_connection_named(response: &mut pingora_http::ResponseHeader) {
         .iter()
         .flat_map(|value| value.as_bytes().split(|&b| b == b','))
         .filter_map(|token| HeaderName::from_bytes(token.trim_ascii()).ok())
-        // The message's framing and date are not the connection's to take away (nginx ignores
-        // such a `Connection` too): a length dropped left the body unframed.
-        .filter(|name| {
-            ![
-                header::CONTENT_LENGTH,
-                header::TRANSFER_ENCODING,
-                header::DATE,
-            ]
-            .contains(name)
-        })
+        .filter(|name| !is_message_framing(name.as_str().as_bytes()))
         .collect();
     for name in named {
         response.remove_header(&name);
     }
+}
+
+/// Headers a `Connection` list cannot remove, on either path: how the body is framed, and
+/// `Date` (nginx ignores such a `Connection` too; a length dropped left the body unframed).
+pub fn is_message_framing(name: &[u8]) -> bool {
+    [&b"content-length"[..], b"transfer-encoding", b"date"]
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h))
+}
+
+/// A Content-Length of digits only (at most 18 of them: no overflow), on either path.
+pub fn parse_length(value: &[u8]) -> Option<u64> {
+    let value = value.trim_ascii();
+    if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(value.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
 }
 
 thread_local! {

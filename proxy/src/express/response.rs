@@ -11,6 +11,7 @@ use std::mem::MaybeUninit;
 use bytes::BufMut;
 use http::HeaderValue;
 
+use crate::headers::{is_message_framing, parse_length};
 use crate::limits::ShutdownSignal;
 
 /// Header lines read from a worker's response: Pingora's limit, so an answer Pingora's path
@@ -282,22 +283,6 @@ fn is_hop_by_hop(name: &[u8]) -> bool {
     ]
     .iter()
     .any(|h| name.eq_ignore_ascii_case(h))
-}
-
-/// Headers a `Connection` list cannot remove: how the body is framed, and `Date`.
-fn is_message_framing(name: &[u8]) -> bool {
-    [&b"content-length"[..], b"transfer-encoding", b"date"]
-        .iter()
-        .any(|h| name.eq_ignore_ascii_case(h))
-}
-
-/// A Content-Length of digits only (at most 18 of them: no overflow).
-fn parse_length(value: &[u8]) -> Option<u64> {
-    let value = value.trim_ascii();
-    if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    Some(value.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
 }
 
 #[cfg(test)]
