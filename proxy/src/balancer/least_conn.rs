@@ -1,17 +1,14 @@
 //! Least connections: the healthy backend with the fewest in-flight requests per unit of weight.
 
-use std::net::SocketAddr;
-
 use super::Member;
 
 /// Scans from a random start; exact ties in load go to the backend with the fewest
 /// weight-normalised picks, so equal loads are shared by weight and not by list position.
-/// `healthy_only: false` considers the backends out of rotation too.
-pub(super) fn pick<'a>(
-    members: &'a [Member],
-    exclude: &[SocketAddr],
-    healthy_only: bool,
-) -> Option<&'a Member> {
+/// Only members `eligible` lets through are considered; it is asked once per member.
+pub(super) fn pick(
+    members: &[Member],
+    mut eligible: impl FnMut(&Member) -> bool,
+) -> Option<&Member> {
     let n = members.len();
     if n == 0 {
         return None;
@@ -21,7 +18,7 @@ pub(super) fn pick<'a>(
     for i in 0..n {
         let member = &members[(start + i) % n];
         let slot = &member.slot;
-        if (healthy_only && !slot.is_healthy()) || exclude.contains(&slot.addr) {
+        if !eligible(member) {
             continue;
         }
         let load = slot.in_flight() as u64;

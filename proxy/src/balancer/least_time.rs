@@ -6,19 +6,16 @@
 //! every backend's in-flight count then includes the time requests wait inside the proxy, so the
 //! slow one's count looks no worse than the others'. Its response time does.
 
-use std::net::SocketAddr;
-
 use super::Member;
 
 /// Scans from a random start. A backend not yet observed is costed at the lowest estimate
 /// among the others, so it is tried at once; with no estimate at all this is least_conn.
 /// Exact ties go to the fewest weight-normalised picks, as in least_conn.
-pub(super) fn pick<'a>(
-    members: &'a [Member],
-    exclude: &[SocketAddr],
-    healthy_only: bool,
+pub(super) fn pick(
+    members: &[Member],
+    mut eligible: impl FnMut(&Member) -> bool,
     now: u64,
-) -> Option<&'a Member> {
+) -> Option<&Member> {
     let n = members.len();
     if n == 0 {
         return None;
@@ -32,7 +29,7 @@ pub(super) fn pick<'a>(
     for i in 0..n {
         let member = &members[(start + i) % n];
         let slot = &member.slot;
-        if (healthy_only && !slot.is_healthy()) || exclude.contains(&slot.addr) {
+        if !eligible(member) {
             continue;
         }
         let load = (slot.in_flight() as f64 + 1.0) / f64::from(member.weight.max(1));

@@ -66,24 +66,35 @@ impl Pool {
     /// Envoy calls it panic routing): a worker that is back is used at once rather than after
     /// `healthy_after` health checks, and one still down fails to connect and the request
     /// moves on like any failover.
+    ///
+    /// "Every backend is out" is judged from the same reads of the health flags the choice
+    /// was made from: health checks flip them meanwhile, and a second look could find a
+    /// backend back that the first did not, leaving the request with none (a 503 with a
+    /// worker up, found by the chaos test).
     pub fn pick(&self, exclude: &[SocketAddr]) -> Option<Lease> {
-        let member = self.choose(exclude, true).or_else(|| {
-            (self.healthy_count() == 0)
-                .then(|| self.choose(exclude, false))
-                .flatten()
-        })?;
+        let mut in_rotation = false;
+        let chosen = self.choose(|member| {
+            let healthy = member.slot.is_healthy();
+            in_rotation |= healthy;
+            healthy && !exclude.contains(&member.slot.addr)
+        });
+        let member = match chosen {
+            Some(member) => member,
+            // Healthy backends exist but the request has already failed on each.
+            None if in_rotation => return None,
+            None => self.choose(|member| !exclude.contains(&member.slot.addr))?,
+        };
         Some(Lease::take(&member.slot, member.weight))
     }
 
-    fn choose(&self, exclude: &[SocketAddr], healthy_only: bool) -> Option<&Member> {
+    /// The balance mode's choice among the members `eligible` lets through.
+    fn choose(&self, eligible: impl FnMut(&Member) -> bool) -> Option<&Member> {
         match self.balance {
-            Balance::LeastConn => least_conn::pick(&self.members, exclude, healthy_only),
-            Balance::LeastTime => {
-                least_time::pick(&self.members, exclude, healthy_only, latency::now())
-            }
+            Balance::LeastConn => least_conn::pick(&self.members, eligible),
+            Balance::LeastTime => least_time::pick(&self.members, eligible, latency::now()),
             Balance::RoundRobin => {
                 let start = self.rr_cursor.fetch_add(1, Ordering::Relaxed);
-                round_robin::pick(&self.members, &self.rr_order, start, exclude, healthy_only)
+                round_robin::pick(&self.members, &self.rr_order, start, eligible)
             }
         }
     }

@@ -1,7 +1,5 @@
 //! Weighted round robin (offered for comparisons; least_conn is the default).
 
-use std::net::SocketAddr;
-
 use super::Member;
 
 /// An interleaved sequence of member indexes in which each appears `weight` times
@@ -38,17 +36,15 @@ fn gcd(a: u32, b: u32) -> u32 {
     }
 }
 
-/// The next healthy (or, with `healthy_only: false`, any), not excluded member in the
-/// sequence from `start`.
+/// The next member in the sequence from `start` that `eligible` lets through.
 pub(super) fn pick<'a>(
     members: &'a [Member],
     order: &[usize],
     start: usize,
-    exclude: &[SocketAddr],
-    healthy_only: bool,
+    mut eligible: impl FnMut(&Member) -> bool,
 ) -> Option<&'a Member> {
     let n = order.len();
     (0..n)
         .map(|i| &members[order[(start + i) % n]])
-        .find(|m| (!healthy_only || m.slot.is_healthy()) && !exclude.contains(&m.slot.addr))
+        .find(|m| eligible(m))
 }

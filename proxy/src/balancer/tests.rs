@@ -166,7 +166,7 @@ fn observe(pool: &Pool, port: u16, millis: u64, now: u64) {
 
 /// A least_time pick at a given instant (the pool's own pick reads the clock), leased.
 fn pick_at(pool: &Pool, now: u64) -> Lease {
-    let member = least_time::pick(pool.members(), &[], true, now).expect("a backend");
+    let member = least_time::pick(pool.members(), |m| m.slot.is_healthy(), now).expect("a backend");
     Lease::take(&member.slot, member.weight)
 }
 
@@ -252,7 +252,8 @@ fn least_time_tries_a_slow_backend_again_once_its_estimate_has_decayed() {
     };
     observe(&pool, 9002, 20, T);
     fast_at(T);
-    let chosen = |now| least_time::pick(pool.members(), &[], true, now).map(|m| m.slot.addr);
+    let chosen =
+        |now| least_time::pick(pool.members(), |m| m.slot.is_healthy(), now).map(|m| m.slot.addr);
     assert_ne!(chosen(T), Some(addr(9002)));
     // A minute on, the fast ones still answer in 1 ms; the slow one has not been asked since,
     // and 20 ms × e^-6 ≈ 50 µs: it gets the next request, and shows whether it recovered.
@@ -336,4 +337,33 @@ fn a_backends_failures_are_logged_once_a_second_with_the_count_left_out() {
     );
     assert_eq!(log.admit(1_001), None);
     assert_eq!(log.admit(1_005), Some(1));
+}
+
+/// Found by the chaos run: a health check bringing a backend back while every other one was
+/// out could land between two looks at the pool, the first finding no healthy backend and the
+/// second one: the request got a 503 with a worker up. Each pick decides from one look.
+#[test]
+fn a_backend_coming_back_during_a_pick_never_leaves_the_pick_empty_handed() {
+    for balance in [Balance::LeastConn, Balance::LeastTime, Balance::RoundRobin] {
+        let registry = SlotRegistry::new();
+        let pool = pool(&registry, &[1, 1, 1], balance);
+        for member in pool.members() {
+            member.slot.mark_failed();
+        }
+        let flipping = pool.members()[2].slot.clone();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let empty = std::thread::scope(|scope| {
+            scope.spawn(|| {
+                // Back and out again, as health checks and failed connects do, as fast as can be.
+                while !stop.load(Ordering::Relaxed) {
+                    flipping.observe_health(true, 1, 1);
+                    flipping.mark_failed();
+                }
+            });
+            let empty = (0..300_000).filter(|_| pool.pick(&[]).is_none()).count();
+            stop.store(true, Ordering::Relaxed);
+            empty
+        });
+        assert_eq!(empty, 0, "{balance:?}: picks that found no backend");
+    }
 }
