@@ -72,16 +72,20 @@ impl Pool {
     /// backend back that the first did not, leaving the request with none (a 503 with a
     /// worker up, found by the chaos test).
     pub fn pick(&self, exclude: &[SocketAddr]) -> Option<Lease> {
-        let mut in_rotation = false;
+        // Whether an excluded backend was healthy; when nothing is chosen, whether any was
+        // (a healthy one not excluded would have been chosen).
+        let mut excluded_in_rotation = false;
         let chosen = self.choose(|member| {
-            let healthy = member.slot.is_healthy();
-            in_rotation |= healthy;
-            healthy && !exclude.contains(&member.slot.addr)
+            if exclude.contains(&member.slot.addr) {
+                excluded_in_rotation |= member.slot.is_healthy();
+                return false;
+            }
+            member.slot.is_healthy()
         });
         let member = match chosen {
             Some(member) => member,
             // Healthy backends exist but the request has already failed on each.
-            None if in_rotation => return None,
+            None if excluded_in_rotation => return None,
             None => self.choose(|member| !exclude.contains(&member.slot.addr))?,
         };
         Some(Lease::take(&member.slot, member.weight))
