@@ -289,21 +289,27 @@ impl OidcProvider {
         }
     }
 
-    /// Re-fetch the JWKS, at most once per [`JWKS_REFRESH_MIN_INTERVAL`].
-    async fn refresh_jwks(&self, discovered: &Discovered) -> Result<(), OidcError> {
+    /// Re-fetch the JWKS, at most once per [`JWKS_REFRESH_MIN_INTERVAL`]. `Ok` at once when the
+    /// keys `seen` are no longer the current ones: a login that read them before another
+    /// login's refresh (or a rediscovery) installed new ones checks again with those, rather
+    /// than being refused by the rate limit that refresh just set.
+    async fn refresh_jwks(&self, seen: &Arc<Discovered>) -> Result<(), OidcError> {
         let mut last = self.last_jwks_refresh.lock().await;
+        if self.current().is_ok_and(|now| !Arc::ptr_eq(&now, seen)) {
+            return Ok(());
+        }
         if last.is_some_and(|t| t.elapsed() < JWKS_REFRESH_MIN_INTERVAL) {
             return Err(OidcError::InvalidIdToken(
                 "signed with an unknown key (the key set was re-fetched moments ago)".into(),
             ));
         }
         *last = Some(Instant::now());
-        let jwks = CoreJsonWebKeySet::fetch_async(discovered.metadata.jwks_uri(), &self.http)
+        let jwks = CoreJsonWebKeySet::fetch_async(seen.metadata.jwks_uri(), &self.http)
             .await
             .map_err(|e| OidcError::Unreachable(format!("JWKS: {}", error_chain(&e))))?;
         tracing::info!(issuer = %self.issuer, keys = jwks.keys().len(), "re-fetched the identity provider's signing keys");
         crate::metrics::auth().jwks_refreshes.inc();
-        self.install(discovered.metadata.clone().set_jwks(jwks))
+        self.install(seen.metadata.clone().set_jwks(jwks))
     }
 
     /// Where to send the browser after the session is cleared: the IdP's end-session endpoint,
@@ -499,6 +505,43 @@ mod tests {
         assert!(matches!(
             provider.authorize(),
             Err(OidcError::NotReady { .. })
+        ));
+    }
+
+    /// Discovery metadata with an empty key set (as after a rotation the proxy has not seen).
+    fn metadata() -> ProviderMetadataWithLogout {
+        serde_json::from_value(serde_json::json!({
+            "issuer": "https://idp.example/",
+            "authorization_endpoint": "https://idp.example/authorize",
+            "token_endpoint": "https://idp.example/token",
+            "jwks_uri": "https://idp.example/jwks",
+            "response_types_supported": ["code"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+        }))
+        .unwrap()
+    }
+
+    /// Found by a race audit: two logins whose tokens were signed with a rotated key; the
+    /// first refreshes the key set, the second, which read the old set before that, found the
+    /// refresh rate-limited and was refused ("sign-in did not complete").
+    #[tokio::test]
+    async fn a_login_that_read_the_keys_before_another_logins_refresh_checks_the_new_ones() {
+        let provider = OidcProvider::new(&settings("https://idp.example/")).unwrap();
+        provider.install(metadata()).unwrap();
+        let seen = provider.current().unwrap();
+        // Meanwhile another login refreshed the key set.
+        provider.install(metadata()).unwrap();
+        *provider.last_jwks_refresh.lock().await = Some(Instant::now());
+        provider
+            .refresh_jwks(&seen)
+            .await
+            .expect("the newer key set is there to check against");
+        // With no newer key set, the rate limit stands: no fetch moments after the last one.
+        let current = provider.current().unwrap();
+        assert!(matches!(
+            provider.refresh_jwks(&current).await,
+            Err(OidcError::InvalidIdToken(_))
         ));
     }
 
