@@ -186,7 +186,7 @@ fn least_conn_pick_contended(c: &mut Criterion) {
         std::thread::scope(|scope| {
             scope.spawn(|| {
                 while !stop.load(Ordering::Relaxed) {
-                    std::hint::black_box(pool.pick(&[]));
+                    drop(std::hint::black_box(pool.pick(&[])));
                 }
             });
             group.bench_with_input(BenchmarkId::from_parameter(n), &pool, |b, pool| {

@@ -293,21 +293,12 @@ impl ProxyHttp for Edge {
             }
         }
         let moved_from = ctx.lease.take().map(|lease| lease.slot().clone());
-        let Some(lease) = ctx.runtime.pool.pick(&ctx.failed) else {
-            let all_down = ctx.runtime.pool.healthy_count() == 0;
-            return Err(if ctx.failed.is_empty() || all_down {
-                Error::explain(ErrorType::HTTPStatus(503), "no healthy backend")
-            } else if ctx.last_timed_out {
-                Error::explain(
-                    ErrorType::HTTPStatus(504),
-                    "timed out, and no other backend left to retry on",
-                )
-            } else {
-                Error::explain(
-                    ErrorType::HTTPStatus(502),
-                    "no other backend left to retry on",
-                )
-            });
+        let lease = match ctx.runtime.pool.pick(&ctx.failed) {
+            Ok(lease) => lease,
+            Err(none) => {
+                let (status, why) = none.status(ctx.last_timed_out);
+                return Err(Error::explain(ErrorType::HTTPStatus(status), why));
+            }
         };
         if let Some(failed) = moved_from {
             failed.record_failover();

@@ -20,6 +20,30 @@ use std::sync::Arc;
 use crate::config::Balance;
 pub use slot::{BackendSlot, FailureLog, Lease, SlotRegistry};
 
+/// Why [`Pool::pick`] chose no backend, judged from the reads it chose from (a second look
+/// at the health flags could contradict them: the status would not match the cause).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoBackend {
+    /// Every backend is out of rotation, and the request has tried each (503).
+    AllDown,
+    /// Healthy backends exist, but the request has already failed on each (502 or 504).
+    AllTried,
+}
+
+impl NoBackend {
+    /// The request's status and the reason to log: 503 when the pool is down, 504 when the
+    /// last try timed out, else 502 (as nginx answers).
+    pub fn status(self, last_timed_out: bool) -> (u16, &'static str) {
+        match self {
+            NoBackend::AllDown => (503, "no healthy backend"),
+            NoBackend::AllTried if last_timed_out => {
+                (504, "timed out, and no other backend left to retry on")
+            }
+            NoBackend::AllTried => (502, "failed, and no other backend left to retry on"),
+        }
+    }
+}
+
 /// A backend in the current pool with its configured weight.
 #[derive(Debug, Clone)]
 pub struct Member {
@@ -71,7 +95,7 @@ impl Pool {
     /// was made from: health checks flip them meanwhile, and a second look could find a
     /// backend back that the first did not, leaving the request with none (a 503 with a
     /// worker up, found by the chaos test).
-    pub fn pick(&self, exclude: &[SocketAddr]) -> Option<Lease> {
+    pub fn pick(&self, exclude: &[SocketAddr]) -> Result<Lease, NoBackend> {
         // Whether an excluded backend was healthy; when nothing is chosen, whether any was
         // (a healthy one not excluded would have been chosen).
         let mut excluded_in_rotation = false;
@@ -84,11 +108,12 @@ impl Pool {
         });
         let member = match chosen {
             Some(member) => member,
-            // Healthy backends exist but the request has already failed on each.
-            None if excluded_in_rotation => return None,
-            None => self.choose(|member| !exclude.contains(&member.slot.addr))?,
+            None if excluded_in_rotation => return Err(NoBackend::AllTried),
+            None => self
+                .choose(|member| !exclude.contains(&member.slot.addr))
+                .ok_or(NoBackend::AllDown)?,
         };
-        Some(Lease::take(&member.slot, member.weight))
+        Ok(Lease::take(&member.slot, member.weight))
     }
 
     /// The balance mode's choice among the members `eligible` lets through.

@@ -117,8 +117,11 @@ fn unhealthy_and_excluded_backends_get_nothing() {
         let only = pool.pick(&[addr(9002)]).unwrap();
         assert_eq!(only.slot().addr, addr(9001), "{balance:?}");
         assert!(
-            pool.pick(&[addr(9001), addr(9002)]).is_none(),
-            "{balance:?}"
+            matches!(
+                pool.pick(&[addr(9001), addr(9002)]),
+                Err(NoBackend::AllTried)
+            ),
+            "{balance:?}: the healthy ones were tried"
         );
         // restore for the next balance mode (same registry, same slots)
         pool.members()[0].slot.observe_health(true, 1, 1);
@@ -143,13 +146,19 @@ fn when_every_backend_is_out_of_rotation_they_are_all_tried() {
         let other = pool.pick(&[first]).expect("the other one on retry");
         assert_ne!(other.slot().addr, first, "{balance:?}");
         assert!(
-            pool.pick(&[addr(9000), addr(9001)]).is_none(),
-            "{balance:?}"
+            matches!(
+                pool.pick(&[addr(9000), addr(9001)]),
+                Err(NoBackend::AllDown)
+            ),
+            "{balance:?}: all out, all tried"
         );
         // One healthy backend: only it is chosen again.
         pool.members()[1].slot.observe_health(true, 1, 1);
         assert_eq!(shares(&pool, 10), vec![0, 10], "{balance:?}");
-        assert!(pool.pick(&[addr(9001)]).is_none(), "{balance:?}");
+        assert!(
+            matches!(pool.pick(&[addr(9001)]), Err(NoBackend::AllTried)),
+            "{balance:?}: the healthy one was tried"
+        );
         pool.members()[0].slot.observe_health(true, 1, 1);
     }
 }
@@ -360,10 +369,22 @@ fn a_backend_coming_back_during_a_pick_never_leaves_the_pick_empty_handed() {
                     flipping.mark_failed();
                 }
             });
-            let empty = (0..300_000).filter(|_| pool.pick(&[]).is_none()).count();
+            let empty = (0..300_000).filter(|_| pool.pick(&[]).is_err()).count();
             stop.store(true, Ordering::Relaxed);
             empty
         });
         assert_eq!(empty, 0, "{balance:?}: picks that found no backend");
     }
+}
+
+#[test]
+fn the_status_without_a_backend_says_whether_the_pool_is_down_or_the_request_tried_them_all() {
+    assert_eq!(NoBackend::AllDown.status(false).0, 503);
+    assert_eq!(NoBackend::AllDown.status(true).0, 503);
+    assert_eq!(NoBackend::AllTried.status(false).0, 502);
+    assert_eq!(
+        NoBackend::AllTried.status(true).0,
+        504,
+        "the last try timed out"
+    );
 }

@@ -322,17 +322,13 @@ impl Exchange<'_> {
             // A retry moves the request: the previous backend's count is released first, and
             // its failover counted once another backend has taken the request.
             let moved_from = self.lease.take().map(|lease| lease.slot().clone());
-            let Some(lease) = runtime.pool.pick(&failed) else {
-                let all_down = runtime.pool.healthy_count() == 0;
-                let (status, why) = if failed.is_empty() || all_down {
-                    (503, "no healthy backend")
-                } else if last_timed_out {
-                    (504, "timed out, and no other backend left to retry on")
-                } else {
-                    (502, "failed, and no other backend left to retry on")
-                };
-                self.log_no_backend_left(why);
-                return self.error_page(client, status).await;
+            let lease = match runtime.pool.pick(&failed) {
+                Ok(lease) => lease,
+                Err(none) => {
+                    let (status, why) = none.status(last_timed_out);
+                    self.log_no_backend_left(why);
+                    return self.error_page(client, status).await;
+                }
             };
             if let Some(failed) = moved_from {
                 failed.record_failover();
