@@ -9,6 +9,7 @@
 //!               ▼ failure metric, old config serves                     ▼ ArcSwap::store
 //! ```
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -222,6 +223,31 @@ pub fn keep_startup_settings(
     (fresh, changed)
 }
 
+/// A SIGHUP that came before [`SignalReload`] watched for them. The pid file is written, so
+/// `--reload` and config watchers can signal, before Pingora starts the services; such a
+/// signal must neither kill the process (SIGHUP's default) nor be lost.
+static EARLY_HANGUP: AtomicBool = AtomicBool::new(false);
+static EARLY_WATCH: Mutex<Option<signal_hook_registry::SigId>> = Mutex::new(None);
+
+/// Remember SIGHUPs from now until the reload service starts watching them (first thing at
+/// start); that service then reloads once for them.
+pub fn remember_early_hangups() -> std::io::Result<()> {
+    // SAFETY: the action is one atomic store, which is async-signal-safe.
+    let id = unsafe {
+        signal_hook_registry::register(libc::SIGHUP, || EARLY_HANGUP.store(true, Ordering::SeqCst))
+    }?;
+    *EARLY_WATCH.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
+    Ok(())
+}
+
+/// Stop remembering (the reload service watches now) and say whether a SIGHUP came before.
+fn take_early_hangup() -> bool {
+    if let Some(id) = EARLY_WATCH.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        signal_hook_registry::unregister(id);
+    }
+    EARLY_HANGUP.swap(false, Ordering::SeqCst)
+}
+
 /// The SIGHUP watcher: one reload per signal (signals that arrive during a reload coalesce).
 pub struct SignalReload {
     reloader: Arc<Reloader>,
@@ -244,6 +270,10 @@ impl BackgroundService for SignalReload {
                 return;
             }
         };
+        if take_early_hangup() {
+            tracing::info!("SIGHUP during start: reloading the configuration");
+            self.reload().await;
+        }
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
@@ -252,12 +282,18 @@ impl BackgroundService for SignalReload {
                         return;
                     }
                     tracing::info!("SIGHUP: reloading the configuration");
-                    let reloader = self.reloader.clone();
-                    if let Err(e) = tokio::task::spawn_blocking(move || reloader.reload_and_report()).await {
-                        tracing::error!(error = %e, "the reload task failed");
-                    }
+                    self.reload().await;
                 }
             }
+        }
+    }
+}
+
+impl SignalReload {
+    async fn reload(&self) {
+        let reloader = self.reloader.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || reloader.reload_and_report()).await {
+            tracing::error!(error = %e, "the reload task failed");
         }
     }
 }
@@ -368,5 +404,36 @@ mod tests {
             "last good set kept"
         );
         assert_eq!(shared.load().pool.members().len(), 2);
+    }
+
+    /// Found by a race audit: the pid file is written before Pingora starts the reload
+    /// service, and a SIGHUP in between (`--reload` right after the start) was ignored.
+    #[tokio::test]
+    async fn a_sighup_before_the_reload_service_starts_is_reloaded_for_when_it_starts() {
+        let path =
+            std::env::temp_dir().join(format!("custodia-early-sighup-{}.toml", std::process::id()));
+        std::fs::write(&path, BASE).unwrap();
+        let registry = Arc::new(SlotRegistry::new());
+        let runtime = Runtime::build(config::load(&path).unwrap(), &registry, 1, None).unwrap();
+        let shared: SharedRuntime = Arc::new(arc_swap::ArcSwap::from_pointee(runtime));
+        let service = SignalReload::new(Arc::new(Reloader::new(shared.clone(), registry, 8)));
+
+        remember_early_hangups().unwrap();
+        // SAFETY: raising a signal this process handles (the line above).
+        assert_eq!(unsafe { libc::raise(libc::SIGHUP) }, 0);
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let watching = tokio::spawn(async move { service.start(shutdown).await });
+        let mut generation = 1;
+        for _ in 0..200 {
+            generation = shared.load().generation;
+            if generation > 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        stop.send(true).unwrap();
+        watching.await.unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(generation, 2, "one reload for the early SIGHUP");
     }
 }

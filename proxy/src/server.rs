@@ -109,8 +109,12 @@ const MIN_ATTEMPTS: usize = 9;
 
 /// Build the services and serve until shut down. Returns when the server has stopped.
 pub fn run(config: ProxyConfig, options: StartOptions) -> Result<(), ProxyError> {
-    // Until the reload service watches SIGHUP, a SIGHUP must not kill the process (the default).
-    ignore_sighup();
+    // Until the reload service watches SIGHUP, a SIGHUP must not kill the process (the
+    // default), nor be lost: it is remembered and that service reloads for it.
+    if let Err(e) = crate::reload::remember_early_hangups() {
+        tracing::warn!(error = %e, "cannot watch SIGHUP during start: one sent before the reload service starts is ignored");
+        ignore_sighup();
+    }
     let registry = Arc::new(SlotRegistry::new());
     let runtime = Runtime::build(config.clone(), &registry, 1, None)?;
     let shared: SharedRuntime = Arc::new(ArcSwap::from_pointee(runtime));
