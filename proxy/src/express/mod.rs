@@ -57,6 +57,9 @@ pub use upstream::idle_count;
 
 /// The most of a request head read in one go: Pingora's initial head buffer.
 const HEAD_READ: usize = 4096;
+/// How long, once shutdown has begun, a connection with nothing of a request yet is given
+/// for its first bytes (see [`read_head`]).
+const FIRST_BYTES_AT_SHUTDOWN: Duration = Duration::from_secs(1);
 /// The most of a response head the fast path waits for.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Body bytes relayed per read.
@@ -185,13 +188,18 @@ async fn read_head(
     buf.reserve(HEAD_READ - buf.len());
     loop {
         let read = if buf.is_empty() {
-            if shutdown.is_stopping() {
-                return Err(Unread::Closed);
-            }
             tokio::select! {
                 biased;
                 read = client.read_buf(&mut buf) => read,
-                _ = shutdown.stopping() => return Err(Unread::Closed),
+                // Nothing of a request yet when shutdown begins: a connection accepted in the
+                // listeners' last instant, its first request most likely on its way. Closing
+                // it now would fail that request unanswered; it has a moment to arrive.
+                _ = shutdown.stopping() => {
+                    match tokio::time::timeout(FIRST_BYTES_AT_SHUTDOWN, client.read_buf(&mut buf)).await {
+                        Ok(read) => read,
+                        Err(_) => return Err(Unread::Closed),
+                    }
+                }
             }
         } else {
             client.read_buf(&mut buf).await

@@ -57,3 +57,29 @@ fn no_body_means_done_at_once() {
         ("".into(), true, false)
     );
 }
+
+/// Found by a flaky-test audit: a connection accepted in the listeners' last instant was
+/// closed unanswered when shutdown began before its first request's bytes were in.
+#[tokio::test]
+async fn a_first_request_on_its_way_when_shutdown_begins_is_still_read() {
+    use tokio::io::AsyncWriteExt;
+    let shutdown = crate::limits::ShutdownSignal::new();
+    shutdown.announce();
+    let (mut stream, mut client) = crate::limits::connection::client_connection().await;
+    let send = async {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        client
+            .write_all(b"GET /late HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await
+            .unwrap();
+    };
+    let (read, ()) = tokio::join!(super::read_head(&mut stream, &shutdown), send);
+    assert!(read.is_ok(), "the request that was on its way is read");
+
+    // One that brings nothing is closed after that moment.
+    let (mut stream, _client) = crate::limits::connection::client_connection().await;
+    assert!(matches!(
+        super::read_head(&mut stream, &shutdown).await,
+        Err(super::Unread::Closed)
+    ));
+}

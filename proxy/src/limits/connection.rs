@@ -825,25 +825,33 @@ impl Peek for ClientStream {
     }
 }
 
+/// A client connection over loopback as the gate hands it on (10 s timeouts), and its
+/// client's end: for tests of what reads it.
+#[cfg(test)]
+pub(crate) async fn client_connection() -> (ClientStream, tokio::net::TcpStream) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a loopback listener");
+    let client = tokio::net::TcpStream::connect(listener.local_addr().expect("its address"))
+        .await
+        .expect("connected");
+    let (accepted, _) = listener.accept().await.expect("accepted");
+    let slot = ConnectionSlot::take(&Arc::new(AtomicUsize::new(0)), 1).expect("a slot");
+    let inner: Stream = Box::new(pingora_core::protocols::l4::stream::Stream::from(accepted));
+    let timeouts = ClientTimeouts {
+        request: Duration::from_secs(10),
+        send: Duration::from_secs(10),
+    };
+    (ClientStream::new(inner, timeouts, slot), client)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pingora_core::protocols::l4::stream::Stream as TcpStream;
 
     /// The proxy's side of a loopback connection, guarded as the gate guards it, and the client.
     async fn guarded_connection() -> (Stream, tokio::net::TcpStream) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (accepted, _) = listener.accept().await.unwrap();
-        let slot = ConnectionSlot::take(&Arc::new(AtomicUsize::new(0)), 1).unwrap();
-        let inner: Stream = Box::new(TcpStream::from(accepted));
-        let timeouts = ClientTimeouts {
-            request: Duration::from_secs(10),
-            send: Duration::from_secs(10),
-        };
-        let guarded = ClientStream::new(inner, timeouts, slot);
+        let (guarded, client) = client_connection().await;
         (Box::new(guarded), client)
     }
 

@@ -72,7 +72,8 @@ impl ShutdownSignal {
         self.shutting_down.load(Ordering::SeqCst) || self.handing_over.load(Ordering::SeqCst)
     }
 
-    /// Shutdown proper has begun: not even a new connection's first request is waited for.
+    /// Shutdown proper has begun: idle keep-alive connections close, and a new connection's
+    /// first request is waited for only a moment.
     pub fn is_stopping(&self) -> bool {
         self.shutting_down.load(Ordering::SeqCst)
     }
