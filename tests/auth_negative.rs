@@ -161,13 +161,15 @@ async fn garbage_session_cookies_are_no_session() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_session_cookie_is_no_session() {
-    let (stack, browser, cookies) = signed_in(AuthConfig::new().session_ttl("2s")).await;
+    // Expiry is in whole seconds (a session lives ttl − 1 to ttl s): 5 s leaves the login and
+    // the first check time on a loaded machine.
+    let (stack, browser, cookies) = signed_in(AuthConfig::new().session_ttl("5s")).await;
     stack.assert_signed_in(&browser).await;
     // Replay the very cookie from the login (a browser would drop it; an attacker would not),
     // so a refreshed cookie cannot hide a missing server-side expiry check.
     eventually_async(
-        "the session to expire (session_ttl = 2s)",
-        Duration::from_secs(15),
+        "the session to expire (session_ttl = 5s)",
+        Duration::from_secs(20),
         || {
             let replay = browser_with(&stack, &cookies);
             async move {

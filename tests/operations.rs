@@ -665,17 +665,20 @@ async fn request_metrics_count_what_the_test_did() {
         let _ = r.bytes().await;
     }
     let get_ok = ["policy=\"none\"", "method=\"GET\"", "status=\"2xx\""];
+    // A request is counted once its answer is sent, so the last one may still be on its way.
     proxy
         .wait_value("custodia_requests_total", &get_ok, 7.0)
+        .await;
+    proxy
+        .wait_value("custodia_requests_total", &["method=\"POST\""], 2.0)
+        .await;
+    proxy
+        .wait_value("custodia_requests_in_flight", &[], 0.0)
         .await;
     let m = |name: &'static str, labels: &'static [&'static str]| {
         let proxy = &proxy;
         async move { proxy.value(name, labels).await }
     };
-    assert_eq!(
-        m("custodia_requests_total", &["method=\"POST\""]).await,
-        Some(2.0)
-    );
     assert_eq!(
         m("custodia_requests_total", &["policy=\"required\""]).await,
         Some(0.0),
@@ -900,7 +903,8 @@ async fn a_lone_dead_backend_counts_no_failover() {
         assert!(post.status().is_server_error(), "{}", post.status());
     }
     // The failed requests are logged once a second for the backend, not each: one request's
-    // lines (on Pingora's path, its retry warning and its final error) per unix second spanned.
+    // lines (on Pingora's path, its retry warning and its final error) per unix second spanned,
+    // and a line a second for "no backend left" (the fast path's last word).
     let seconds = unix_second() - first_second + 1;
     let lines = proxy
         .stderr()
@@ -908,7 +912,7 @@ async fn a_lone_dead_backend_counts_no_failover() {
         .filter(|l| l.to_ascii_lowercase().contains("fail to proxy"))
         .count() as u64;
     assert!(
-        (1..=2 * seconds).contains(&lines),
+        (1..=3 * seconds).contains(&lines),
         "{lines} lines in {seconds} s"
     );
     let dead_label = format!("backend=\"{dead}\"");
@@ -1063,8 +1067,11 @@ async fn the_access_log_has_a_json_line_per_request_and_no_secrets() {
     assert_eq!(line["bytes_in"], 0);
     assert!(line["time"].as_str().unwrap().ends_with('Z'));
     assert!(line.get("sub").is_none());
-    let post = &lines[1];
-    assert_eq!(post["method"], "POST");
+    // Each line is written once its answer is out, so the two may come in either order.
+    let post = lines
+        .iter()
+        .find(|l| l["method"] == "POST")
+        .expect("the POST's line");
     assert_eq!(post["bytes_in"], 12);
 
     let output = proxy.output();
