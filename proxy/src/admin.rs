@@ -30,7 +30,13 @@ impl AdminApp {
                 waiting.join(", ")
             ));
         }
-        if pool.healthy_count() == 0 && !pool.members().iter().any(|m| m.slot.is_key_refused()) {
+        // Every backend out of rotation: not ready, unless one answers its checks again (on
+        // its way back, and served by the pool's fallback already) or refuses only the key
+        // check (degraded, below). A fixed pool must not fail every proxy's readiness probe
+        // for the `healthy_after` checks it takes to be back in rotation.
+        let answering =
+            |m: &crate::balancer::Member| m.slot.is_key_refused() || m.slot.passed_last_check();
+        if pool.healthy_count() == 0 && !pool.members().iter().any(answering) {
             return Some(format!(
                 "no healthy backend (0 of {} pass health checks)",
                 pool.members().len()
@@ -132,5 +138,50 @@ impl ServeHttp for AdminApp {
                 "not found: try /metrics, /healthz or /readyz\n".into(),
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn admin_over(backends: &str) -> (AdminApp, SharedRuntime) {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:8080\"\n[upstream]\nbackends = [{backends}]\n\
+             [admin]\nlisten = \"127.0.0.1:9090\"\n"
+        );
+        let config = crate::config::parse(&text, std::path::Path::new("t.toml")).unwrap();
+        let registry = Arc::new(crate::balancer::SlotRegistry::new());
+        let runtime = crate::runtime::Runtime::build(config, &registry, 1, None).unwrap();
+        let shared: SharedRuntime = Arc::new(arc_swap::ArcSwap::from_pointee(runtime));
+        (AdminApp::new(shared.clone()), shared)
+    }
+
+    /// Found by a race audit: workers fixed after refusing the key check (or back after all
+    /// were down) pass their checks but are out of rotation for `healthy_after` of them; the
+    /// proxy serves them meanwhile, so it stays ready.
+    #[test]
+    fn a_pool_that_answers_its_checks_again_is_ready_before_it_is_back_in_rotation() {
+        let (admin, shared) = admin_over("\"127.0.0.1:9301\", \"127.0.0.1:9302\"");
+        let runtime = shared.load_full();
+        let (a, b) = (
+            &runtime.pool.members()[0].slot,
+            &runtime.pool.members()[1].slot,
+        );
+        assert_eq!(admin.not_ready_reason(), None);
+        a.mark_failed();
+        b.mark_failed();
+        let down = admin
+            .not_ready_reason()
+            .expect("every backend down: not ready");
+        assert!(down.contains("no healthy backend"), "{down}");
+        // One check passed, of the two that bring it back.
+        assert_eq!(b.observe_health(true, 2, 2), None);
+        assert!(!b.is_healthy());
+        assert_eq!(admin.not_ready_reason(), None, "it answers again");
+        // A request that cannot connect after that check says otherwise.
+        b.mark_failed();
+        assert!(admin.not_ready_reason().is_some());
     }
 }

@@ -46,6 +46,10 @@ pub struct BackendSlot {
     /// Its last health check was answered, but refused the proxy's key check: it runs, and
     /// would serve signed-in users as guests.
     key_refused: AtomicBool,
+    /// Its last health check passed (and no request failed to connect since). Out of
+    /// rotation, it is on its way back, and the pool's fallback when every backend is out
+    /// already sends it requests.
+    passed_last_check: AtomicBool,
 }
 
 /// A budget of one log line per second for a backend's failed requests.
@@ -101,6 +105,7 @@ impl BackendSlot {
             latency: LatencyEstimate::default(),
             failure_log: FailureLog::default(),
             key_refused: AtomicBool::new(false),
+            passed_last_check: AtomicBool::new(false),
         }
     }
 
@@ -178,6 +183,7 @@ impl BackendSlot {
             &self.checks_failed
         };
         tally.fetch_add(1, Ordering::Relaxed);
+        self.passed_last_check.store(success, Ordering::Relaxed);
         let healthy = self.is_healthy();
         if success == healthy {
             self.streak.store(0, Ordering::Relaxed);
@@ -203,11 +209,17 @@ impl BackendSlot {
         self.key_refused.load(Ordering::Relaxed)
     }
 
+    /// Its last health check passed and no request has failed to connect since.
+    pub fn passed_last_check(&self) -> bool {
+        self.passed_last_check.load(Ordering::Relaxed)
+    }
+
     /// A request could not connect: take the backend out at once (passive check, like nginx's
     /// `max_fails=1`); the active checks bring it back after `healthy_after` successes.
     /// Returns true when this call flipped it.
     pub fn mark_failed(&self) -> bool {
         self.connect_failures.fetch_add(1, Ordering::Relaxed);
+        self.passed_last_check.store(false, Ordering::Relaxed);
         self.streak.store(0, Ordering::Relaxed);
         self.healthy.swap(false, Ordering::Relaxed)
     }
