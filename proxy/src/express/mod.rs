@@ -195,7 +195,8 @@ async fn read_head(
                 // listeners' last instant, its first request most likely on its way. Closing
                 // it now would fail that request unanswered; it has a moment to arrive.
                 _ = shutdown.stopping() => {
-                    match tokio::time::timeout(FIRST_BYTES_AT_SHUTDOWN, client.read_buf(&mut buf)).await {
+                    let first_bytes = client.read_buf(&mut buf);
+                    match tokio::time::timeout(FIRST_BYTES_AT_SHUTDOWN, first_bytes).await {
                         Ok(read) => read,
                         Err(_) => return Err(Unread::Closed),
                     }
