@@ -386,13 +386,10 @@ async fn early_hints_are_passed_on_before_the_answer_on_both_paths() {
     let upstream = upstream_section("least_conn", &[(worker.addr, 1)]);
     for fast_path in ["true", "false"] {
         let proxy = Proxy::start_with_server(&format!("fast_path = {fast_path}\n"), &upstream);
-        let mut stream = raw_tcp::connect(proxy.addr, None);
-        std::io::Write::write_all(
-            &mut stream,
+        let all = exchange(
+            proxy.addr,
             b"GET /page HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
-        )
-        .unwrap();
-        let all = read_for(&mut stream, Duration::from_secs(5));
+        );
         let hints = all.find("HTTP/1.1 103").expect(&all);
         let answer = all.find("HTTP/1.1 200 OK").expect(&all);
         assert!(hints < answer, "fast_path = {fast_path}: {all}");
@@ -464,13 +461,10 @@ async fn answers_a_client_could_not_frame_are_a_502_on_both_paths() {
     let upstream = upstream_section("least_conn", &[(worker.addr, 1)]);
     for fast_path in ["true", "false"] {
         let proxy = Proxy::start_with_server(&format!("fast_path = {fast_path}\n"), &upstream);
-        let mut stream = raw_tcp::connect(proxy.addr, None);
-        std::io::Write::write_all(
-            &mut stream,
+        let answer = exchange(
+            proxy.addr,
             b"GET /old HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
-        )
-        .unwrap();
-        let answer = read_for(&mut stream, Duration::from_secs(5));
+        );
         assert!(
             answer.starts_with("HTTP/1.1 200 ") && answer.ends_with("hello"),
             "fast_path = {fast_path}: {answer}"
@@ -566,10 +560,8 @@ async fn transfer_codings_besides_chunked_are_passed_on_on_both_paths() {
     for fast_path in ["true", "false"] {
         let proxy = Proxy::start_with_server(&format!("fast_path = {fast_path}\n"), &upstream);
         for path in ["/chunked", "/until-close"] {
-            let mut stream = raw_tcp::connect(proxy.addr, None);
             let request = format!("GET {path} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n");
-            std::io::Write::write_all(&mut stream, request.as_bytes()).unwrap();
-            let answer = read_for(&mut stream, Duration::from_secs(5));
+            let answer = exchange(proxy.addr, request.as_bytes());
             let seen = format!("{path}, fast_path = {fast_path}: {answer}");
             assert!(answer.starts_with("HTTP/1.1 200 "), "{seen}");
             let lower = answer.to_ascii_lowercase();
@@ -603,6 +595,13 @@ async fn an_unasked_protocol_switch_is_a_502_on_both_paths() {
             "fast_path = {fast_path}: {outcome:?}"
         );
     }
+}
+
+/// One connection: `request` sent whole, then everything the proxy answers within 5 s.
+fn exchange(proxy: std::net::SocketAddr, request: &[u8]) -> String {
+    let mut stream = raw_tcp::connect(proxy, None);
+    std::io::Write::write_all(&mut stream, request).unwrap();
+    read_for(&mut stream, Duration::from_secs(5))
 }
 
 /// Read everything until the proxy closes or `patience` passes.
@@ -674,14 +673,11 @@ async fn chunked_and_unframed_answers_are_relayed_whole_on_a_connection_that_sta
     assert_eq!(unframed.text().await.unwrap(), "until close");
 
     // Both on one client connection, pipelined in one write; then a HEAD.
-    let mut stream = raw_tcp::connect(proxy.addr, None);
-    std::io::Write::write_all(
-        &mut stream,
+    let all = exchange(
+        proxy.addr,
         b"GET /unframed HTTP/1.1\r\nHost: a\r\n\r\nGET /chunked HTTP/1.1\r\nHost: a\r\n\r\n\
           HEAD /chunked HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
-    )
-    .unwrap();
-    let all = read_for(&mut stream, Duration::from_secs(5));
+    );
     let answers: Vec<&str> = all.matches("HTTP/1.1 200 OK\r\n").collect();
     assert_eq!(answers.len(), 3, "three answers in order: {all}");
     let unframed_at = all.find("b\r\nuntil close\r\n0\r\n\r\n").expect(&all);
@@ -743,9 +739,7 @@ async fn requests_pipelined_behind_pingoras_path_are_answered_in_order() {
         GET /api/hello?fourth HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
     for fast_path in ["true", "false"] {
         let proxy = Proxy::start_with_server(&format!("fast_path = {fast_path}\n"), &upstream);
-        let mut stream = raw_tcp::connect(proxy.addr, None);
-        std::io::Write::write_all(&mut stream, pipelined).unwrap();
-        let all = read_for(&mut stream, Duration::from_secs(5));
+        let all = exchange(proxy.addr, pipelined);
         let statuses: Vec<&str> = all
             .match_indices("HTTP/1.1 ")
             .map(|(at, _)| &all[at + 9..at + 12])

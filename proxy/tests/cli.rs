@@ -43,6 +43,24 @@ fn with_file(name: &str, text: &str, f: impl FnOnce(&Path)) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A scratch directory for `tag` and, in it, `proxy.toml`: a config that serves on `listen`
+/// and `admin` (its pid file and upgrade socket in the directory too).
+fn serving_config_file(
+    tag: &str,
+    listen: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+) -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("custodia-cli-{}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("proxy.toml");
+    std::fs::write(
+        &config,
+        serving_config(dir.to_str().unwrap(), listen, admin),
+    )
+    .unwrap();
+    (dir, config)
+}
+
 #[test]
 fn check_accepts_the_shipped_config_and_prints_a_summary() {
     let out = proxy_env(
@@ -292,14 +310,7 @@ fn a_taken_listen_address_is_a_clear_error_at_start() {
 /// `--upgrade` with no running proxy to take over from says so at once.
 #[test]
 fn an_upgrade_with_nothing_to_take_over_from_says_so() {
-    let dir = std::env::temp_dir().join(format!("custodia-cli-{}-upgrade", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("proxy.toml");
-    std::fs::write(
-        &config,
-        serving_config(dir.to_str().unwrap(), free_port(), free_port()),
-    )
-    .unwrap();
+    let (dir, config) = serving_config_file("upgrade", free_port(), free_port());
     let out = proxy(&["--config", config.to_str().unwrap(), "--upgrade"]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -314,15 +325,8 @@ fn an_upgrade_with_nothing_to_take_over_from_says_so() {
 /// so the kernel alone would let it take a share of the first one's clients).
 #[test]
 fn a_second_instance_on_the_same_addresses_is_refused() {
-    let dir = std::env::temp_dir().join(format!("custodia-cli-{}-second", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     let (listen, admin) = (free_port(), free_port());
-    let config = dir.join("proxy.toml");
-    std::fs::write(
-        &config,
-        serving_config(dir.to_str().unwrap(), listen, admin),
-    )
-    .unwrap();
+    let (dir, config) = serving_config_file("second", listen, admin);
     let mut first = Running::start(&config);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while std::net::TcpStream::connect(listen).is_err() {
@@ -347,14 +351,7 @@ fn a_second_instance_on_the_same_addresses_is_refused() {
 /// `info`, nor (for a word such as `warning`) to logging nothing at all.
 #[test]
 fn an_invalid_rust_log_stops_the_start_and_is_named() {
-    let dir = std::env::temp_dir().join(format!("custodia-cli-{}-rust-log", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("proxy.toml");
-    std::fs::write(
-        &config,
-        serving_config(dir.to_str().unwrap(), free_port(), free_port()),
-    )
-    .unwrap();
+    let (dir, config) = serving_config_file("rust-log", free_port(), free_port());
     for bad in ["warning", "debug["] {
         let (code, stderr) = Running::start_with_log(&config, bad)
             .exits_within(std::time::Duration::from_secs(20))
