@@ -54,6 +54,7 @@ impl HealthChecker {
                     weight: 1,
                     ext: Default::default(),
                 };
+                let started = slot.begin_check();
                 let result = tokio::time::timeout(settings.timeout, probe.check(&backend)).await;
                 let key_refused = matches!(
                     &result,
@@ -68,7 +69,8 @@ impl HealthChecker {
                         humantime::format_duration(settings.timeout)
                     )),
                 };
-                let flipped = slot.observe_health(
+                let flipped = slot.observe_check(
+                    started,
                     error.is_none(),
                     settings.healthy_after,
                     settings.unhealthy_after,

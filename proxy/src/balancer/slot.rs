@@ -174,15 +174,42 @@ impl BackendSlot {
         self.healthy.load(Ordering::Relaxed)
     }
 
+    /// Notes when an active health check begins, for [`BackendSlot::observe_check`].
+    pub fn begin_check(&self) -> CheckStarted {
+        CheckStarted {
+            connect_failures: self.connect_failures.load(Ordering::Relaxed),
+        }
+    }
+
+    /// [`BackendSlot::observe_check`] for a check that began just now.
+    #[cfg(test)]
+    pub fn observe_health(&self, success: bool, rise: u32, fall: u32) -> Option<bool> {
+        self.observe_check(self.begin_check(), success, rise, fall)
+    }
+
     /// Record an active health-check result; returns `Some(new_state)` when the state flips
     /// after `rise` consecutive successes or `fall` consecutive failures.
-    pub fn observe_health(&self, success: bool, rise: u32, fall: u32) -> Option<bool> {
+    ///
+    /// A success is counted (in the metrics) but not believed when a request failed to connect
+    /// while the check was under way: the check's own connection may predate the failure, and
+    /// would otherwise undo `mark_failed` (with `healthy_after = 1`, put the backend straight
+    /// back) on the strength of an answer older than the failure.
+    pub fn observe_check(
+        &self,
+        started: CheckStarted,
+        success: bool,
+        rise: u32,
+        fall: u32,
+    ) -> Option<bool> {
         let tally = if success {
             &self.checks_passed
         } else {
             &self.checks_failed
         };
         tally.fetch_add(1, Ordering::Relaxed);
+        if success && self.connect_failures.load(Ordering::Relaxed) != started.connect_failures {
+            return None;
+        }
         self.passed_last_check.store(success, Ordering::Relaxed);
         let healthy = self.is_healthy();
         if success == healthy {
@@ -223,6 +250,12 @@ impl BackendSlot {
         self.streak.store(0, Ordering::Relaxed);
         self.healthy.swap(false, Ordering::Relaxed)
     }
+}
+
+/// When a health check began, as far as the backend's connect failures go.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckStarted {
+    connect_failures: u64,
 }
 
 /// An in-flight request on a backend. Dropping it releases the count exactly once.

@@ -301,6 +301,39 @@ fn health_flips_only_after_consecutive_results() {
 }
 
 #[test]
+fn a_check_under_way_when_a_request_fails_to_connect_does_not_bring_the_backend_back() {
+    let registry = SlotRegistry::new();
+    let slot = registry.slot(addr(1));
+    // The check connects and is answered; meanwhile a request finds the backend gone.
+    let check = slot.begin_check();
+    assert!(slot.mark_failed());
+    assert_eq!(
+        slot.observe_check(check, true, 1, 1),
+        None,
+        "an answer older than the failure must not undo it"
+    );
+    assert!(!slot.is_healthy());
+    assert!(
+        !slot.passed_last_check(),
+        "/readyz must not count it either"
+    );
+    assert_eq!(
+        slot.health_checks(),
+        (1, 0),
+        "the check still counts as passed"
+    );
+    // The next check, begun after the failure, is believed.
+    let check = slot.begin_check();
+    assert_eq!(slot.observe_check(check, true, 1, 1), Some(true));
+    assert!(slot.passed_last_check());
+    // A failure seen by a check under way is always believed.
+    let check = slot.begin_check();
+    slot.mark_failed();
+    assert!(slot.observe_health(true, 1, 1).is_some());
+    assert_eq!(slot.observe_check(check, false, 1, 1), Some(false));
+}
+
+#[test]
 fn slots_and_their_counters_survive_a_rebuilt_pool() {
     let registry = SlotRegistry::new();
     let first = pool(&registry, &[1, 1], Balance::LeastConn);
