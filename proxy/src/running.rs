@@ -46,16 +46,16 @@ pub fn running_pid(pid_file: &Path) -> Result<i32, String> {
         ));
     }
     // A pid file left by a proxy that is gone may name a process that took its number since:
-    // signalling that one would reload nothing and could kill it. A proxy is a `custodia…`
-    // program, or one renamed but started with `--config`.
-    if let Some(name) = command_name(pid) {
-        if !name.starts_with("custodia") && !started_with_a_config(pid) {
-            return Err(format!(
-                "no running custodia-proxy: process {pid} (from {}) is `{name}`; the pid file \
-                 is stale",
-                pid_file.display()
-            ));
-        }
+    // signalling that one would reload nothing and could kill it (SIGHUP ends a process that
+    // does not handle it, a custodia-app worker among them).
+    let command_line = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if !command_line_is_a_proxy(&command_line) {
+        let name = command_name(pid).unwrap_or_else(|| "unknown".to_string());
+        return Err(format!(
+            "no running custodia-proxy: process {pid} (from {}) is `{name}`, not a proxy \
+             serving a config file; the pid file is stale",
+            pid_file.display()
+        ));
     }
     Ok(pid)
 }
@@ -66,13 +66,33 @@ fn command_name(pid: i32) -> Option<String> {
     Some(name.trim_end().to_string())
 }
 
-/// Whether process `pid`'s command line has `--config` (or `-c`), as a proxy's always has.
-fn started_with_a_config(pid: i32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
-        cmdline
-            .split(|&b| b == 0)
-            .any(|arg| arg == b"--config" || arg == b"-c" || arg.starts_with(b"--config="))
-    })
+/// Whether a command line (`/proc/PID/cmdline`: arguments ended by NULs) is a serving proxy's:
+/// started with `--config` (a proxy always is; a worker never), not one of the commands that
+/// only check or signal, and, for the all-in-one `custodia`, its `proxy` program (the local
+/// stack takes `--config` too, and a SIGHUP would end it). Any other program name passes, so
+/// a proxy binary renamed by its packager is still found.
+fn command_line_is_a_proxy(command_line: &[u8]) -> bool {
+    let args: Vec<&[u8]> = command_line
+        .split(|&b| b == 0)
+        .filter(|arg| !arg.is_empty())
+        .collect();
+    let Some((program, rest)) = args.split_first() else {
+        return false;
+    };
+    let program_name = program.rsplit(|&b| b == b'/').next().unwrap_or(program);
+    if program_name == b"custodia" && rest.first() != Some(&b"proxy".as_slice()) {
+        return false;
+    }
+    let has_config = rest
+        .iter()
+        .any(|arg| *arg == b"--config" || *arg == b"-c" || arg.starts_with(b"--config="));
+    let only_checks_or_signals = rest.iter().any(|arg| {
+        matches!(
+            *arg,
+            b"--check" | b"-t" | b"--reload" | b"-r" | b"--help" | b"-h" | b"--version" | b"-V"
+        ) || arg.starts_with(b"--probe")
+    });
+    has_config && !only_checks_or_signals
 }
 
 /// The config file process `pid` was started with (`--config FILE` on its command line,
@@ -154,6 +174,25 @@ mod tests {
     }
 
     #[test]
+    fn only_a_serving_proxy_s_command_line_is_a_proxy() {
+        // Arguments separated by spaces, as /proc/PID/cmdline separates them by NULs.
+        let is_proxy = |line: &str| command_line_is_a_proxy(line.replace(' ', "\0").as_bytes());
+        assert!(is_proxy("/usr/bin/custodia-proxy --config /etc/c.toml"));
+        assert!(is_proxy("custodia-proxy --config=/etc/c.toml --upgrade"));
+        assert!(is_proxy("target/release/custodia proxy -c c.toml"));
+        assert!(is_proxy("/opt/edge --config c.toml"), "renamed");
+        // Workers, the local stack, and the commands that check or signal and exit.
+        assert!(!is_proxy("custodia-app --listen 127.0.0.1:9001"));
+        assert!(!is_proxy("/x/custodia app --listen 127.0.0.1:9001"));
+        assert!(!is_proxy("/x/custodia run --config c.toml"));
+        assert!(!is_proxy("/x/custodia --config c.toml"));
+        assert!(!is_proxy("custodia-proxy --config c.toml --check"));
+        assert!(!is_proxy("custodia-proxy --config c.toml --reload"));
+        assert!(!is_proxy("custodia-proxy"));
+        assert!(!is_proxy(""));
+    }
+
+    #[test]
     fn a_pid_file_naming_another_program_is_stale() {
         /// What `running_pid` says of a pid file naming `program args…` (`name` once exec'd).
         fn verdict(program: &str, args: &[&str], name: &str) -> Result<i32, String> {
@@ -186,6 +225,17 @@ mod tests {
         let message = verdict("sleep", &["30"], "sleep").unwrap_err();
         assert!(
             message.contains("`sleep`") && message.contains("stale"),
+            "{message}"
+        );
+        // A worker that took the pid: named custodia-app, but no proxy (a SIGHUP ends it).
+        let dir = std::env::temp_dir().join(format!("custodia-worker-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let worker = dir.join("custodia-app");
+        std::fs::copy("/bin/sleep", &worker).unwrap();
+        let message = verdict(worker.to_str().unwrap(), &["30"], "custodia-app").unwrap_err();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            message.contains("`custodia-app`") && message.contains("stale"),
             "{message}"
         );
         // A proxy binary renamed by its packager is still started with --config.
