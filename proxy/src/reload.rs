@@ -117,14 +117,14 @@ impl Reloader {
                             key = *key,
                             retries = runtime.config.upstream.retries,
                             "`{key}` is higher than a running process can go: {} retries until \
-                             an upgrade (--upgrade + SIGQUIT) or restart",
+                             an upgrade (custodia-proxy --upgrade) or restart",
                             runtime.config.upstream.retries
                         );
                         continue;
                     }
                     tracing::warn!(
                         key = *key,
-                        "`{key}` changed but cannot change in a running process: the old value stays until an upgrade (--upgrade + SIGQUIT) or restart"
+                        "`{key}` changed but cannot change in a running process: the old value stays until an upgrade (custodia-proxy --upgrade) or restart"
                     );
                 }
                 true

@@ -659,7 +659,7 @@ impl PoolCollector {
         );
         let generation = IntGauge::new(
             "custodia_config_generation",
-            "Generation of the loaded configuration (1 at start, +1 per reload).",
+            "Generation of the loaded configuration (1 at start, +1 per reload or DNS change of the pool).",
         );
         let bad = |e: prometheus::Error| -> ! { unreachable!("constant metric descriptor: {e}") };
         let failovers = IntCounterVec::new(
