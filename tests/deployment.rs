@@ -283,15 +283,32 @@ fn flag_value<'a>(args: &'a [String], flag: &str) -> &'a str {
         .unwrap_or_else(|| panic!("{flag} without a value in {args:?}"))
 }
 
-/// `.env.example`'s values with the key an operator generates in place of its
-/// `APP_SECRET_KEY` placeholder (which the proxy refuses:
-/// [`the_env_examples_placeholder_key_is_refused`]).
+/// `.env.example`'s values as an operator fills it in: the Auth0 application's values in place
+/// of its `your-…` placeholders and a generated `APP_SECRET_KEY` (the proxy refuses each
+/// placeholder: [`the_env_examples_placeholders_are_refused`]).
 fn deployment_env() -> HashMap<String, String> {
-    let mut env = env_example_values();
+    let mut env = auth0_filled_in();
     env.insert(
         "APP_SECRET_KEY".to_string(),
         "5f0c7a1d9e2b4c6f8a0d1e3f5a7c9b1d2e4f6a8c0b2d4e6f8a1c3e5f7b9d0a2c".to_string(),
     );
+    env
+}
+
+/// `.env.example` with the Auth0 application's values filled in, its `APP_SECRET_KEY` not.
+fn auth0_filled_in() -> HashMap<String, String> {
+    let mut env = env_example_values();
+    for (name, value) in [
+        ("AUTH0_DOMAIN", "custodia-demo.eu.auth0.com"),
+        ("AUTH0_CLIENT_ID", "x1RkDq7mZ0pV4cHs9LwEeYt2"),
+        ("AUTH0_CLIENT_SECRET", "kT3o9Q-wz1VbN8mA5yUe7iXc0RgLdH2f"),
+    ] {
+        assert!(
+            env.get(name).is_some_and(|v| v.starts_with("your-")),
+            ".env.example's {name} is a `your-…` placeholder"
+        );
+        env.insert(name.to_string(), value.to_string());
+    }
     env
 }
 
@@ -301,22 +318,32 @@ fn proxy_config_from(text: &str, label: &str) -> ProxyConfig {
         .unwrap_or_else(|e| panic!("{label} is invalid with .env.example's values: {e}"))
 }
 
-/// Copying `.env.example` without generating a key must not start a proxy whose session
-/// cookies anyone with the repository can forge.
+/// Copying `.env.example` without filling it in must not start a proxy: not one whose logins
+/// all fail at Auth0, nor one whose session cookies anyone with the repository can forge.
 #[test]
-fn the_env_examples_placeholder_key_is_refused() {
-    let error = proxy_config::parse_with_env(
-        &compose_toml_text(),
-        Path::new("config/compose.toml"),
-        &env_example_values(),
-    )
-    .unwrap_err()
-    .to_string();
+fn the_env_examples_placeholders_are_refused() {
+    let check = |env: &HashMap<String, String>| {
+        proxy_config::parse_with_env(&compose_toml_text(), Path::new("config/compose.toml"), env)
+            .unwrap_err()
+            .to_string()
+    };
+    let as_shipped = check(&env_example_values());
+    assert!(as_shipped.contains("placeholder"), "{as_shipped}");
+    let key_left = check(&auth0_filled_in());
     assert!(
-        error.contains("APP_SECRET_KEY is still the example's placeholder")
-            && error.contains("openssl rand -hex 32"),
-        "{error}"
+        key_left.contains("APP_SECRET_KEY is still the example's placeholder")
+            && key_left.contains("openssl rand -hex 32"),
+        "{key_left}"
     );
+    for name in ["AUTH0_CLIENT_ID", "AUTH0_CLIENT_SECRET"] {
+        let mut env = deployment_env();
+        env.insert(name.to_string(), env_example_values()[name].clone());
+        let error = check(&env);
+        assert!(
+            error.contains(&format!("{name} is still .env.example's placeholder")),
+            "{error}"
+        );
+    }
 }
 
 /// Starting the stack without setting `public_url` (README step 3) stops the proxy with the

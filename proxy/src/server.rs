@@ -208,6 +208,9 @@ pub fn run(config: ProxyConfig, options: StartOptions) -> Result<(), ProxyError>
         threads = config.server.threads,
         "custodia-proxy starting; {auth}"
     );
+    for warning in crate::config::risky_settings(&config) {
+        tracing::warn!("{warning}");
+    }
     server.run(RunArgs {
         shutdown_signal: Box::new(crate::upgrade::Signals::new(
             config.server.upgrade_sock.clone(),

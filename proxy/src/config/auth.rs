@@ -36,16 +36,24 @@ pub fn validate_auth(
     routes: Vec<RouteEntry>,
     env: &dyn Env,
 ) -> Result<AuthSettings, AuthProblem> {
+    // A value from the environment is named in its error: it is not on any line of the file.
+    let from_env = |name: &str, message: String| format!("{name} (environment or .env): {message}");
     let issuer = match (
         section.issuer,
         env.get("CUSTODIA_AUTH_ISSUER"),
         env.get("AUTH0_DOMAIN"),
     ) {
-        (Some(issuer), _, _) | (None, Some(issuer), _) => issuer,
+        (Some(issuer), _, _) => {
+            check_issuer(&issuer).map_err(|m| ("auth.issuer", m))?;
+            issuer
+        }
+        (None, Some(issuer), _) => {
+            check_issuer(&issuer)
+                .map_err(|m| ("auth.issuer", from_env("CUSTODIA_AUTH_ISSUER", m)))?;
+            issuer
+        }
         (None, None, Some(domain)) => {
-            let domain = domain.trim().trim_end_matches('/');
-            let domain = domain.strip_prefix("https://").unwrap_or(domain);
-            format!("https://{domain}/")
+            issuer_of_domain(&domain).map_err(|m| ("auth.issuer", from_env("AUTH0_DOMAIN", m)))?
         }
         (None, None, None) => return Err((
             "auth.issuer",
@@ -54,20 +62,27 @@ pub fn validate_auth(
                 .into(),
         )),
     };
-    check_issuer(&issuer).map_err(|m| ("auth.issuer", m))?;
 
-    let client_id = section
-        .client_id
-        .or_else(|| env.get("AUTH0_CLIENT_ID"))
-        .ok_or((
-            "auth.client_id",
-            "no client id: set [auth] client_id or AUTH0_CLIENT_ID".to_string(),
-        ))?;
+    let client_id = match section.client_id {
+        Some(id) => {
+            check_credential("client_id", &id).map_err(|m| ("auth.client_id", m))?;
+            id
+        }
+        None => {
+            let id = env.get("AUTH0_CLIENT_ID").ok_or((
+                "auth.client_id",
+                "no client id: set [auth] client_id or AUTH0_CLIENT_ID".to_string(),
+            ))?;
+            check_credential("AUTH0_CLIENT_ID", &id).map_err(|m| ("auth.client_id", m))?;
+            id
+        }
+    };
     let client_secret = env.get("AUTH0_CLIENT_SECRET").ok_or((
         "auth",
         "AUTH0_CLIENT_SECRET is not set (the client secret comes from the environment or .env, never the file)"
             .to_string(),
     ))?;
+    check_credential("AUTH0_CLIENT_SECRET", &client_secret).map_err(|m| ("auth", m))?;
 
     let session_secret = env.get("APP_SECRET_KEY").ok_or((
         "auth",
@@ -84,6 +99,16 @@ pub fn validate_auth(
     let assertion_key = match env.get("CUSTODIA_ASSERTION_KEY") {
         Some(key) => {
             check_secret("CUSTODIA_ASSERTION_KEY", &key)?;
+            if key == session_secret || previous_session_secrets.iter().any(|old| old.0 == key) {
+                return Err((
+                    "auth",
+                    "CUSTODIA_ASSERTION_KEY is also a session key (APP_SECRET_KEY or one of \
+                     APP_SECRET_KEY_PREVIOUS): every worker holds the assertion key, and with \
+                     this one could seal sessions; leave it unset (it is then derived from \
+                     APP_SECRET_KEY) or give it its own value"
+                        .to_string(),
+                ));
+            }
             key
         }
         None => custodia_identity::derive_assertion_key(&session_secret),
@@ -115,11 +140,13 @@ pub fn validate_auth(
         trusted_proxies.push(net);
     }
 
+    // Entries are compared with a signed-in user's email exactly (ASCII case aside): one that
+    // no address can equal would lock out whoever it was meant for, silently.
     let mut allowed_emails = Vec::new();
     for email in &section.allowed_emails {
         let email = email.trim().to_ascii_lowercase();
         match email.split_once('@') {
-            Some((local, domain)) if !local.is_empty() && domain.contains('.') => {
+            Some((local, domain)) if !local.is_empty() && is_mail_domain(domain) => {
                 allowed_emails.push(email)
             }
             _ => {
@@ -133,10 +160,19 @@ pub fn validate_auth(
     let mut allowed_domains = Vec::new();
     for domain in &section.allowed_domains {
         let domain = domain.trim().trim_start_matches('@').to_ascii_lowercase();
-        if domain.is_empty() || !domain.contains('.') || domain.contains('@') {
+        if domain.contains('*') {
             return Err((
                 "auth.allowed_domains",
-                format!("`{domain}` is not a domain name"),
+                format!(
+                    "`{domain}`: wildcards are not supported; a domain admits the emails of \
+                     exactly that domain (list each subdomain on its own)"
+                ),
+            ));
+        }
+        if !is_mail_domain(&domain) {
+            return Err((
+                "auth.allowed_domains",
+                format!("`{domain}` is not a domain name such as \"example.com\""),
             ));
         }
         allowed_domains.push(domain);
@@ -175,12 +211,64 @@ fn check_secret(name: &'static str, value: &str) -> Result<(), AuthProblem> {
     }
 }
 
+/// A client id or secret as the IdP gave it: not blank, not padded with spaces (a copy's
+/// slip the IdP would refuse at the first login), not `.env.example`'s placeholder. Values are
+/// never quoted: the secret's must not reach a log.
+fn check_credential(name: &str, value: &str) -> Result<(), String> {
+    if value.trim().is_empty() {
+        return Err(format!("{name} is blank"));
+    }
+    if value.trim() != value {
+        return Err(format!(
+            "{name} starts or ends with spaces: set it to the value exactly as the identity \
+             provider shows it"
+        ));
+    }
+    if value.to_ascii_lowercase().starts_with("your-") {
+        return Err(format!(
+            "{name} is still .env.example's placeholder: set it to your application's value \
+             in the identity provider (Auth0: Applications → Settings)"
+        ));
+    }
+    Ok(())
+}
+
+/// `https://DOMAIN/` from `AUTH0_DOMAIN` (`tenant.eu.auth0.com`, also with `https://` or a
+/// trailing `/`): a host and maybe a port, nothing else.
+fn issuer_of_domain(domain: &str) -> Result<String, String> {
+    let domain = domain.trim().trim_end_matches('/');
+    let domain = domain.strip_prefix("https://").unwrap_or(domain);
+    let issuer = format!("https://{domain}/");
+    match url_parts(&issuer) {
+        Some(url) if url.rest == "/" => {}
+        _ => {
+            return Err(format!(
+                "`{domain}` is not a domain name such as \"tenant.eu.auth0.com\" (no path, \
+                 query or user)"
+            ))
+        }
+    }
+    if domain.to_ascii_lowercase().starts_with("your-tenant.") {
+        return Err(format!(
+            "`{domain}` is still .env.example's placeholder: set it to your Auth0 tenant's domain"
+        ));
+    }
+    Ok(issuer)
+}
+
 fn check_issuer(issuer: &str) -> Result<(), String> {
     let url = url_parts(issuer)
         .ok_or_else(|| format!("`{issuer}` is not a URL such as \"https://TENANT.auth0.com/\""))?;
     if url.scheme == "http" && !is_loopback_host(&url.host) {
         return Err(format!(
             "`{issuer}` uses plain http: only https is allowed for an identity provider that is not on loopback"
+        ));
+    }
+    // OpenID Connect Discovery: an issuer identifier has no query or fragment, and the ID
+    // tokens' `iss` must equal it exactly.
+    if url.rest.contains(['?', '#']) {
+        return Err(format!(
+            "`{issuer}` has a query or fragment: an issuer is a URL without either"
         ));
     }
     Ok(())
@@ -249,8 +337,13 @@ fn url_parts(text: &str) -> Option<UrlParts> {
             && p.bytes().all(|b| b.is_ascii_digit())
             && p.parse::<u16>().is_ok_and(|p| p > 0)
     };
-    if host.is_empty()
-        || host.contains(['[', ']'])
+    let bracketed = authority.starts_with('[');
+    let valid_host = if bracketed {
+        host.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        is_host_name(host)
+    };
+    if !valid_host
         || !port.is_none_or(valid_port)
         || text.chars().any(|c| c.is_whitespace() || c.is_control())
     {
@@ -263,6 +356,34 @@ fn url_parts(text: &str) -> Option<UrlParts> {
         host: host.to_ascii_lowercase(),
         rest: rest.to_string(),
     })
+}
+
+/// An IPv4 address or a DNS name: dot-separated labels of letters, digits and inner hyphens
+/// (a browser cannot follow a redirect to `a:b`, `...` or `-`).
+fn is_host_name(host: &str) -> bool {
+    if host.parse::<std::net::Ipv4Addr>().is_ok() {
+        return true;
+    }
+    let name = host.strip_suffix('.').unwrap_or(host);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// The domain of an email address: a DNS name with at least two labels.
+fn is_mail_domain(domain: &str) -> bool {
+    is_host_name(domain)
+        && domain.parse::<std::net::Ipv4Addr>().is_err()
+        && domain.contains('.')
+        && !domain.ends_with('.')
 }
 
 fn is_loopback_host(host: &str) -> bool {

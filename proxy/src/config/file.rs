@@ -137,7 +137,10 @@ impl<'de> Deserialize<'de> for ByteSize {
                 f.write_str(r#"a size in bytes or a string such as "1m""#)
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
-                ByteSize::checked(u64::try_from(v).unwrap_or(0)).map_err(E::custom)
+                let bytes = u64::try_from(v).map_err(|_| {
+                    E::custom(format!("{v} is negative: a size is at least 1 byte"))
+                })?;
+                ByteSize::checked(bytes).map_err(E::custom)
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<ByteSize, E> {
                 ByteSize::checked(v).map_err(E::custom)
@@ -450,8 +453,9 @@ impl HostPort {
                     "invalid address `{text}`: port 0 is no port to connect to (1 to 65535)"
                 ));
             }
+            // `[::ffff:127.0.0.1]` is `127.0.0.1`: one backend, not two to balance over.
             return Ok(HostPort {
-                host: addr.ip().to_string(),
+                host: addr.ip().to_canonical().to_string(),
                 port: addr.port(),
             });
         }

@@ -4,15 +4,18 @@
 mod auth;
 pub mod env;
 pub mod file;
+mod locate;
 pub mod model;
 mod summary;
 pub mod validate;
+mod warnings;
 
 use std::path::PathBuf;
 
 pub use model::*;
 pub use summary::summary;
 pub use validate::{load, load_with_env, parse, parse_with_env};
+pub use warnings::risky_settings;
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]

@@ -117,6 +117,9 @@ pub fn summary(config: &ProxyConfig) -> String {
         }
         Some(a) => auth_summary(&mut out, a),
     }
+    for warning in super::risky_settings(config) {
+        let _ = writeln!(out, "  warning         {warning}");
+    }
     out
 }
 

@@ -310,6 +310,21 @@ fn errors_name_the_key_and_the_line() {
          "upstream.backends", "nonzero"),
         ("[upstream]\nbackends = [\"127.0.0.1:1\", \"127.0.0.1:1\"]\n",
          "upstream.backends", "listed twice"),
+        ("[[upstream]]\nbackends = [\"127.0.0.1:1\"]\n",
+         "upstream", "[[upstream]] is a list of tables: write [upstream]"),
+        ("[upstream]\nbackends = [\"127.0.0.1:1\"]\n[route]\nprefix = \"/\"\n",
+         "route", "write each route as [[route]]"),
+        ("[upstream]\nbackends = [\"127.0.0.1:1\"]\n[limits]\nmax_body_size = -1\n",
+         "limits.max_body_size", "-1 is negative"),
+        ("[upstream]\nbackends = [\"127.0.0.1:1\", \"[::ffff:127.0.0.1]:1\"]\n",
+         "upstream.backends", "backend 127.0.0.1:1 is listed twice"),
+        // The proxy itself as its backend: requests would loop.
+        ("[upstream]\nbackends = [\"127.0.0.1:9001\", \"127.0.0.1:8080\"]\n",
+         "upstream.backends", "own listen address 127.0.0.1:8080"),
+        ("[server]\nlisten = \"0.0.0.0:8081\"\n[upstream]\nbackends = [\"127.0.0.1:8081\"]\n",
+         "upstream.backends", "own listen address 0.0.0.0:8081"),
+        ("[server]\nlisten = [\"[::]:8081\"]\n[upstream]\nbackends = [\"localhost:8081\"]\n",
+         "upstream.backends", "own listen address [::]:8081"),
         ("[upstream]\nbackends = [\"127.0.0.1:1\"]\n[upstream.health]\npath = \"healthz\"\n",
          "upstream.health.path", "absolute path"),
         ("[upstream]\nbackends = [\"127.0.0.1:1\"]\n[upstream.health]\ninterval = \"1s\"\ntimeout = \"2s\"\n",
@@ -389,6 +404,56 @@ fn syntax_errors_are_reported_not_panicked() {
     ] {
         assert!(parse_str(junk).is_err(), "{junk:?}");
     }
+}
+
+#[test]
+fn a_file_too_large_or_not_text_is_refused_not_read_whole() {
+    let endless = load_with_env(Path::new("/dev/zero"), &stack_env())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        endless.contains("/dev/zero") && endless.contains("over 4 MiB"),
+        "{endless}"
+    );
+    let dir = std::env::temp_dir().join(format!("custodia-binary-config-{}", std::process::id()));
+    std::fs::write(&dir, b"[server]\n\xff\xfe").unwrap();
+    let binary = load_with_env(&dir, &stack_env()).unwrap_err().to_string();
+    let _ = std::fs::remove_file(&dir);
+    assert!(binary.contains("not UTF-8"), "{binary}");
+}
+
+#[test]
+fn errors_in_the_shipped_config_have_their_line_whatever_its_comments_say() {
+    // Its comments name `[server]` and `[admin]` before those tables.
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/custodia.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let line_of = |key: &str| {
+        1 + text
+            .lines()
+            .position(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("no `{key}` line"))
+    };
+    let bad_grace = text.replace("grace_period = \"5s\"", "grace_period = \"2h\"");
+    let message = parse_with_env(&bad_grace, Path::new("c.toml"), &stack_env())
+        .unwrap_err()
+        .to_string();
+    let expected = format!(
+        "c.toml:{}: key `server.grace_period`",
+        line_of("grace_period")
+    );
+    assert!(message.starts_with(&expected), "{message}");
+    let bad_admin = text.replace("listen = \"127.0.0.1:9090\"", "listen = \"0.0.0.0:8080\"");
+    let message = parse_with_env(&bad_admin, Path::new("c.toml"), &stack_env())
+        .unwrap_err()
+        .to_string();
+    let admin_line = 1 + text
+        .lines()
+        .position(|l| l == "listen = \"127.0.0.1:9090\"")
+        .unwrap();
+    assert!(
+        message.starts_with(&format!("c.toml:{admin_line}: key `admin.listen`")),
+        "{message}"
+    );
 }
 
 #[test]
@@ -476,6 +541,25 @@ fn auth_problems_are_errors_never_auth_off() {
         ("default_policy = \"maybe\"\n", &[], "unknown variant"),
         ("[[route]]\nprefix = \"/a/../b\"\npolicy = \"public\"\n", &[], "normalised"),
         ("[[route]]\nprefix = \"/a\"\npolicy = \"public\"\n[[route]]\nprefix = \"/a\"\npolicy = \"required\"\n", &[], "twice"),
+        // Credentials blank, padded or still .env.example's.
+        ("client_id = \"\"\n", &[], "client_id is blank"),
+        ("", &[("AUTH0_CLIENT_ID", " ")], "AUTH0_CLIENT_ID is blank"),
+        ("", &[("AUTH0_CLIENT_SECRET", " ")], "AUTH0_CLIENT_SECRET is blank"),
+        ("", &[("AUTH0_CLIENT_SECRET", "s3cret ")], "AUTH0_CLIENT_SECRET starts or ends with spaces"),
+        ("", &[("AUTH0_CLIENT_ID", "your-auth0-client-id")], "AUTH0_CLIENT_ID is still .env.example's placeholder"),
+        ("", &[("AUTH0_CLIENT_SECRET", "your-auth0-client-secret")], "AUTH0_CLIENT_SECRET is still .env.example's placeholder"),
+        ("", &[("CUSTODIA_AUTH_ISSUER", ""), ("AUTH0_DOMAIN", "your-tenant.eu.auth0.com")], "placeholder"),
+        // Issuers no provider can have.
+        ("", &[("CUSTODIA_AUTH_ISSUER", ""), ("AUTH0_DOMAIN", "idp.example.com/evil?x=")], "AUTH0_DOMAIN (environment or .env): `idp.example.com/evil?x=` is not a domain name"),
+        ("issuer = \"https://idp.example.com/?a=b#frag\"\n", &[], "query or fragment"),
+        // The workers' key may not seal sessions.
+        ("", &[("CUSTODIA_ASSERTION_KEY", "0123456789abcdef0123456789abcdef")], "also a session key"),
+        // Allow-lists no email can match.
+        ("allowed_emails = [\"a@b@c.com\"]\n", &[], "not an email"),
+        ("allowed_emails = [\"a@localhost\"]\n", &[], "not an email"),
+        ("allowed_domains = [\"*.example.com\"]\n", &[], "wildcards are not supported"),
+        ("allowed_domains = [\".com\"]\n", &[], "not a domain name"),
+        ("allowed_domains = [\".\"]\n", &[], "not a domain name"),
     ];
     for (extra, env, words) in cases {
         let message = auth_error(extra, env);
@@ -485,7 +569,18 @@ fn auth_problems_are_errors_never_auth_off() {
             "no secret in: {message}"
         );
     }
+    // An issuer from the environment is named as such, at the [auth] table's line (3), not at
+    // a line of the file that has nothing to do with it.
+    let from_env = auth_error("", &[("CUSTODIA_AUTH_ISSUER", "http://idp.example.com/")]);
+    assert!(
+        from_env.starts_with("a.toml:3: key `auth.issuer`: CUSTODIA_AUTH_ISSUER (environment or .env): `http://idp.example.com/` uses plain http"),
+        "{from_env}"
+    );
     for bad_port in [
+        "https://a:b:443",
+        "https://[zz]:8443",
+        "https://...",
+        "https://-",
         "https://x.app:abc",
         "https://x.app:99999",
         "https://x.app:0",

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use super::env::{Env, ProcessEnv};
 use super::file::{BalanceName, FileConfig, LogFormatName};
+use super::locate::Locator;
 use super::model::*;
 use super::ConfigError;
 
@@ -84,13 +85,44 @@ const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
 
 /// Read and validate a configuration file, with secrets from the environment and `.env`.
 pub fn load(path: &Path) -> Result<ProxyConfig, ConfigError> {
-    load_with_env(path, &ProcessEnv::with_dotenv())
+    let env = ProcessEnv::load_dotenv().map_err(|e| ConfigError::Invalid {
+        path: PathBuf::from(".env"),
+        line: e.line,
+        key: String::new(),
+        message: e.message,
+    })?;
+    load_with_env(path, &env)
 }
 
+/// Larger than any config file: `--config /dev/zero` (or a log named by mistake) is refused
+/// instead of read until memory runs out.
+const MAX_CONFIG_BYTES: u64 = 4 << 20;
+
 pub fn load_with_env(path: &Path, env: &dyn Env) -> Result<ProxyConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let read_error = |source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
+    };
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(
+            std::fs::File::open(path).map_err(read_error)?,
+            MAX_CONFIG_BYTES + 1,
+        ),
+        &mut bytes,
+    )
+    .map_err(read_error)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(read_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("over {} MiB: not a config file", MAX_CONFIG_BYTES >> 20),
+        )));
+    }
+    let text = String::from_utf8(bytes).map_err(|e| {
+        read_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("not UTF-8 (from byte {})", e.utf8_error().valid_up_to()),
+        ))
     })?;
     parse_with_env(&text, path, env)
 }
@@ -101,6 +133,17 @@ pub fn parse(text: &str, path: &Path) -> Result<ProxyConfig, ConfigError> {
 }
 
 pub fn parse_with_env(text: &str, path: &Path, env: &dyn Env) -> Result<ProxyConfig, ConfigError> {
+    // `[[upstream]]` for `[upstream]` (or the other way round for `[[route]]`) would reach serde
+    // as a list, which it reads field by field into the first key's type: a message about
+    // anything but the brackets.
+    if let Some((key, line, message)) = Locator::new(text).wrong_brackets() {
+        return Err(ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line: Some(line_of(text, line)),
+            key: key.to_string(),
+            message,
+        });
+    }
     let deserializer = toml::Deserializer::new(text);
     let file: FileConfig = serde_path_to_error::deserialize(deserializer).map_err(|err| {
         // A `Spanned` value shows in the path as its private field: not a key operators wrote.
@@ -126,6 +169,7 @@ fn into_model(
     path: &Path,
     env: &dyn Env,
 ) -> Result<ProxyConfig, ConfigError> {
+    let at = Locator::new(text);
     let invalid =
         |span: Option<std::ops::Range<usize>>, key: &str, message: String| ConfigError::Invalid {
             path: path.to_path_buf(),
@@ -144,7 +188,7 @@ fn into_model(
                 && earlier.0.ip().to_canonical() == addr.0.ip().to_canonical();
             if same {
                 return Err(invalid(
-                    find_key(text, "listen"),
+                    at.key("server.listen"),
                     "server.listen",
                     format!("address {} is listed twice", addr.0),
                 ));
@@ -157,7 +201,7 @@ fn into_model(
     ] {
         if value.trim().is_empty() {
             return Err(invalid(
-                find_key_in_section(text, "server", key),
+                at.key(&format!("server.{key}")),
                 &format!("server.{key}"),
                 format!("an empty path: name a file, or leave `{key}` out for the default"),
             ));
@@ -165,7 +209,7 @@ fn into_model(
     }
     if server.threads > MAX_THREADS {
         return Err(invalid(
-            find_key(text, "threads"),
+            at.key("server.threads"),
             "server.threads",
             format!(
                 "{} threads is more than the {MAX_THREADS} allowed (0 = one per CPU core)",
@@ -199,6 +243,17 @@ fn into_model(
                 format!("backend {} is listed twice", entry.addr),
             ));
         }
+        if let Some(own) = own_listen_address(&server.listen.0, &entry.addr) {
+            return Err(invalid(
+                Some(backends_span.clone()),
+                "upstream.backends",
+                format!(
+                    "backend {} is this proxy's own listen address {own}: every request would \
+                     come back to the proxy, and go round until it runs out of connections",
+                    entry.addr
+                ),
+            ));
+        }
         backends.push(BackendTarget {
             host: entry.addr.host,
             port: entry.addr.port,
@@ -217,7 +272,7 @@ fn into_model(
             return Ok(value);
         }
         Err(invalid(
-            find_key_in_section(text, table, key),
+            at.key(&path),
             &path,
             format!(
                 "{} is out of range: must be between {} and {}",
@@ -243,7 +298,7 @@ fn into_model(
     duration("upstream.health", "timeout", health.timeout.0)?;
     if health.timeout.0 > health.interval.0 {
         return Err(invalid(
-            find_key(text, "timeout"),
+            at.key("upstream.health.timeout"),
             "upstream.health.timeout",
             format!(
                 "the health check timeout ({}) is longer than its interval ({})",
@@ -270,21 +325,13 @@ fn into_model(
             } else {
                 continue;
             };
-            return Err(invalid(
-                find_key_in_section(text, "admin", "listen"),
-                "admin.listen",
-                message,
-            ));
+            return Err(invalid(at.key("admin.listen"), "admin.listen", message));
         }
     }
 
     let log = file.log;
     if let Err(message) = check_level(&log.level) {
-        return Err(invalid(
-            find_key_in_section(text, "log", "level"),
-            "log.level",
-            message,
-        ));
+        return Err(invalid(at.key("log.level"), "log.level", message));
     }
 
     let routes_span = file.route.span();
@@ -299,23 +346,20 @@ fn into_model(
     route_body_sizes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
     if file.auth.is_some() {
         if let Some((index, (key, message))) = super::auth::first_bad_route(&routes) {
-            let span = nth_route_prefix(text, index).or(Some(routes_span.clone()));
+            let span = at.route_prefix(index).or(Some(routes_span.clone()));
             return Err(invalid(span, key, message));
         }
     }
     let auth = match file.auth {
         Some(section) => {
-            let auth_span = section.public_url.span();
             Some(
                 super::auth::validate_auth(section, routes, env).map_err(|(key, message)| {
+                    // A value from the environment is not in the file: the message names its
+                    // variable, and the line is the `[auth]` table's.
                     let span = if key.starts_with("route") {
                         Some(routes_span.clone())
                     } else {
-                        key.rsplit('.')
-                            .next()
-                            .filter(|k| *k != "auth")
-                            .and_then(|k| find_key_in_section(text, "auth", k))
-                            .or(Some(auth_span.clone()))
+                        at.key(key).or_else(|| at.table("auth"))
                     };
                     invalid(span, key, message)
                 })?,
@@ -442,6 +486,30 @@ pub(crate) fn listen_conflict(a: SocketAddr, b: SocketAddr) -> Option<String> {
     })
 }
 
+/// The public listen address a backend would reach, if it names this proxy itself: the same
+/// address, or a loopback one (`localhost` too) on the port of a wildcard listener.
+fn own_listen_address(
+    listen: &[super::file::Address],
+    backend: &super::file::HostPort,
+) -> Option<SocketAddr> {
+    let ip = match backend.host.parse::<IpAddr>() {
+        Ok(ip) => Some(ip.to_canonical()),
+        Err(_) if backend.host.eq_ignore_ascii_case("localhost") => None,
+        Err(_) => return None,
+    };
+    listen.iter().map(|l| l.0).find(|own| {
+        own.port() == backend.port
+            && match ip {
+                Some(ip) => {
+                    ip == own.ip().to_canonical()
+                        || (own.ip().is_unspecified() && (ip.is_loopback() || ip.is_unspecified()))
+                }
+                // localhost: the loopback addresses.
+                None => own.ip().is_loopback() || own.ip().is_unspecified(),
+            }
+    })
+}
+
 /// A parser message on one line: the TOML parser puts what it expected on a line of its own,
 /// which would split a log line (a refused reload's) in two.
 fn one_line(message: &str) -> String {
@@ -457,63 +525,4 @@ fn one_line(message: &str) -> String {
 fn line_of(text: &str, offset: usize) -> usize {
     text.get(..offset)
         .map_or(1, |before| before.matches('\n').count() + 1)
-}
-
-/// Like [`find_key`], but only in the `[section]` table: from its header to the next one.
-fn find_key_in_section(text: &str, section: &str, key: &str) -> Option<std::ops::Range<usize>> {
-    let header = format!("[{section}]");
-    let start = text.find(&header)? + header.len();
-    let rest = text.get(start..)?;
-    let mut end = 0;
-    for line in rest.split_inclusive('\n').skip(1) {
-        if line.trim_start().starts_with('[') {
-            break;
-        }
-        end += line.len();
-    }
-    let first = rest.split_inclusive('\n').next().map_or(0, str::len);
-    find_key(rest.get(..first + end)?, key).map(|r| r.start + start..r.end + start)
-}
-
-/// The `prefix =` line of the `index`-th `[[route]]` table (they are read in the order written).
-fn nth_route_prefix(text: &str, index: usize) -> Option<std::ops::Range<usize>> {
-    let mut offset = 0;
-    let mut seen = 0;
-    for line in text.split_inclusive('\n') {
-        offset += line.len();
-        if line.trim_start().starts_with("[[route]]") {
-            seen += 1;
-            if seen == index + 1 {
-                let rest = text.get(offset..)?;
-                // Within this table: up to the next header.
-                let end = rest
-                    .split_inclusive('\n')
-                    .scan(0, |at, l| {
-                        let start = *at;
-                        *at += l.len();
-                        Some((start, l))
-                    })
-                    .find(|(_, l)| l.trim_start().starts_with('['))
-                    .map_or(rest.len(), |(start, _)| start);
-                return find_key(rest.get(..end)?, "prefix")
-                    .map(|r| r.start + offset..r.end + offset);
-            }
-        }
-    }
-    None
-}
-
-/// Best-effort location of `key =` for errors that concern a key rather than a value.
-fn find_key(text: &str, key: &str) -> Option<std::ops::Range<usize>> {
-    let mut offset = 0;
-    for line in text.split_inclusive('\n') {
-        let trimmed = line.trim_start();
-        if let Some(rest) = trimmed.strip_prefix(key) {
-            if rest.trim_start().starts_with('=') {
-                return Some(offset..offset + line.len());
-            }
-        }
-        offset += line.len();
-    }
-    None
 }
