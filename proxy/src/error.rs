@@ -34,6 +34,9 @@ pub enum ProxyError {
     /// `--upgrade` with nothing to take over from.
     #[error("cannot --upgrade: {0}")]
     Upgrade(String),
+    /// `server.upgrade_sock` that an upgrade could not bind, or would delete.
+    #[error("cannot use server.upgrade_sock {}: {problem}", path.display())]
+    UpgradeSock { path: PathBuf, problem: String },
     #[error("cannot write pid file {}: {source}", path.display())]
     PidFile {
         path: PathBuf,

@@ -125,6 +125,13 @@ pub fn run(config: ProxyConfig, options: StartOptions) -> Result<(), ProxyError>
         max_attempts(&config),
     ));
 
+    let upgrade_sock = &config.server.upgrade_sock;
+    crate::upgrade::check_upgrade_sock(upgrade_sock).map_err(|problem| {
+        ProxyError::UpgradeSock {
+            path: upgrade_sock.clone(),
+            problem,
+        }
+    })?;
     if options.upgrade {
         // Without an old process, Pingora waits for listening sockets that never come.
         let old =

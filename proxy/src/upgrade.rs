@@ -62,6 +62,60 @@ fn socket_path(line: &str) -> Option<&str> {
     (!path.is_empty()).then_some(path)
 }
 
+/// Why `upgrade_sock` cannot serve for a hand-over, checked at every start before Pingora
+/// touches the path: an `--upgrade` unlinks whatever is there and binds a socket, and panics
+/// when it cannot (its directory missing). A normal start checks too, so the proxy that will
+/// be upgraded from one day does not run on a path the upgrade cannot use.
+pub fn check_upgrade_sock(path: &Path) -> Result<(), String> {
+    // A relative path's directory is the working directory.
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => return Err(format!("{} is not a directory", dir.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!(
+                "its directory {} does not exist; create it, or name a path in a directory \
+                 that exists",
+                dir.display()
+            ))
+        }
+        Err(e) => {
+            return Err(format!(
+                "cannot look at its directory {}: {e}",
+                dir.display()
+            ))
+        }
+    }
+    // Not followed: a link, even to a socket, is not what the upgrade may remove.
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) => {
+            use std::os::unix::fs::FileTypeExt;
+            let kind = meta.file_type();
+            if kind.is_socket() {
+                return Ok(());
+            }
+            let what = if kind.is_file() {
+                "a regular file"
+            } else if kind.is_dir() {
+                "a directory"
+            } else if kind.is_symlink() {
+                "a symbolic link"
+            } else {
+                "not a socket"
+            };
+            Err(format!(
+                "it exists and is {what}, not a Unix socket; an upgrade would delete it: name \
+                 a path of its own"
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("cannot look at it: {e}")),
+    }
+}
+
 /// In the new process, before Pingora waits for the sockets: once it listens on
 /// `upgrade_sock`, send SIGQUIT to `old`. A thread, as Pingora's wait blocks this one.
 pub fn ask_for_the_listeners(old: i32, upgrade_sock: PathBuf) {
@@ -176,6 +230,39 @@ Num       RefCount Protocol Flags    Type St Inode Path
         // A path with a space, after a padded inode.
         assert!(listening_in(TABLE, Path::new("/run/my proxy/upgrade.sock")));
         assert!(!listening_in(TABLE, Path::new("/run/my")));
+    }
+
+    #[test]
+    fn an_upgrade_sock_that_an_upgrade_would_break_or_delete_is_refused() {
+        let dir = std::env::temp_dir().join(format!("custodia-sock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Free, or a socket left by an earlier upgrade: usable.
+        let sock = dir.join("upgrade.sock");
+        assert_eq!(check_upgrade_sock(&sock), Ok(()));
+        drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+        assert_eq!(check_upgrade_sock(&sock), Ok(()));
+        assert_eq!(check_upgrade_sock(Path::new("relative.sock")), Ok(()));
+
+        let missing = check_upgrade_sock(&dir.join("absent/upgrade.sock")).unwrap_err();
+        assert!(
+            missing.contains(&format!("{} does not exist", dir.join("absent").display())),
+            "{missing}"
+        );
+        let file = dir.join("precious.txt");
+        std::fs::write(&file, "keep me").unwrap();
+        let message = check_upgrade_sock(&file).unwrap_err();
+        assert!(
+            message.contains("is a regular file, not a Unix socket"),
+            "{message}"
+        );
+        let message = check_upgrade_sock(&file.join("upgrade.sock")).unwrap_err();
+        assert!(message.contains("is not a directory"), "{message}");
+        let link = dir.join("link.sock");
+        std::os::unix::fs::symlink(&sock, &link).unwrap();
+        let message = check_upgrade_sock(&link).unwrap_err();
+        assert!(message.contains("a symbolic link"), "{message}");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -217,16 +217,36 @@ impl Running {
 
     /// [`Running::start`] with `RUST_LOG=rust_log`.
     fn start_with_log(config: &Path, rust_log: &str) -> Running {
+        Running::spawn(Running::command(config, rust_log, &[]))
+    }
+
+    /// The command [`Running::start`] runs, with `args` after `--config FILE`.
+    fn command(config: &Path, rust_log: &str, args: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_custodia-proxy"));
         command
             .args(["--config", config.to_str().unwrap()])
+            .args(args)
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("RUST_LOG", rust_log)
             .current_dir(std::env::temp_dir())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped());
+        command
+    }
+
+    fn spawn(mut command: Command) -> Running {
         Running(command.spawn().expect("start custodia-proxy"))
+    }
+
+    /// Waits (bounded) until it accepts connections on `addr`.
+    fn wait_listening(&mut self, addr: std::net::SocketAddr) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(std::time::Instant::now() < deadline, "never listened");
+            assert!(self.0.try_wait().unwrap().is_none(), "it exited");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 
     /// The exit code and stderr, if it exits within `patience`.
@@ -456,4 +476,84 @@ fn a_closed_stdout_is_no_panic() {
             }
         },
     );
+}
+
+/// Runs `--config CONFIG ARGS…` to its end (bounded) and returns its exit code and stderr.
+fn run_to_the_end(config: &Path, args: &[&str]) -> (Option<i32>, String) {
+    Running::spawn(Running::command(config, "warn", args))
+        .exits_within(std::time::Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("{args:?}: still running after 20 s"))
+}
+
+/// `server.upgrade_sock` that an `--upgrade` could not bind (too long, or in a directory that
+/// does not exist), or that names a file it would delete, is refused at `--check` or at the
+/// start, never a panic, and never touched: Pingora unlinks the path and binds a socket there.
+#[test]
+fn an_upgrade_sock_an_upgrade_cannot_use_is_refused_and_left_alone() {
+    let (listen, admin) = (free_port(), free_port());
+    let (dir, config) = serving_config_file("upgrade-sock", listen, admin);
+    let mut old = Running::start(&config);
+    old.wait_listening(listen);
+    let good = std::fs::read_to_string(&config).unwrap();
+    let with_sock = |sock: &str| {
+        let bad = config.with_file_name("bad.toml");
+        let sock_line = format!("upgrade_sock = \"{}/upgrade.sock\"", dir.display());
+        assert!(good.contains(&sock_line));
+        std::fs::write(
+            &bad,
+            good.replace(&sock_line, &format!("upgrade_sock = \"{sock}\"")),
+        )
+        .unwrap();
+        bad
+    };
+
+    // Too long for a Unix socket: --check says so (and the start the same).
+    let long = format!("{}/{}.sock", dir.display(), "s".repeat(120));
+    let bad = with_sock(&long);
+    for args in [&["--check"][..], &["--upgrade"]] {
+        let (code, stderr) = run_to_the_end(&bad, args);
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("key `server.upgrade_sock`")
+                && stderr.contains("too long for a Unix socket")
+                && stderr.contains("at most 107 bytes"),
+            "{args:?}: {stderr}"
+        );
+    }
+
+    let precious = dir.join("precious.txt");
+    std::fs::write(&precious, "keep me").unwrap();
+    let missing = dir.join("absent");
+    for (sock, words) in [
+        (
+            missing.join("upgrade.sock"),
+            format!("its directory {} does not exist", missing.display()),
+        ),
+        (
+            precious.clone(),
+            "it exists and is a regular file, not a Unix socket; an upgrade would delete it"
+                .to_string(),
+        ),
+    ] {
+        let bad = with_sock(sock.to_str().unwrap());
+        for args in [&["--upgrade"][..], &[]] {
+            let (code, stderr) = run_to_the_end(&bad, args);
+            assert_eq!(code, Some(1), "{args:?} {}: {stderr}", sock.display());
+            assert!(
+                stderr.contains(&format!(
+                    "cannot use server.upgrade_sock {}: ",
+                    sock.display()
+                )) && stderr.contains(&words)
+                    && !stderr.contains("panicked"),
+                "{args:?} {}: {stderr}",
+                sock.display()
+            );
+        }
+    }
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "keep me");
+    // The running proxy was not asked to hand over: it serves on.
+    assert!(old.0.try_wait().unwrap().is_none(), "the old proxy exited");
+    assert!(std::net::TcpStream::connect(listen).is_ok());
+    drop(old);
+    let _ = std::fs::remove_dir_all(&dir);
 }

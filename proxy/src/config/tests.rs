@@ -874,3 +874,29 @@ fn empty_pid_file_and_upgrade_sock_are_refused() {
         );
     }
 }
+
+#[test]
+fn an_upgrade_sock_too_long_for_a_unix_socket_is_refused() {
+    let config = |path: &str| {
+        format!("[server]\nupgrade_sock = \"{path}\"\n[upstream]\nbackends = [\"127.0.0.1:1\"]\n")
+    };
+    let longest = format!("/tmp/{}", "s".repeat(validate::MAX_SOCKET_PATH - 5));
+    assert_eq!(longest.len(), validate::MAX_SOCKET_PATH);
+    // The limit is the kernel's: the longest path accepted binds, one byte more does not.
+    assert!(std::os::unix::net::SocketAddr::from_pathname(&longest).is_ok());
+    assert!(std::os::unix::net::SocketAddr::from_pathname(format!("{longest}s")).is_err());
+    assert!(parse_str(&config(&longest)).is_ok());
+    let message = error_of(&config(&format!("{longest}s")));
+    assert_eq!(
+        message,
+        format!(
+            "test.toml:2: key `server.upgrade_sock`: `{longest}s` is 108 bytes long, too long \
+             for a Unix socket: a socket path can be at most 107 bytes; name a shorter one"
+        )
+    );
+    let message = error_of(&config("/tmp/a\\u0000b.sock"));
+    assert!(
+        message.contains("key `server.upgrade_sock`: the path holds a NUL byte"),
+        "{message}"
+    );
+}

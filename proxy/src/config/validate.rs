@@ -12,7 +12,8 @@
 //! 8. `[auth]` and `[[route]]`: see [`super::auth`] (secrets come from the environment).
 //! 9. `[limits]`: counts and sizes are in range while parsing (0 is refused); its durations
 //!    as rule 7 says.
-//! 10. `server.pid_file` and `server.upgrade_sock` are not empty.
+//! 10. `server.pid_file` and `server.upgrade_sock` are not empty; `upgrade_sock` fits a Unix
+//!     socket address ([`MAX_SOCKET_PATH`] bytes, no NUL byte).
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -24,6 +25,10 @@ use super::file::{BalanceName, FileConfig, LogFormatName};
 use super::locate::Locator;
 use super::model::*;
 use super::ConfigError;
+
+/// The longest path a Unix socket can be bound at: Linux's `sockaddr_un.sun_path` holds 108
+/// bytes, the last one the terminating NUL. Pingora panics binding a longer `upgrade_sock`.
+pub const MAX_SOCKET_PATH: usize = 107;
 
 /// Proxy worker threads at most (each holds its own listening sockets and upstream pool).
 const MAX_THREADS: usize = 1024;
@@ -206,6 +211,25 @@ fn into_model(
                 format!("an empty path: name a file, or leave `{key}` out for the default"),
             ));
         }
+    }
+    let sock_len = server.upgrade_sock.len();
+    let sock_problem = if server.upgrade_sock.contains('\0') {
+        Some("the path holds a NUL byte, which no Unix socket path can".to_string())
+    } else if sock_len > MAX_SOCKET_PATH {
+        Some(format!(
+            "`{}` is {sock_len} bytes long, too long for a Unix socket: a socket path can be at \
+             most {MAX_SOCKET_PATH} bytes; name a shorter one",
+            server.upgrade_sock
+        ))
+    } else {
+        None
+    };
+    if let Some(message) = sock_problem {
+        return Err(invalid(
+            at.key("server.upgrade_sock"),
+            "server.upgrade_sock",
+            message,
+        ));
     }
     if server.threads > MAX_THREADS {
         return Err(invalid(
