@@ -37,6 +37,10 @@ pub enum ProxyError {
     /// `server.upgrade_sock` that an upgrade could not bind, or would delete.
     #[error("cannot use server.upgrade_sock {}: {problem}", path.display())]
     UpgradeSock { path: PathBuf, problem: String },
+    /// `server.pid_file` that is not this process's to write: no pid file, or a serving
+    /// proxy's.
+    #[error("cannot use server.pid_file {}: {problem}", path.display())]
+    PidFileTaken { path: PathBuf, problem: String },
     #[error("cannot write pid file {}: {source}", path.display())]
     PidFile {
         path: PathBuf,

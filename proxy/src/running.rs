@@ -60,6 +60,37 @@ pub fn running_pid(pid_file: &Path) -> Result<i32, String> {
     Ok(pid)
 }
 
+/// Whether process `pid` is a proxy serving a config file now (see
+/// [`command_line_is_a_proxy`]); false when it does not exist or is a zombie.
+pub fn serves(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|command_line| command_line_is_a_proxy(&command_line))
+}
+
+/// Whether `pid` is the parent of this process, or its parent's, and so on up to init.
+pub fn is_an_ancestor(pid: i32) -> bool {
+    let mut current = std::os::unix::process::parent_id() as i32;
+    // Bounded: a chain read while processes come and go could loop.
+    for _ in 0..256 {
+        if current == pid {
+            return true;
+        }
+        match parent_of(current) {
+            Some(parent) if parent > 0 && parent != current => current = parent,
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// The parent of process `pid`, from `/proc/PID/stat` (the fourth field; the second, the
+/// command name in parentheses, may hold spaces and parentheses itself).
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// The command name of process `pid` (`/proc/PID/comm`), if it can be read.
 fn command_name(pid: i32) -> Option<String> {
     let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;

@@ -139,6 +139,9 @@ pub fn run(config: ProxyConfig, options: StartOptions) -> Result<(), ProxyError>
         crate::upgrade::ask_for_the_listeners(old, config.server.upgrade_sock.clone());
     } else {
         check_addresses_are_free(&config)?;
+        // An upgrade takes the old process's pid file over by design; a normal start may
+        // only replace a stale one.
+        check_pid_file(&config.server.pid_file)?;
     }
     let opt = Opt {
         upgrade: options.upgrade,
@@ -260,6 +263,69 @@ fn check_addresses_are_free(config: &ProxyConfig) -> Result<(), ProxyError> {
     Ok(())
 }
 
+/// Whether the pid file at `path` is this process's to write at a normal start: it is when
+/// absent, empty, or stale (its process gone, or no serving proxy: the number was reused).
+/// Refused: a file that is no pid file (`pid_file` naming the config file, say: writing would
+/// destroy it), and one naming a proxy that serves now (taking it would hide that proxy from
+/// `--reload` and `--upgrade`, and this process's exit would delete the file).
+fn check_pid_file(path: &std::path::Path) -> Result<(), ProxyError> {
+    let refuse = |problem: String| ProxyError::PidFileTaken {
+        path: path.to_path_buf(),
+        problem,
+    };
+    let not_a_pid_file = |what: &str| {
+        refuse(format!(
+            "it exists and {what}, so it is no pid file and is not overwritten: name a pid \
+             file of its own"
+        ))
+    };
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(refuse(format!("cannot look at it ({e})"))),
+    };
+    // Not read otherwise: a FIFO would block the start, a device never end.
+    if !meta.is_file() {
+        return Err(not_a_pid_file("is not a regular file"));
+    }
+    let mut head = Vec::new();
+    let read = std::fs::File::open(path)
+        .and_then(|file| std::io::Read::read_to_end(&mut std::io::Read::take(file, 32), &mut head));
+    if let Err(e) = read {
+        return Err(refuse(format!("cannot read it ({e})")));
+    }
+    let Some(pid) = pid_in(&head) else {
+        return Err(not_a_pid_file("holds something other than a pid"));
+    };
+    let Some(pid) = pid else {
+        return Ok(());
+    };
+    // Our own pid, or a parent's (a wrapper started with our arguments), is left from an
+    // earlier run whose pid was reused, as happens in containers.
+    let ours = pid == std::process::id() as i32 || crate::running::is_an_ancestor(pid);
+    if !ours && crate::running::serves(pid) {
+        return Err(refuse(format!(
+            "process {pid} already serves with this pid file; use --upgrade to take over, or \
+             give this one its own server.pid_file"
+        )));
+    }
+    Ok(())
+}
+
+/// The pid a pid file's first bytes hold: `Some(None)` when empty, `None` when they are not
+/// a positive number with at most a line end after it.
+fn pid_in(head: &[u8]) -> Option<Option<i32>> {
+    if head.is_empty() {
+        return Some(None);
+    }
+    let digits = head.strip_suffix(b"\n").unwrap_or(head);
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let pid = std::str::from_utf8(digits).ok()?.parse::<i32>().ok()?;
+    (pid > 0).then_some(Some(pid))
+}
+
 /// Remove the pid file unless another process (the one an upgrade handed over to) wrote its
 /// own pid there since.
 pub(crate) fn remove_pid_file(path: &std::path::Path) {
@@ -323,6 +389,75 @@ mod tests {
             SocketAddr::from(([127, 0, 0, 1], port)),
         ];
         assert!(check_addresses_are_free(&config).is_ok());
+    }
+
+    #[test]
+    fn a_pid_file_is_replaced_only_when_stale() {
+        let dir = std::env::temp_dir().join(format!("custodia-pid-check-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("proxy.pid");
+        let verdict = |text: &str| {
+            std::fs::write(&file, text).unwrap();
+            check_pid_file(&file).map_err(|e| e.to_string())
+        };
+        assert!(check_pid_file(&dir.join("absent.pid")).is_ok());
+        // Stale: empty, a process that is gone (no pid is this high), this process's own
+        // (left by an earlier run), a live process that is no proxy.
+        assert!(verdict("").is_ok());
+        assert!(verdict("2147483646\n").is_ok());
+        assert!(verdict(&format!("{}\n", std::process::id())).is_ok());
+        let mut sleeper = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        assert!(verdict(&sleeper.id().to_string()).is_ok());
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+
+        // A serving proxy's: its command line is a proxy's (see `running`'s tests).
+        let mut proxy = std::process::Command::new("bash")
+            .args(["-c", "read -r _", "proxy", "--config", "x.toml"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = proxy.id();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut serving = verdict(&format!("{pid}\n"));
+        while serving.is_ok() && std::time::Instant::now() < deadline {
+            // Until its exec, the child bears this test's command line.
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            serving = verdict(&format!("{pid}\n"));
+        }
+        let _ = proxy.kill();
+        let _ = proxy.wait();
+        assert_eq!(
+            serving.unwrap_err(),
+            format!(
+                "cannot use server.pid_file {}: process {pid} already serves with this pid \
+                 file; use --upgrade to take over, or give this one its own server.pid_file",
+                file.display()
+            )
+        );
+
+        // No pid file: refused, and left as it was.
+        for text in [
+            "[server]\npid_file = \"x\"\n",
+            "12 34\n",
+            "-5",
+            "0\n",
+            "12\n\n",
+            "99999999999999",
+        ] {
+            let message = verdict(text).unwrap_err();
+            assert!(
+                message.contains("holds something other than a pid, so it is no pid file"),
+                "{text:?}: {message}"
+            );
+            assert_eq!(std::fs::read_to_string(&file).unwrap(), text);
+        }
+        let message = check_pid_file(&dir).unwrap_err().to_string();
+        assert!(message.contains("is not a regular file"), "{message}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -557,3 +557,60 @@ fn an_upgrade_sock_an_upgrade_cannot_use_is_refused_and_left_alone() {
     drop(old);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A `server.pid_file` that is no pid file (the config file itself, mistyped) is neither
+/// overwritten nor removed, and a second proxy does not take a serving one's pid file (which
+/// left `--reload` of the first saying no proxy runs, and deleted the file at its exit).
+#[test]
+fn a_pid_file_that_is_not_this_proxys_is_left_alone() {
+    let (dir, config) = serving_config_file("pid-file", free_port(), free_port());
+    let text = std::fs::read_to_string(&config).unwrap();
+    let pid_line = format!("pid_file = \"{}/proxy.pid\"", dir.display());
+    assert!(text.contains(&pid_line));
+    let own_file = text.replace(&pid_line, &format!("pid_file = \"{}\"", config.display()));
+    std::fs::write(&config, &own_file).unwrap();
+    let stderr = refused_to_start(&config);
+    assert!(
+        stderr.contains(&format!(
+            "cannot use server.pid_file {}: it exists and holds something other than a pid",
+            config.display()
+        )),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), own_file);
+
+    // Two proxies on different addresses, one pid file.
+    std::fs::write(&config, &text).unwrap();
+    let listen = free_port();
+    let first_config = dir.join("first.toml");
+    std::fs::write(
+        &first_config,
+        serving_config(dir.to_str().unwrap(), listen, free_port()),
+    )
+    .unwrap();
+    let mut first = Running::start(&first_config);
+    first.wait_listening(listen);
+    let pid_file = dir.join("proxy.pid");
+    let first_pid = first.0.id().to_string();
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        first_pid
+    );
+    let stderr = refused_to_start(&config);
+    assert!(
+        stderr.contains(&format!(
+            "cannot use server.pid_file {}: process {first_pid} already serves with this pid \
+             file; use --upgrade to take over, or give this one its own server.pid_file",
+            pid_file.display()
+        )),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        first_pid
+    );
+    let (code, stderr) = run_to_the_end(&first_config, &["--reload"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    drop(first);
+    let _ = std::fs::remove_dir_all(&dir);
+}
