@@ -21,6 +21,7 @@ pub mod limits;
 pub mod logging;
 pub mod memory;
 pub mod metrics;
+pub mod open_files;
 pub mod pages;
 pub mod process_exit;
 pub use custodia_probe as probe;

@@ -96,12 +96,21 @@ impl Reloader {
 
     /// Reload and report: the log line, the metrics. Returns whether it succeeded.
     pub fn reload_and_report(&self) -> bool {
-        let source = self.shared.load().config.source.clone();
+        let before = self.shared.load();
+        let (source, cap_before) = (
+            before.config.source.clone(),
+            before.config.limits.max_connections,
+        );
+        drop(before);
         match self.reload() {
             Ok(done) => {
                 metrics::config().reload_success.inc();
                 metrics::config().loaded_now();
                 let runtime = self.shared.load();
+                // A raised cap may need more open files than the start asked for.
+                if runtime.config.limits.max_connections > cap_before {
+                    crate::open_files::ensure(&runtime.config);
+                }
                 tracing::info!(
                     file = %source.display(),
                     generation = done.generation,

@@ -143,6 +143,7 @@ pub fn run(config: ProxyConfig, options: StartOptions) -> Result<(), ProxyError>
         // only replace a stale one.
         check_pid_file(&config.server.pid_file)?;
     }
+    crate::open_files::ensure(&config);
     let opt = Opt {
         upgrade: options.upgrade,
         ..Opt::default()

@@ -249,6 +249,17 @@ impl Running {
         }
     }
 
+    /// Kills it and returns what it wrote on stderr.
+    fn stop(mut self) -> String {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let mut stderr = String::new();
+        if let Some(mut pipe) = self.0.stderr.take() {
+            std::io::Read::read_to_string(&mut pipe, &mut stderr).unwrap();
+        }
+        stderr
+    }
+
     /// The exit code and stderr, if it exits within `patience`.
     fn exits_within(mut self, patience: std::time::Duration) -> Option<(Option<i32>, String)> {
         let deadline = std::time::Instant::now() + patience;
@@ -612,5 +623,137 @@ fn a_pid_file_that_is_not_this_proxys_is_left_alone() {
     let (code, stderr) = run_to_the_end(&first_config, &["--reload"]);
     assert_eq!(code, Some(0), "{stderr}");
     drop(first);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Starts the proxy binary with its open-file limit set to `soft` (and `hard`, if given).
+fn with_open_files(config: &Path, soft: u64, hard: Option<u64>) -> Running {
+    use std::os::unix::process::CommandExt;
+    let mut command = Running::command(config, "warn", &[]);
+    // SAFETY: between fork and exec the closure only calls getrlimit and setrlimit, which
+    // are async-signal-safe, on a struct on its own stack.
+    unsafe {
+        command.pre_exec(move || {
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            limit.rlim_cur = soft;
+            limit.rlim_max = hard.unwrap_or(limit.rlim_max);
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Running::spawn(command)
+}
+
+/// `(soft, hard)` "Max open files" of process `pid`.
+fn open_file_limits(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (numbers[0], numbers[1])
+}
+
+/// `GET path` on `addr` over HTTP/1.0: the whole answer.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// With a soft open-file limit below what `max_connections` needs (1024 is common; 256 here,
+/// for a cap of 300), the proxy raises it at start: clients up to the cap are all taken in,
+/// and the next one gets the cap's 503, not an accept that fails with "Too many open files".
+#[test]
+fn the_open_file_limit_is_raised_for_max_connections() {
+    let (listen, admin) = (free_port(), free_port());
+    let (dir, config) = serving_config_file("open-files", listen, admin);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("threads = 2", "threads = 1");
+    std::fs::write(&config, format!("{text}[limits]\nmax_connections = 300\n")).unwrap();
+    let mut proxy = with_open_files(&config, 256, None);
+    proxy.wait_listening(listen);
+    let (soft, _) = open_file_limits(proxy.0.id());
+    assert!(soft >= 600, "soft open-file limit {soft}");
+
+    let clients: Vec<std::net::TcpStream> = (0..300)
+        .map(|_| std::net::TcpStream::connect(listen).unwrap())
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let metrics = http_get(admin, "/metrics");
+        let open = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("custodia_connections_open "))
+            .map(|v| v.trim().to_string());
+        if open.as_deref() == Some("300") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the proxy took in {open:?} of 300 clients (None: its admin listener did not answer)"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let over = http_get(listen, "/");
+    assert!(
+        over.starts_with("HTTP/1.1 503") && over.contains("retry-after: 1"),
+        "{over}"
+    );
+    drop(clients);
+    let stderr = proxy.stop();
+    assert!(!stderr.contains("Too many open files"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// When the hard limit is too low as well, the start says so once, with the numbers and what
+/// to do, and serves on.
+#[test]
+fn a_hard_open_file_limit_too_low_is_a_warning_at_start() {
+    let (listen, admin) = (free_port(), free_port());
+    let (dir, config) = serving_config_file("hard-limit", listen, admin);
+    let mut proxy = with_open_files(&config, 256, Some(1024));
+    proxy.wait_listening(listen);
+    assert_eq!(
+        open_file_limits(proxy.0.id()),
+        (1024, 1024),
+        "raised to the hard limit"
+    );
+    let stderr = proxy.stop();
+    assert_eq!(stderr.matches("open-file limit").count(), 1, "{stderr}");
+    for words in [
+        "the open-file limit (RLIMIT_NOFILE) is 1024",
+        "limits.max_connections = 4096 needs about",
+        "LimitNOFILE",
+        "ulimit -Hn",
+        &config.display().to_string(),
+    ] {
+        assert!(stderr.contains(words), "{words}: {stderr}");
+    }
+    let lower = stderr
+        .split("or lower limits.max_connections to ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse::<u32>().ok());
+    assert!(lower.is_some_and(|n| n > 0 && n < 512), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -8,7 +8,7 @@ pub mod login_rate;
 mod parking;
 mod shutdown;
 
-pub use admin_gate::{AdminGate, ADMIN_KEEPALIVE};
+pub use admin_gate::{AdminGate, ADMIN_KEEPALIVE, MAX_ADMIN_CONNECTIONS};
 pub use connection::{ClientStream, ConnectionGate};
 pub use login_rate::LoginRate;
 pub use shutdown::ShutdownSignal;
