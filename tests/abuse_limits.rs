@@ -41,7 +41,7 @@ fn auth_stack_with(trusted: &str, capturing: bool) -> (RecordingServer, Proxy) {
         ("AUTH0_CLIENT_SECRET", "custodia-secret"),
         (
             "APP_SECRET_KEY",
-            "0123456789abcdef0123456789abcdef0123456789abcdef",
+            "5f0c7a1d9e2b4c6f8a0d1e3f5a7c9b1d2e4f6a8c0b2d4e6f",
         ),
         // The access log is info events.
         ("RUST_LOG", if capturing { "info" } else { "warn" }),

@@ -13,7 +13,7 @@ fn env() -> &'static HashMap<String, String> {
     static ENV: OnceLock<HashMap<String, String>> = OnceLock::new();
     ENV.get_or_init(|| {
         [
-            ("APP_SECRET_KEY", "0123456789abcdef0123456789abcdef0123"),
+            ("APP_SECRET_KEY", "5f0c7a1d9e2b4c6f8a0d1e3f5a7c9b1d2e4f"),
             ("AUTH0_CLIENT_SECRET", "fuzz-client-secret"),
             ("AUTH0_CLIENT_ID", "fuzz-client"),
             ("CUSTODIA_AUTH_ISSUER", "http://127.0.0.1:1/"),

@@ -57,6 +57,10 @@ pub enum SecretWeakness {
     Placeholder,
     #[error("too weak (only {distinct} different characters; a random key has many more)")]
     FewCharacters { distinct: usize },
+    #[error("too weak (a pattern of {period} characters repeated; a random key repeats none)")]
+    Repeated { period: usize },
+    #[error("too weak (it holds the word `{word}`)")]
+    CommonWord { word: &'static str },
 }
 
 /// Words of the placeholders in `.env.example` and the docs (compared in lower case).
@@ -83,8 +87,26 @@ pub fn secret_weakness(secret: &[u8]) -> Option<SecretWeakness> {
         seen[usize::from(byte)] = true;
     }
     let distinct = seen.iter().filter(|&&s| s).count();
-    (distinct < MIN_DISTINCT_SECRET_BYTES).then_some(SecretWeakness::FewCharacters { distinct })
+    if distinct < MIN_DISTINCT_SECRET_BYTES {
+        return Some(SecretWeakness::FewCharacters { distinct });
+    }
+    // Typed, not drawn: a word a person picks, or one piece typed over and over
+    // (`abcdefgh` four times); no random key of this length is either, but by a chance far
+    // under one in a million.
+    if let Some(word) = COMMON_WORDS
+        .into_iter()
+        .find(|word| lower.windows(word.len()).any(|w| w == word.as_bytes()))
+    {
+        return Some(SecretWeakness::CommonWord { word });
+    }
+    let len = secret.len();
+    (1..=len / 2)
+        .find(|&p| secret[p..] == secret[..len - p])
+        .map(|period| SecretWeakness::Repeated { period })
 }
+
+/// Words people type as passwords (compared in lower case).
+const COMMON_WORDS: [&str; 3] = ["password", "qwerty", "letmein"];
 
 /// `base64url({"alg":"HS256","typ":"JWT"})`, the only header [`sign_assertion`] writes.
 const SIGNED_HEADER: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9";
@@ -534,6 +556,32 @@ mod tests {
         let err = verify_assertion(&format!("{signing_input}.{}", b64(&sig[..16])), KEY, NOW)
             .unwrap_err();
         assert!(matches!(err, AssertionError::Signature), "{err:?}");
+    }
+
+    #[test]
+    fn keys_typed_by_hand_are_weak_and_random_ones_are_not() {
+        let weak = |key: &str| secret_weakness(key.as_bytes());
+        assert_eq!(
+            weak("abcdefghabcdefghabcdefghabcdefgh"),
+            Some(SecretWeakness::Repeated { period: 8 })
+        );
+        assert_eq!(
+            weak("passwordpassword1234567890123456"),
+            Some(SecretWeakness::CommonWord { word: "password" })
+        );
+        assert_eq!(
+            weak("0123456789abcdef0123456789abcdef"),
+            Some(SecretWeakness::Repeated { period: 16 })
+        );
+        assert_eq!(weak("short"), Some(SecretWeakness::TooShort { len: 5 }));
+        // What `openssl rand -hex 32` and `-base64 32` print.
+        for random in [
+            "5f0c7a1d9e2b4c6f8a0d1e3f5a7c9b1d2e4f6a8c0b2d4e6f8a1c3e5f7b9d0a2c",
+            "9b1d0f3e5c7a2d4f6e8c0a1b3d5f7e9c",
+            "q3Xv9LkP2mZ8rT5wY1nB7cH4jF6gD0sA+eU=",
+        ] {
+            assert_eq!(weak(random), None, "{random}");
+        }
     }
 
     #[test]

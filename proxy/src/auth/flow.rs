@@ -655,7 +655,7 @@ mod tests {
                 ("CUSTODIA_AUTH_ISSUER", "http://127.0.0.1:1"),
                 ("AUTH0_CLIENT_ID", "c"),
                 ("AUTH0_CLIENT_SECRET", "s"),
-                ("APP_SECRET_KEY", "0123456789abcdef0123456789abcdef"),
+                ("APP_SECRET_KEY", "5f0c7a1d9e2b4c6f8a0d1e3f5a7c9b1d"),
             ]
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -232,7 +232,7 @@ fn limits_refuse_zero_and_absurd_values() {
 fn body_sizes_take_units_and_routes_override_them() {
     let env: std::collections::HashMap<String, String> = [
         ("AUTH0_CLIENT_SECRET", "secret"),
-        ("APP_SECRET_KEY", "0123456789abcdef0123456789abcdef"),
+        ("APP_SECRET_KEY", "5f0c7a1d9e2b4c6f8a0d1e3f5a7c9b1d"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -477,7 +477,7 @@ fn stack_env() -> std::collections::HashMap<String, String> {
         ("CUSTODIA_AUTH_ISSUER", "http://127.0.0.1:9400"),
         ("AUTH0_CLIENT_ID", "custodia-local"),
         ("AUTH0_CLIENT_SECRET", "client-secret"),
-        ("APP_SECRET_KEY", "0123456789abcdef0123456789abcdef"),
+        ("APP_SECRET_KEY", "5f0c7a1d9e2b4c6f8a0d1e3f5a7c9b1d"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -513,7 +513,7 @@ fn auth0_settings_come_from_the_seed_env() {
     assert_eq!(auth.redirect_uri(), "https://x.ngrok-free.app/callback");
     assert_eq!(
         auth.assertion_key.0,
-        custodia_identity::derive_assertion_key("0123456789abcdef0123456789abcdef")
+        custodia_identity::derive_assertion_key("5f0c7a1d9e2b4c6f8a0d1e3f5a7c9b1d")
     );
 }
 
@@ -553,7 +553,7 @@ fn auth_problems_are_errors_never_auth_off() {
         ("", &[("CUSTODIA_AUTH_ISSUER", ""), ("AUTH0_DOMAIN", "idp.example.com/evil?x=")], "AUTH0_DOMAIN (environment or .env): `idp.example.com/evil?x=` is not a domain name"),
         ("issuer = \"https://idp.example.com/?a=b#frag\"\n", &[], "query or fragment"),
         // The workers' key may not seal sessions.
-        ("", &[("CUSTODIA_ASSERTION_KEY", "0123456789abcdef0123456789abcdef")], "also a session key"),
+        ("", &[("CUSTODIA_ASSERTION_KEY", "5f0c7a1d9e2b4c6f8a0d1e3f5a7c9b1d")], "also a session key"),
         // Allow-lists no email can match.
         ("allowed_emails = [\"a@b@c.com\"]\n", &[], "not an email"),
         ("allowed_emails = [\"a@localhost\"]\n", &[], "not an email"),
@@ -565,7 +565,7 @@ fn auth_problems_are_errors_never_auth_off() {
         let message = auth_error(extra, env);
         assert!(message.contains(words), "{extra:?} {env:?} → {message}");
         assert!(
-            !message.contains("0123456789abcdef0123"),
+            !message.contains("5f0c7a1d9e2b4c6f8a0d"),
             "no secret in: {message}"
         );
     }
