@@ -136,6 +136,47 @@ async fn logins_are_rate_limited_per_real_client() {
     assert!(login_rate.is_some_and(|v| v >= 3.0), "{rejected:?}");
 }
 
+/// An identity provider that is down, met by many users at once (each a client of its own
+/// behind the trusted proxy): every refused login is counted, but logged a line a second, not
+/// one per request (50,000 lines a second under load before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_logins_are_counted_each_and_logged_a_line_a_second() {
+    let (_upstream, proxy) = auth_stack_with("\"127.0.0.1/32\"", true);
+    let unix_second = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let first_second = unix_second();
+    const USERS: usize = 200;
+    for user in 0..USERS {
+        let client = format!("198.51.{}.{}", user / 250, user % 250 + 1);
+        let refused = get_from(&proxy, None, "/login", Some(&client));
+        assert_eq!(refused.status(), Some(503), "{refused:?}");
+    }
+    let seconds = unix_second() - first_second + 1;
+    let failed = proxy
+        .metric("custodia_auth_logins_total")
+        .await
+        .into_iter()
+        .find(|(labels, _)| labels.contains("reason=\"idp_unavailable\""))
+        .map(|(_, v)| v);
+    assert_eq!(failed, Some(USERS as f64), "every refusal is counted");
+    let output = proxy.output();
+    let lines: Vec<&str> = output
+        .lines()
+        .filter(|l| l.contains("login refused: identity provider unavailable"))
+        .collect();
+    assert!(
+        (1..=seconds as usize).contains(&lines.len()),
+        "{} lines in {seconds} s: {lines:?}",
+        lines.len()
+    );
+    // What the skipped lines would have said is not lost: the next line counts them.
+    assert!(lines[0].contains("unlogged"), "{}", lines[0]);
+}
+
 /// A trusted proxy that adds its own `X-Forwarded-For` line (HAProxy's `option forwardfor`)
 /// instead of extending the client's: the lines are one list, read from the right, so a client
 /// cannot pick its own budget, its own name in the access log or the upstream's

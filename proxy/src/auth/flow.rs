@@ -19,6 +19,7 @@ use super::redirect::safe_return_target;
 use super::session::{open_session, seal_session, Session, SessionError};
 use super::session_cache::{SessionCache, Verified};
 use super::trusted::TrustedProxies;
+use crate::balancer::FailureLog;
 use crate::config::{AuthSettings, RoutePolicy};
 use crate::metrics::{self, SessionCheck};
 
@@ -270,6 +271,14 @@ fn query_param(query: Option<&str>, name: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
+/// What anyone can make happen once a request — an IdP outage met by every user, `/callback`
+/// with a stale or forged state, an `error` a bot sends — is logged one line a second per kind,
+/// with the number left unlogged since (`unlogged`): one line per request would bury the rest
+/// of the log (an outage under load wrote 50,000 a second). The metrics count every one.
+static LOG_IDP_UNAVAILABLE: FailureLog = FailureLog::new();
+static LOG_IDP_REPORTED: FailureLog = FailureLog::new();
+static LOG_STATE_MISMATCH: FailureLog = FailureLog::new();
+
 /// Logins one browser may have under way at once (tabs); starting one more forgets the oldest.
 pub const MAX_PENDING_LOGINS: usize = 4;
 
@@ -286,7 +295,13 @@ pub fn login<'a>(
     let request = match auth.oidc.authorize() {
         Ok(r) => r,
         Err(e) => {
-            tracing::warn!(error = %e, "login refused: identity provider unavailable");
+            if let Some(unlogged) = LOG_IDP_UNAVAILABLE.admit(now) {
+                tracing::warn!(
+                    error = %e,
+                    unlogged,
+                    "login refused: identity provider unavailable"
+                );
+            }
             metrics::auth()
                 .logins
                 .with_label_values(&["failed", "idp_unavailable"])
@@ -360,11 +375,14 @@ pub async fn callback<'a>(
         // Anyone can send a browser here with any text: logged escaped (no forged lines), and
         // shown on our page only for a sign-in this browser really started (no words put in
         // the site's mouth by a crafted link).
-        tracing::warn!(
-            error = ?truncated(&error),
-            description = ?truncated(&description),
-            "the identity provider reported a failed sign-in"
-        );
+        if let Some(unlogged) = LOG_IDP_REPORTED.admit(now) {
+            tracing::warn!(
+                error = ?truncated(&error),
+                description = ?truncated(&description),
+                unlogged,
+                "the identity provider reported a failed sign-in"
+            );
+        }
         let (status, reason) = if error == "access_denied" {
             (403, "access_denied")
         } else {
@@ -401,9 +419,12 @@ pub async fn callback<'a>(
     };
     let name = auth.cookies.login_cookie_name(&state_value);
     let Some(sealed) = super::cookies::read_cookie(cookie_headers, &name) else {
-        tracing::warn!(
-            "callback with no matching login cookie (expired, already used, or another browser)"
-        );
+        if let Some(unlogged) = LOG_STATE_MISMATCH.admit(now) {
+            tracing::warn!(
+                unlogged,
+                "callback with no matching login cookie (expired, already used, or another browser)"
+            );
+        }
         login_failed("state_mismatch");
         return AuthResponse::page(
             400,
@@ -414,7 +435,9 @@ pub async fn callback<'a>(
     let login = match open_login_state(&auth.keys, &sealed, &state_value, now) {
         Ok(login) => login,
         Err(e) => {
-            tracing::warn!(error = %e, "callback with an invalid login state");
+            if let Some(unlogged) = LOG_STATE_MISMATCH.admit(now) {
+                tracing::warn!(error = %e, unlogged, "callback with an invalid login state");
+            }
             login_failed("state_mismatch");
             return clear_login(AuthResponse::page(
                 400,
