@@ -19,38 +19,41 @@ impl AdminApp {
         AdminApp { runtime, registry }
     }
 
-    /// Why the proxy cannot serve traffic right now, if it cannot.
+    /// Why the proxy cannot serve traffic right now, if it cannot: every reason at once, so
+    /// whoever fixes the first does not learn of the next only then.
     pub fn not_ready_reason(&self) -> Option<String> {
         let runtime = self.runtime.load();
         let pool = &runtime.pool;
         let waiting = runtime.resolution.waiting();
+        let mut reasons = Vec::new();
         if pool.members().is_empty() && !waiting.is_empty() {
-            return Some(format!(
+            reasons.push(format!(
                 "no backend address yet: {} does not resolve",
                 waiting.join(", ")
             ));
-        }
-        // Every backend out of rotation: not ready, unless one answers its checks again (on
-        // its way back, and served by the pool's fallback already) or refuses only the key
-        // check (degraded, below). A fixed pool must not fail every proxy's readiness probe
-        // for the `healthy_after` checks it takes to be back in rotation.
-        let answering =
-            |m: &crate::balancer::Member| m.slot.is_key_refused() || m.slot.passed_last_check();
-        if pool.healthy_count() == 0 && !pool.members().iter().any(answering) {
-            return Some(format!(
-                "no healthy backend (0 of {} pass health checks)",
-                pool.members().len()
-            ));
+        } else {
+            // Every backend out of rotation: not ready, unless one answers its checks again
+            // (on its way back, and served by the pool's fallback already) or refuses only the
+            // key check (degraded, below). A fixed pool must not fail every proxy's readiness
+            // probe for the `healthy_after` checks it takes to be back in rotation.
+            let answering =
+                |m: &crate::balancer::Member| m.slot.is_key_refused() || m.slot.passed_last_check();
+            if pool.healthy_count() == 0 && !pool.members().iter().any(answering) {
+                reasons.push(format!(
+                    "no healthy backend (0 of {} pass health checks)",
+                    pool.members().len()
+                ));
+            }
         }
         if let Some(auth) = &runtime.auth {
             if !auth.oidc.is_ready() {
-                return Some(format!(
+                reasons.push(format!(
                     "identity provider metadata not loaded yet ({})",
                     auth.oidc.issuer()
                 ));
             }
         }
-        None
+        (!reasons.is_empty()).then(|| reasons.join("; "))
     }
 
     /// Why the proxy serves worse than it should, while it serves: every worker runs but
@@ -156,6 +159,40 @@ mod tests {
         let runtime = crate::runtime::Runtime::build(config, &registry, 1, None).unwrap();
         let shared: SharedRuntime = Arc::new(arc_swap::ArcSwap::from_pointee(runtime));
         (AdminApp::new(shared.clone()), shared)
+    }
+
+    /// Every reason at once: the identity provider's too, while no backend is healthy.
+    #[test]
+    fn not_ready_says_every_reason() {
+        let text =
+            "[upstream]\nbackends = [\"127.0.0.1:1\"]\n[admin]\nlisten = \"127.0.0.1:9090\"\n\
+                    [auth]\nissuer = \"http://127.0.0.1:9/\"\nclient_id = \"c\"\n\
+                    public_url = \"http://127.0.0.1:8080\"\n";
+        let env: std::collections::HashMap<String, String> = [
+            ("AUTH0_CLIENT_SECRET", "client-secret"),
+            ("APP_SECRET_KEY", "5f0c7a1d9e2b4c6f8a0d1e3f5a7c9b1d"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let config =
+            crate::config::parse_with_env(text, std::path::Path::new("t.toml"), &env).unwrap();
+        let registry = Arc::new(crate::balancer::SlotRegistry::new());
+        let runtime = crate::runtime::Runtime::build(config, &registry, 1, None).unwrap();
+        let shared: SharedRuntime = Arc::new(arc_swap::ArcSwap::from_pointee(runtime));
+        let admin = AdminApp::new(shared.clone());
+        let idp = admin.not_ready_reason().expect("the IdP is not loaded");
+        assert_eq!(
+            idp,
+            "identity provider metadata not loaded yet (http://127.0.0.1:9/)"
+        );
+        shared.load().pool.members()[0].slot.mark_failed();
+        let both = admin.not_ready_reason().expect("not ready");
+        assert_eq!(
+            both,
+            "no healthy backend (0 of 1 pass health checks); identity provider metadata not \
+             loaded yet (http://127.0.0.1:9/)"
+        );
     }
 
     /// Found by a race audit: workers fixed after refusing the key check (or back after all
