@@ -855,12 +855,15 @@ fn failure_logged(ctx: &RequestCtx) -> bool {
         None => (&NO_BACKEND_LOG, "none"),
     };
     let logged = match log.admit(flow::now_unix()) {
-        Some(0) => true,
+        Some(unlogged) if unlogged.count == 0 => true,
         Some(unlogged) => {
             tracing::error!(
                 backend,
-                unlogged,
-                "more requests failed since the last line"
+                unlogged = unlogged.count,
+                unlogged_over_secs = unlogged.over_secs,
+                "{} more requests failed over the {} s since the last line",
+                unlogged.count,
+                unlogged.over_secs
             );
             true
         }

@@ -298,7 +298,8 @@ pub fn login<'a>(
             if let Some(unlogged) = LOG_IDP_UNAVAILABLE.admit(now) {
                 tracing::warn!(
                     error = %e,
-                    unlogged,
+                    unlogged = unlogged.count,
+                    unlogged_over_secs = unlogged.over_secs,
                     "login refused: identity provider unavailable"
                 );
             }
@@ -379,7 +380,8 @@ pub async fn callback<'a>(
             tracing::warn!(
                 error = ?truncated(&error),
                 description = ?truncated(&description),
-                unlogged,
+                unlogged = unlogged.count,
+                unlogged_over_secs = unlogged.over_secs,
                 "the identity provider reported a failed sign-in"
             );
         }
@@ -421,7 +423,8 @@ pub async fn callback<'a>(
     let Some(sealed) = super::cookies::read_cookie(cookie_headers, &name) else {
         if let Some(unlogged) = LOG_STATE_MISMATCH.admit(now) {
             tracing::warn!(
-                unlogged,
+                unlogged = unlogged.count,
+                unlogged_over_secs = unlogged.over_secs,
                 "callback with no matching login cookie (expired, already used, or another browser)"
             );
         }
@@ -436,7 +439,12 @@ pub async fn callback<'a>(
         Ok(login) => login,
         Err(e) => {
             if let Some(unlogged) = LOG_STATE_MISMATCH.admit(now) {
-                tracing::warn!(error = %e, unlogged, "callback with an invalid login state");
+                tracing::warn!(
+                    error = %e,
+                    unlogged = unlogged.count,
+                    unlogged_over_secs = unlogged.over_secs,
+                    "callback with an invalid login state"
+                );
             }
             login_failed("state_mismatch");
             return clear_login(AuthResponse::page(

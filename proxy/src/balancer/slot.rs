@@ -69,9 +69,9 @@ impl FailureLog {
         }
     }
 
-    /// Whether a failure at unix second `now` may be logged: `Some(n)` with the failures
-    /// left unlogged since the last line, `None` when one was written this second already.
-    pub fn admit(&self, now: u64) -> Option<u64> {
+    /// Whether a failure at unix second `now` may be logged: `Some` with the failures left
+    /// unlogged since the last line, `None` when one was written this second already.
+    pub fn admit(&self, now: u64) -> Option<Unlogged> {
         let last = self.second.load(Ordering::Relaxed);
         if last != now
             && self
@@ -79,11 +79,28 @@ impl FailureLog {
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
-            return Some(self.unlogged.swap(0, Ordering::Relaxed));
+            return Some(Unlogged {
+                count: self.unlogged.swap(0, Ordering::Relaxed),
+                over_secs: if last == 0 {
+                    0
+                } else {
+                    now.saturating_sub(last)
+                },
+            });
         }
         self.unlogged.fetch_add(1, Ordering::Relaxed);
         None
     }
+}
+
+/// Failures a [`FailureLog`] left out since its last line, and over how long: logged as
+/// `unlogged` and `unlogged_over_secs`, so that a count written long after them (at the next
+/// failure, which may belong to another incident) says when they happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unlogged {
+    pub count: u64,
+    /// Seconds since the last line (0 before the first).
+    pub over_secs: u64,
 }
 
 impl BackendSlot {

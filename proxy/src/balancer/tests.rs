@@ -368,17 +368,22 @@ fn a_new_backend_does_not_get_a_burst_of_catch_up_traffic() {
 #[test]
 fn a_backends_failures_are_logged_once_a_second_with_the_count_left_out() {
     let log = super::FailureLog::default();
-    assert_eq!(log.admit(1_000), Some(0), "the first is logged");
+    let unlogged = |count, over_secs| Some(super::Unlogged { count, over_secs });
+    assert_eq!(log.admit(1_000), unlogged(0, 0), "the first is logged");
     for _ in 0..3 {
         assert_eq!(log.admit(1_000), None, "the same second: not logged");
     }
     assert_eq!(
         log.admit(1_001),
-        Some(3),
+        unlogged(3, 1),
         "the next second says how many were left out"
     );
     assert_eq!(log.admit(1_001), None);
-    assert_eq!(log.admit(1_005), Some(1));
+    assert_eq!(
+        log.admit(1_013),
+        unlogged(1, 12),
+        "a count written long after its failures says over how long they were left out"
+    );
 }
 
 /// Found by the chaos run: a health check bringing a backend back while every other one was

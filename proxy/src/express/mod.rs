@@ -425,7 +425,8 @@ impl Exchange<'_> {
                 backend = slot.label.as_str(),
                 error = %e,
                 request_id,
-                unlogged,
+                unlogged = unlogged.count,
+                unlogged_over_secs = unlogged.over_secs,
                 "{method} {path}: failed; trying another backend if one is left"
             );
         } else {
@@ -433,7 +434,8 @@ impl Exchange<'_> {
                 backend = slot.label.as_str(),
                 error = %e,
                 request_id,
-                unlogged,
+                unlogged = unlogged.count,
+                unlogged_over_secs = unlogged.over_secs,
                 "{method} {path}: fail to proxy"
             );
         }
@@ -447,7 +449,8 @@ impl Exchange<'_> {
         };
         tracing::error!(
             request_id = self.request_id.to_str().unwrap_or(""),
-            unlogged,
+            unlogged = unlogged.count,
+            unlogged_over_secs = unlogged.over_secs,
             "{} {}: fail to proxy: {why}",
             self.req.method(),
             self.req.path()
