@@ -63,7 +63,7 @@ impl HealthChecker {
                 slot.set_key_refused(key_refused);
                 let error = match result {
                     Ok(Ok(())) => None,
-                    Ok(Err(e)) => Some(e.to_string()),
+                    Ok(Err(e)) => Some(check_failure(&e)),
                     Err(_) => Some(format!(
                         "no answer within {}",
                         humantime::format_duration(settings.timeout)
@@ -88,6 +88,31 @@ impl HealthChecker {
         }
         while probes.join_next().await.is_some() {}
     }
+}
+
+/// What went wrong with a check, in words an operator acts on: Pingora's own text nests
+/// every layer's context (" ConnectRefused context: Fail to connect to … cause:  context: …").
+fn check_failure(e: &Error) -> String {
+    let what = match e.etype() {
+        ErrorType::ConnectRefused => "connection refused: is the worker running on this address?",
+        ErrorType::ConnectTimedout => "no connection within the check's timeout",
+        ErrorType::ConnectNoRoute => "no route to the backend's address",
+        ErrorType::ConnectError | ErrorType::SocketError => "cannot connect",
+        ErrorType::ConnectionClosed => "the backend closed the connection without answering",
+        ErrorType::ReadTimedout => "no answer within the check's timeout",
+        ErrorType::WriteTimedout | ErrorType::WriteError => "cannot send the check",
+        ErrorType::ReadError => "the answer could not be read",
+        ErrorType::InvalidHTTPHeader | ErrorType::H1Error => "the answer is not valid HTTP/1",
+        // Ours (the validator's): the status, and the worker's reason when it gave one.
+        ErrorType::CustomCode(_, _) => {
+            return e
+                .context
+                .as_ref()
+                .map_or_else(|| e.reason_str().to_string(), |c| c.as_str().to_string())
+        }
+        _ => return format!("{}: {}", e.reason_str(), e.root_cause()),
+    };
+    what.to_string()
 }
 
 /// The error of a check the worker answered, refusing the key check (its reason in
@@ -152,5 +177,46 @@ impl BackgroundService for HealthChecker {
                 _ = tokio::time::sleep(interval.max(Duration::from_millis(50))) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A check's failure reads as what to look at, not as Pingora's nested contexts.
+    #[tokio::test]
+    async fn a_failed_check_says_what_went_wrong_in_words() {
+        // A port nothing listens on: bound, then released.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let config = crate::config::parse(
+            "[upstream]\nbackends = [\"127.0.0.1:1\"]\n",
+            std::path::Path::new("t.toml"),
+        )
+        .unwrap();
+        let settings = config.upstream.health;
+        let probe = probe_for(&settings, None);
+        let backend = Backend {
+            addr: pingora_core::protocols::l4::socket::SocketAddr::Inet(closed),
+            weight: 1,
+            ext: Default::default(),
+        };
+        let error = probe.check(&backend).await.unwrap_err();
+        assert_eq!(
+            check_failure(&error),
+            "connection refused: is the worker running on this address?"
+        );
+        let refused = Error::explain(
+            ErrorType::CustomCode(KEY_REFUSED, 503),
+            "status 503: this worker has no identity assertion key",
+        );
+        assert_eq!(
+            check_failure(&refused),
+            "status 503: this worker has no identity assertion key"
+        );
     }
 }
