@@ -293,7 +293,7 @@ fn errors_name_the_key_and_the_line() {
         ("[upstream]\nbackends = [\"127.0.0.1:1\"]\nconnect_timeout = \"ten\"\n",
          "upstream.connect_timeout", "invalid duration"),
         ("[upstream]\nbackends = [\"127.0.0.1:1\"]\nretries = \"two\"\n",
-         "upstream.retries", "invalid type"),
+         "upstream.retries", "invalid type: string \"two\", expected a whole number"),
         ("[server]\nlisten = \"localhost\"\n[upstream]\nbackends = [\"127.0.0.1:1\"]\n",
          "server.listen", "invalid listen address"),
         ("[upstream]\nbackends = [\"127.0.0.1:1\"]\nbalance = \"fastest\"\n",

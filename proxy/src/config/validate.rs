@@ -537,12 +537,36 @@ fn own_listen_address(
 /// A parser message on one line: the TOML parser puts what it expected on a line of its own,
 /// which would split a log line (a refused reload's) in two.
 fn one_line(message: &str) -> String {
-    message
+    let line = message
         .lines()
         .map(str::trim)
         .filter(|line| !line.is_empty())
         .collect::<Vec<_>>()
-        .join(": ")
+        .join(": ");
+    in_operators_words(&line)
+}
+
+/// serde names Rust's types ("expected u32"); an operator reads "a whole number".
+fn in_operators_words(message: &str) -> String {
+    let mut out = message.to_string();
+    for (rust, words) in [
+        ("expected usize", "expected a whole number"),
+        ("expected u64", "expected a whole number"),
+        ("expected u32", "expected a whole number"),
+        ("expected u16", "expected a whole number"),
+        ("expected u8", "expected a whole number"),
+        ("expected i64", "expected a number"),
+        ("expected f64", "expected a number"),
+    ] {
+        if let Some(at) = out.find(rust) {
+            // Whole words only: `u8` is not the start of `u16`.
+            let end = at + rust.len();
+            if !out[end..].starts_with(|c: char| c.is_ascii_alphanumeric()) {
+                out.replace_range(at..end, words);
+            }
+        }
+    }
+    out
 }
 
 /// 1-based line number of a byte offset.
