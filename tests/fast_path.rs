@@ -864,6 +864,29 @@ async fn a_worker_past_read_timeout_gets_a_504_or_the_request_moves_to_another()
             logged = proxy.output();
         }
         assert!(told(&logged), "fast_path = {fast_path}: {logged}");
+        // And its metrics say it too: a timeout, where its response times record nothing.
+        let backend = format!("backend=\"{}\"", slow.addr);
+        let failures = proxy
+            .metric("custodia_upstream_response_failures_total")
+            .await;
+        let count = |reason: &str| {
+            failures
+                .iter()
+                .find(|(labels, _)| {
+                    labels.contains(&backend) && labels.contains(&format!("reason=\"{reason}\""))
+                })
+                .map(|(_, v)| *v)
+        };
+        assert_eq!(
+            count("timeout"),
+            Some(1.0),
+            "fast_path = {fast_path}: {failures:?}"
+        );
+        assert_eq!(
+            count("closed"),
+            Some(0.0),
+            "fast_path = {fast_path}: {failures:?}"
+        );
     }
 
     // With a second worker and a retry, the GET is replayed there.

@@ -44,7 +44,7 @@ use crate::auth::flow::{self, AuthResponse, AuthRuntime, Endpoint, Gate};
 use crate::auth::identity_headers;
 use crate::auth::policy::Policy;
 use crate::auth::Verified;
-use crate::balancer::{FailureLog, Lease};
+use crate::balancer::{FailureLog, Lease, ResponseFailure};
 use crate::headers;
 use crate::limits::{login_rate, ClientStream, LoginRate, ShutdownSignal};
 use crate::metrics::{self, InFlight, PolicyClass};
@@ -363,6 +363,7 @@ impl ProxyHttp for Edge {
                 if let Some(started) = ctx.upstream_started {
                     lease.slot().penalize_latency(started.elapsed());
                 }
+                lease.slot().record_response_failure(response_failure(&e));
             }
         }
         e.set_retry(replayable && ctx.may_retry());
@@ -877,6 +878,15 @@ fn failure_logged(ctx: &RequestCtx) -> bool {
 fn accepts_html(req: &impl RequestHead) -> bool {
     req.first_str(&http::header::ACCEPT)
         .is_some_and(|a| a.contains("text/html"))
+}
+
+/// Why a Pingora-path attempt that reached the backend failed, for its metrics.
+fn response_failure(e: &Error) -> ResponseFailure {
+    match e.etype() {
+        _ if is_timeout(e) => ResponseFailure::Timeout,
+        ErrorType::InvalidHTTPHeader | ErrorType::H1Error => ResponseFailure::Invalid,
+        _ => ResponseFailure::Closed,
+    }
 }
 
 /// The status the client sees for a failed request (0: the client is gone, send nothing).

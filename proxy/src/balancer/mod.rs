@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::config::Balance;
-pub use slot::{BackendSlot, CheckStarted, FailureLog, Lease, SlotRegistry, Unlogged};
+pub use slot::{
+    BackendSlot, CheckStarted, FailureLog, Lease, ResponseFailure, SlotRegistry, Unlogged,
+};
 
 /// Why [`Pool::pick`] chose no backend, judged from the reads it chose from (a second look
 /// at the health flags could contradict them: the status would not match the cause).

@@ -37,6 +37,9 @@ pub struct BackendSlot {
     checks_failed: AtomicU64,
     /// Attempts on this backend that failed and moved to another one (metrics).
     failovers: AtomicU64,
+    /// Attempts that reached the backend but got no usable answer, by [`ResponseFailure`]
+    /// (metrics): what a slow or broken worker shows as, where its response times cannot.
+    response_failures: [AtomicU64; ResponseFailure::ALL.len()],
     /// Time to the backend's response headers; exported by the pool collector while the
     /// backend is in the pool, so removed backends vanish from the output.
     response_seconds: crate::metrics::LatencyHistogram,
@@ -50,6 +53,43 @@ pub struct BackendSlot {
     /// rotation, it is on its way back, and the pool's fallback when every backend is out
     /// already sends it requests.
     passed_last_check: AtomicBool,
+}
+
+/// Why an attempt that reached a backend got no usable answer (the `reason` label of
+/// `custodia_upstream_response_failures_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseFailure {
+    /// No answer (or no more of it) within `read_timeout` / `send_timeout`.
+    Timeout = 0,
+    /// The connection ended (closed, reset) before the whole answer.
+    Closed = 1,
+    /// What came back is not HTTP/1 the proxy can forward.
+    Invalid = 2,
+}
+
+impl ResponseFailure {
+    pub const ALL: [ResponseFailure; 3] = [
+        ResponseFailure::Timeout,
+        ResponseFailure::Closed,
+        ResponseFailure::Invalid,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            ResponseFailure::Timeout => "timeout",
+            ResponseFailure::Closed => "closed",
+            ResponseFailure::Invalid => "invalid",
+        }
+    }
+
+    /// From an I/O error of the fast path's upstream exchange.
+    pub fn of_io(e: &std::io::Error) -> ResponseFailure {
+        match e.kind() {
+            std::io::ErrorKind::TimedOut => ResponseFailure::Timeout,
+            std::io::ErrorKind::InvalidData => ResponseFailure::Invalid,
+            _ => ResponseFailure::Closed,
+        }
+    }
 }
 
 /// A budget of one log line per second for a backend's failed requests.
@@ -118,6 +158,7 @@ impl BackendSlot {
             checks_passed: AtomicU64::new(0),
             checks_failed: AtomicU64::new(0),
             failovers: AtomicU64::new(0),
+            response_failures: [const { AtomicU64::new(0) }; ResponseFailure::ALL.len()],
             response_seconds: crate::metrics::LatencyHistogram::new(),
             latency: LatencyEstimate::default(),
             failure_log: FailureLog::default(),
@@ -138,6 +179,15 @@ impl BackendSlot {
 
     pub fn failovers(&self) -> u64 {
         self.failovers.load(Ordering::Relaxed)
+    }
+
+    /// An attempt reached the backend and got no usable answer.
+    pub fn record_response_failure(&self, why: ResponseFailure) {
+        self.response_failures[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn response_failures(&self, why: ResponseFailure) -> u64 {
+        self.response_failures[why as usize].load(Ordering::Relaxed)
     }
 
     pub fn observe_response(&self, elapsed: Duration) {

@@ -42,7 +42,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::auth::flow::{self, AuthResponse, Endpoint, Gate};
 use crate::auth::Verified;
-use crate::balancer::{BackendSlot, Lease};
+use crate::balancer::{BackendSlot, Lease, ResponseFailure};
 use crate::config::UpstreamSettings;
 use crate::edge::{self, Finished};
 use crate::limits::{ClientStream, ShutdownSignal};
@@ -377,6 +377,7 @@ impl Exchange<'_> {
                 }
                 Err(Failed::Upstream(e)) => {
                     slot.penalize_latency(chosen.elapsed());
+                    slot.record_response_failure(ResponseFailure::of_io(&e));
                     (e, false)
                 }
                 Err(Failed::ClientGone) => {

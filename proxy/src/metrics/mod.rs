@@ -611,6 +611,7 @@ struct PoolCollector {
     connect_failures: IntCounterVec,
     health_checks: IntCounterVec,
     failovers: IntCounterVec,
+    response_failures: IntCounterVec,
     latency_estimate: GaugeVec,
     /// The backends' response times, counted per thread in their slots.
     responses: Desc,
@@ -670,6 +671,16 @@ impl PoolCollector {
             &["backend"],
         )
         .unwrap_or_else(|e| bad(e));
+        let response_failures = IntCounterVec::new(
+            Opts::new(
+                "custodia_upstream_response_failures_total",
+                "Attempts that reached the backend but got no usable answer, by reason: timeout \
+                 (no answer within read_timeout), closed (the connection ended first), invalid \
+                 (not HTTP/1).",
+            ),
+            &["backend", "reason"],
+        )
+        .unwrap_or_else(|e| bad(e));
         let latency_estimate = GaugeVec::new(
             Opts::new(
                 "custodia_upstream_latency_estimate_seconds",
@@ -703,6 +714,7 @@ impl PoolCollector {
                 connect_failures,
                 health_checks,
                 failovers,
+                response_failures,
                 latency_estimate,
                 responses: family::desc(UPSTREAM_RESPONSE, UPSTREAM_RESPONSE_HELP, &["backend"]),
                 generation,
@@ -721,6 +733,7 @@ impl Collector for PoolCollector {
         descs.extend(self.connect_failures.desc());
         descs.extend(self.health_checks.desc());
         descs.extend(self.failovers.desc());
+        descs.extend(self.response_failures.desc());
         descs.extend(self.latency_estimate.desc());
         descs.push(&self.responses);
         descs.extend(self.generation.desc());
@@ -739,6 +752,7 @@ impl Collector for PoolCollector {
         self.connect_failures.reset();
         self.health_checks.reset();
         self.failovers.reset();
+        self.response_failures.reset();
         self.latency_estimate.reset();
         let now = crate::balancer::latency::now();
         let runtime = self.runtime.load();
@@ -769,6 +783,11 @@ impl Collector for PoolCollector {
             self.failovers
                 .with_label_values(&label)
                 .inc_by(slot.failovers());
+            for why in crate::balancer::ResponseFailure::ALL {
+                self.response_failures
+                    .with_label_values(&[backend, why.label()])
+                    .inc_by(slot.response_failures(why));
+            }
             if let Some(nanos) = slot.latency().at(now) {
                 self.latency_estimate
                     .with_label_values(&label)
@@ -786,6 +805,7 @@ impl Collector for PoolCollector {
         families.extend(self.connect_failures.collect());
         families.extend(self.health_checks.collect());
         families.extend(self.failovers.collect());
+        families.extend(self.response_failures.collect());
         families.extend(self.latency_estimate.collect());
         families.push(family::of(
             &self.responses,
