@@ -188,11 +188,9 @@ mod tests {
     /// A check's failure reads as what to look at, not as Pingora's nested contexts.
     #[tokio::test]
     async fn a_failed_check_says_what_went_wrong_in_words() {
-        // A port nothing listens on: bound, then released.
-        let closed = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        // Port 1 (tcpmux): nothing listens there. A port bound and released could be taken by
+        // a test running beside this one.
+        let closed: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
         let config = crate::config::parse(
             "[upstream]\nbackends = [\"127.0.0.1:1\"]\n",
             std::path::Path::new("t.toml"),
