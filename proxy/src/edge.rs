@@ -621,7 +621,7 @@ pub(crate) fn gate_request(
     req: &impl RequestHead,
     now: u64,
 ) -> Gate {
-    let cookies = req.values(&http::header::COOKIE);
+    let cookies = || req.values(&http::header::COOKIE);
     let target = req.path_and_query();
     let wants_html = || !pages::wants_json(req) && accepts_html(req);
     flow::gate(auth, policy, cookies, target, wants_html, now)

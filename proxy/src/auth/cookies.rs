@@ -172,23 +172,41 @@ impl CookieSettings {
         if let Some(value) = plain.filter(|v| !v.is_empty()) {
             return (value.len() <= MAX_SESSION_VALUE_LEN).then_some(Cow::Borrowed(value));
         }
-        let count = chunks
-            .iter()
-            .take_while(|c| c.is_some_and(|v| !v.is_empty()))
-            .count();
-        if count == 0 || chunks[count..].iter().any(Option::is_some) {
-            return None;
+        joined_chunks(&chunks)
+    }
+
+    /// The session's chunks (`NAME.0`, `NAME.1`, …) in `cookie_headers`, joined.
+    fn join_chunks<'a>(
+        name: &[u8],
+        cookie_headers: impl Iterator<Item = &'a [u8]>,
+    ) -> Option<Cow<'a, [u8]>> {
+        let mut chunks: [Option<&[u8]>; MAX_CHUNKS] = [None; MAX_CHUNKS];
+        for header in cookie_headers {
+            for (n, v) in cookie_pairs(header) {
+                if let Some(slot) = chunk_index(n, name).and_then(|i| chunks.get_mut(i)) {
+                    slot.get_or_insert(v);
+                }
+            }
         }
-        let present = chunks[..count].iter().flatten();
-        let total: usize = present.clone().map(|c| c.len()).sum();
-        if total > MAX_SESSION_VALUE_LEN {
-            return None;
-        }
-        let mut joined = Vec::with_capacity(total);
-        for chunk in present {
-            joined.extend_from_slice(chunk);
-        }
-        Some(Cow::Owned(joined))
+        joined_chunks(&chunks)
+    }
+
+    /// Every session value sent: each cookie of the session's name, in order, then the chunks
+    /// joined. More than one comes when a browser also holds a stale cookie of that name (on a
+    /// longer path, which it sends first, or from a sibling host). Read only when the one
+    /// [`CookieSettings::find_session`] found fails, so the request path pays nothing for it.
+    pub fn all_sessions<'a, I: Iterator<Item = &'a [u8]>>(
+        &self,
+        cookie_headers: impl Fn() -> I,
+    ) -> Vec<Cow<'a, [u8]>> {
+        let name = self.session_cookie_name().as_bytes();
+        let mut all: Vec<Cow<'a, [u8]>> = cookie_headers()
+            .flat_map(cookie_pairs)
+            .filter(|(n, v)| *n == name && !v.is_empty() && v.len() <= MAX_SESSION_VALUE_LEN)
+            .map(|(_, v)| Cow::Borrowed(v))
+            .collect();
+        all.extend(CookieSettings::join_chunks(name, cookie_headers()));
+        all
     }
 
     /// `custodia_login_<id>` (`__Host-` prefixed when secure), where `id` is the first 16
@@ -420,6 +438,28 @@ pub(crate) fn cookie_parts(header: &[u8]) -> impl Iterator<Item = &[u8]> {
 pub(crate) fn cookie_part_name(part: &[u8]) -> Option<&[u8]> {
     let part = part.trim_ascii_start();
     memchr::memchr(b'=', part).map(|eq| part[..eq].trim_ascii_end())
+}
+
+/// Chunks found in order, joined: `None` when the first is missing or empty, one after a gap
+/// is set, or they add up to more than [`MAX_SESSION_VALUE_LEN`].
+fn joined_chunks<'a>(chunks: &[Option<&'a [u8]>; MAX_CHUNKS]) -> Option<Cow<'a, [u8]>> {
+    let count = chunks
+        .iter()
+        .take_while(|c| c.is_some_and(|v| !v.is_empty()))
+        .count();
+    if count == 0 || chunks[count..].iter().any(Option::is_some) {
+        return None;
+    }
+    let present = chunks[..count].iter().flatten();
+    let total: usize = present.clone().map(|c| c.len()).sum();
+    if total > MAX_SESSION_VALUE_LEN {
+        return None;
+    }
+    let mut joined = Vec::with_capacity(total);
+    for chunk in present {
+        joined.extend_from_slice(chunk);
+    }
+    Some(Cow::Owned(joined))
 }
 
 /// `(name, value)` pairs of one `Cookie` header, RFC 6265 style but tolerant: `;` separated,

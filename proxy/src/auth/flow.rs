@@ -173,35 +173,34 @@ pub fn now_unix() -> u64 {
 }
 
 /// Read and check the session cookie (microseconds; no network), counting the result; a
-/// verified session comes with its assertion for the workers.
-pub fn check_session<'a>(
+/// verified session comes with its assertion for the workers. `cookie_headers` gives the
+/// request's `Cookie` values, again if the first session cookie fails and others came.
+pub fn check_session<'a, I>(
     auth: &AuthRuntime,
-    cookie_headers: impl Iterator<Item = &'a [u8]>,
+    cookie_headers: impl Fn() -> I,
     now: u64,
-) -> Result<Verified, SessionError> {
+) -> Result<Verified, SessionError>
+where
+    I: Iterator<Item = &'a [u8]>,
+{
     let m = metrics::auth();
-    let result = match auth.cookies.find_session(cookie_headers) {
+    let first = auth.cookies.find_session(cookie_headers());
+    let mut result = match &first {
         None => Err(SessionError::Absent),
-        // The memo first: a value it knows passed the octet check below when it was stored.
-        Some(found) => auth.sessions.verify(
-            &found,
-            now,
-            || match cookie_text(&found) {
-                Some(sealed) => {
-                    let session = open_session(&auth.keys, sealed, now)?;
-                    // The lists may have changed since the sign-in (a reload starts a new memo,
-                    // so this runs again for every session after one).
-                    if !email_allowed(&auth.settings, session.email.as_deref()) {
-                        return Err(SessionError::NotAllowed);
-                    }
-                    Ok(session)
-                }
-                // Not cookie octets: as if there were no session cookie.
-                None => Err(SessionError::Absent),
-            },
-            |session, now| sign_assertion(auth.settings.assertion_key.0.as_bytes(), session, now),
-        ),
+        Some(found) => verify_session(auth, found, now),
     };
+    // A stale cookie of the same name (on a longer path, sent first) must not hide a valid
+    // one: the login would succeed and land back on the login, round and round.
+    if let (Err(_), Some(first)) = (&result, &first) {
+        for other in auth.cookies.all_sessions(&cookie_headers) {
+            if other.as_ref() != first.as_ref() {
+                if let Ok(verified) = verify_session(auth, &other, now) {
+                    result = Ok(verified);
+                    break;
+                }
+            }
+        }
+    }
     m.session_checked(match &result {
         Ok(_) => SessionCheck::Valid,
         Err(SessionError::Absent) => SessionCheck::Absent,
@@ -210,6 +209,29 @@ pub fn check_session<'a>(
         Err(_) => SessionCheck::Invalid,
     });
     result
+}
+
+/// One session value as sent: the memo first (a value it knows passed the octet check below
+/// when it was stored), else opened.
+fn verify_session(auth: &AuthRuntime, found: &[u8], now: u64) -> Result<Verified, SessionError> {
+    auth.sessions.verify(
+        found,
+        now,
+        || match cookie_text(found) {
+            Some(sealed) => {
+                let session = open_session(&auth.keys, sealed, now)?;
+                // The lists may have changed since the sign-in (a reload starts a new memo,
+                // so this runs again for every session after one).
+                if !email_allowed(&auth.settings, session.email.as_deref()) {
+                    return Err(SessionError::NotAllowed);
+                }
+                Ok(session)
+            }
+            // Not cookie octets: as if there were no session cookie.
+            None => Err(SessionError::Absent),
+        },
+        |session, now| sign_assertion(auth.settings.assertion_key.0.as_bytes(), session, now),
+    )
 }
 
 /// The assertion that tells the workers who is signed in (`custodia_identity`), signed with
@@ -233,14 +255,17 @@ pub fn sign_assertion(assertion_key: &[u8], session: &Session, now: u64) -> Head
 /// The per-request decision for a normalised path under its route policy. `wants_html` (a
 /// browser, to be sent to the login page, rather than an API client, to get a 401) is asked
 /// only when a required session is missing: a signed-in request never looks at `Accept`.
-pub fn gate<'a>(
+pub fn gate<'a, I>(
     auth: &AuthRuntime,
     policy: Policy,
-    cookie_headers: impl Iterator<Item = &'a [u8]>,
+    cookie_headers: impl Fn() -> I,
     original_target: &str,
     wants_html: impl FnOnce() -> bool,
     now: u64,
-) -> Gate {
+) -> Gate
+where
+    I: Iterator<Item = &'a [u8]>,
+{
     if policy == Policy::Public {
         return Gate::Forward(None);
     }
@@ -759,7 +784,7 @@ mod tests {
         match gate(
             &auth,
             Policy::Required,
-            no_cookies(),
+            no_cookies,
             "/api/me?x=1",
             || true,
             1,
@@ -773,23 +798,16 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        match gate(
-            &auth,
-            Policy::Required,
-            no_cookies(),
-            "/api/me",
-            || false,
-            1,
-        ) {
+        match gate(&auth, Policy::Required, no_cookies, "/api/me", || false, 1) {
             Gate::Respond(r) => assert_eq!(r.status, 401),
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            gate(&auth, Policy::Optional, no_cookies(), "/", || true, 1),
+            gate(&auth, Policy::Optional, no_cookies, "/", || true, 1),
             Gate::Forward(None)
         ));
         assert!(matches!(
-            gate(&auth, Policy::Public, no_cookies(), "/", || true, 1),
+            gate(&auth, Policy::Public, no_cookies, "/", || true, 1),
             Gate::Forward(None)
         ));
 
@@ -803,7 +821,7 @@ mod tests {
         };
         let cookie = format!("custodia_session={}", seal_session(&auth.keys, &session));
         let cookies = || std::iter::once(cookie.as_bytes());
-        match gate(&auth, Policy::Required, cookies(), "/api/me", || false, 50) {
+        match gate(&auth, Policy::Required, cookies, "/api/me", || false, 50) {
             Gate::Forward(Some(verified)) => {
                 assert_eq!(verified.session.sub, "u1");
                 let vouched = custodia_identity::verify_assertion(
@@ -818,10 +836,36 @@ mod tests {
         }
         assert!(
             matches!(
-                gate(&auth, Policy::Required, cookies(), "/api/me", || false, 100),
+                gate(&auth, Policy::Required, cookies, "/api/me", || false, 100),
                 Gate::Respond(_)
             ),
             "expired"
         );
+
+        // A stale cookie of the same name (on a longer path: browsers send it first) does not
+        // hide the valid one, in one Cookie header or two; found the other way round too.
+        let valid = seal_session(&auth.keys, &session);
+        let forwarded = |headers: &[String]| {
+            let cookies = || headers.iter().map(|h| h.as_bytes());
+            matches!(
+                gate(&auth, Policy::Required, cookies, "/api/me", || false, 50),
+                Gate::Forward(Some(_))
+            )
+        };
+        for stale in ["stale", "v1.AAAA", "\u{1}"] {
+            assert!(forwarded(&[format!(
+                "custodia_session={stale}; custodia_session={valid}"
+            )]));
+            assert!(forwarded(&[
+                format!("custodia_session={stale}"),
+                format!("other=1; custodia_session={valid}"),
+            ]));
+            assert!(forwarded(&[format!(
+                "custodia_session={valid}; custodia_session={stale}"
+            )]));
+            assert!(!forwarded(&[format!(
+                "custodia_session={stale}; custodia_session={stale}x"
+            )]));
+        }
     }
 }
