@@ -12,6 +12,9 @@ use std::borrow::Cow;
 
 use percent_encoding::{percent_decode, utf8_percent_encode, CONTROLS};
 
+use super::flow::Endpoint;
+use super::policy::normalise_path;
+
 /// Longest return target accepted.
 pub const MAX_RETURN_TARGET_LEN: usize = 2048;
 /// Decoding rounds tried; a value still changing after this many is refused.
@@ -42,6 +45,12 @@ pub fn safe_return_target(rd: &str) -> Option<String> {
             return None;
         }
         form = Cow::Owned(decoded.into_owned());
+    }
+    // The proxy's own endpoints are no place to return to: `rd=/logout` would sign the user
+    // straight out again after the sign-in, `rd=/callback` show "sign-in did not complete".
+    let path = &rd[..rd.find(['?', '#']).unwrap_or(rd.len())];
+    if normalise_path(path).is_ok_and(|normal| Endpoint::from_path(&normal).is_some()) {
+        return None;
     }
     Some(utf8_percent_encode(rd, CONTROLS).to_string())
 }
@@ -192,6 +201,25 @@ mod tests {
             "/x/..",
         ] {
             assert_eq!(safe_return_target(rd), None, "{rd:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn the_proxys_own_endpoints_are_no_return_target() {
+        for rd in [
+            "/logout",
+            "/logout?x=1",
+            "/callback",
+            "/callback?code=a&state=b",
+            "/login",
+            "/login?rd=/logout",
+            "/%6cogout",
+            "/login#x",
+        ] {
+            assert_eq!(safe_return_target(rd), None, "{rd:?} was accepted");
+        }
+        for rd in ["/logouts", "/api/logout", "/login/x", "/callbacks?x"] {
+            assert_eq!(safe_return_target(rd).as_deref(), Some(rd), "{rd:?}");
         }
     }
 
