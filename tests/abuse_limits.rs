@@ -177,6 +177,43 @@ async fn refused_logins_are_counted_each_and_logged_a_line_a_second() {
     assert!(lines[0].contains("unlogged"), "{}", lines[0]);
 }
 
+/// A login starts only on GET: a link checker's HEAD or a preflight's OPTIONS would set a login
+/// cookie and push a real tab's sign-in out. Logout takes GET and POST.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_login_endpoints_take_only_their_methods() {
+    let (_upstream, proxy) = auth_stack("\"127.0.0.1/32\"");
+    let send = |method: &str, path: &str| {
+        let mut stream = raw_tcp::connect(proxy.addr, None);
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        raw_tcp::exchange(&mut stream, request.as_bytes())
+    };
+    for (method, path, allow) in [
+        ("HEAD", "/login", "GET"),
+        ("OPTIONS", "/login", "GET"),
+        ("POST", "/login", "GET"),
+        ("POST", "/callback?code=a&state=b", "GET"),
+        ("PUT", "/logout", "GET, POST"),
+        ("DELETE", "/logout", "GET, POST"),
+    ] {
+        let refused = send(method, path);
+        assert_eq!(refused.status(), Some(405), "{method} {path}: {refused:?}");
+        assert_eq!(refused.header("allow"), Some(allow), "{method} {path}");
+        assert_eq!(
+            refused.header("set-cookie"),
+            None,
+            "{method} {path}: no login started, no session cleared"
+        );
+    }
+    // Their own methods go on as before: GET /login meets the IdP that is down (503).
+    assert_eq!(send("GET", "/login").status(), Some(503));
+    for method in ["GET", "POST"] {
+        let out = send(method, "/logout");
+        assert_eq!(out.status(), Some(302), "{method} /logout: {out:?}");
+    }
+}
+
 /// A trusted proxy that adds its own `X-Forwarded-For` line (HAProxy's `option forwardfor`)
 /// instead of extending the client's: the lines are one list, read from the right, so a client
 /// cannot pick its own budget, its own name in the access log or the upstream's

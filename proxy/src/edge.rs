@@ -238,6 +238,9 @@ impl ProxyHttp for Edge {
         };
         ctx.policy = policy.into();
         let endpoint = Endpoint::from_path(&path);
+        if let Some(refused) = endpoint.and_then(|e| e.refuse_method(&req.method)) {
+            return self.answer(session, ctx, refused).await;
+        }
         if matches!(endpoint, Some(Endpoint::Login | Endpoint::Callback)) {
             let per_minute = runtime.config.limits.login_rate_per_minute;
             if let Some(refused) =

@@ -155,6 +155,29 @@ impl Endpoint {
             _ => None,
         }
     }
+
+    /// The `405` for a method the endpoint does not take, or `None` when it takes it. A login
+    /// starts only on `GET`: a link checker's `HEAD` or a preflight's `OPTIONS` would set a
+    /// login cookie and push a real tab's sign-in out of the [`MAX_PENDING_LOGINS`]. Logout
+    /// also takes `POST`, the form a site can use for it.
+    pub fn refuse_method(self, method: &http::Method) -> Option<AuthResponse> {
+        let allowed = match self {
+            Endpoint::Login | Endpoint::Callback => "GET",
+            Endpoint::Logout => "GET, POST",
+        };
+        if *method == http::Method::GET
+            || (self == Endpoint::Logout && *method == http::Method::POST)
+        {
+            return None;
+        }
+        let mut refused = AuthResponse::page(
+            405,
+            "Method not allowed",
+            format!("This address takes {allowed} only."),
+        );
+        refused.headers.push(("allow", allowed.to_string()));
+        Some(refused)
+    }
 }
 
 /// What the gate decided for an ordinary request.
