@@ -467,8 +467,14 @@ pub async fn callback<'a>(
             "The callback is missing its code or state.",
         );
     };
+    // A callback that cannot finish, from a browser signed in already (Back to the IdP's form
+    // and through it again, a second tab's sign-in): home, not "sign-in expired".
+    let signed_in = || check_session(auth, || cookie_headers.clone(), now).is_ok();
     let name = auth.cookies.login_cookie_name(&state_value);
-    let Some(sealed) = super::cookies::read_cookie(cookie_headers, &name) else {
+    let Some(sealed) = super::cookies::read_cookie(cookie_headers.clone(), &name) else {
+        if signed_in() {
+            return AuthResponse::redirect("/".into());
+        }
         if let Some(unlogged) = LOG_STATE_MISMATCH.admit(now) {
             tracing::warn!(
                 unlogged = unlogged.count,
@@ -485,6 +491,7 @@ pub async fn callback<'a>(
     };
     let login = match open_login_state(&auth.keys, &sealed, &state_value, now) {
         Ok(login) => login,
+        Err(_) if signed_in() => return clear_login(AuthResponse::redirect("/".into())),
         Err(e) => {
             if let Some(unlogged) = LOG_STATE_MISMATCH.admit(now) {
                 tracing::warn!(
@@ -798,6 +805,42 @@ mod tests {
         assert!(email_allowed(&lists, Some("Ann@Team.Example")));
         assert!(!email_allowed(&lists, Some("ann@other.example")));
         assert!(!email_allowed(&lists, None));
+    }
+
+    /// The Back button to the IdP's form and through it again, or a second tab's sign-in: a
+    /// callback that cannot finish, from a browser signed in already, goes home.
+    #[tokio::test]
+    async fn a_stale_callback_from_a_signed_in_browser_goes_home() {
+        let auth = AuthRuntime::build(settings(&[], &[]), None).unwrap();
+        let now = 50;
+        let session = Session {
+            sub: "u1".into(),
+            email: None,
+            name: None,
+            picture: None,
+            iat: 1,
+            exp: 100,
+        };
+        let signed_in = format!("custodia_session={}", seal_session(&auth.keys, &session));
+        let query = Some("code=abc&state=used-already");
+        let home = callback(&auth, query, std::iter::once(signed_in.as_bytes()), now).await;
+        assert_eq!(home.status, 302);
+        assert!(home.headers.contains(&("location", "/".to_string())));
+        // A login cookie for that state that does not open: home too, and the cookie cleared.
+        let name = auth.cookies.login_cookie_name("used-already");
+        let both = format!("{signed_in}; {name}=garbage");
+        let home = callback(&auth, query, std::iter::once(both.as_bytes()), now).await;
+        assert_eq!(home.status, 302, "{home:?}");
+        assert!(home
+            .headers
+            .iter()
+            .any(|(h, v)| *h == "set-cookie" && v.starts_with(&name)));
+        // Signed out, the same callbacks still say the sign-in expired.
+        let expired = callback(&auth, query, std::iter::empty(), now).await;
+        assert_eq!(expired.status, 400);
+        let garbage = format!("{name}=garbage");
+        let expired = callback(&auth, query, std::iter::once(garbage.as_bytes()), now).await;
+        assert_eq!(expired.status, 400);
     }
 
     #[test]
