@@ -133,6 +133,33 @@ impl CookieSettings {
             .collect()
     }
 
+    /// `Set-Cookie` values that delete the session cookies `cookie_headers` carry (the plain
+    /// name, the chunks): the ones a refused session came in, and no more.
+    pub fn clear_sent_session_cookies<'a>(
+        &self,
+        cookie_headers: impl Iterator<Item = &'a [u8]>,
+    ) -> Vec<String> {
+        let name = self.session_cookie_name();
+        let mut plain = false;
+        let mut chunks = [false; MAX_CHUNKS];
+        for header in cookie_headers {
+            for (n, _) in cookie_pairs(header) {
+                if n == name.as_bytes() {
+                    plain = true;
+                } else if let Some(sent) =
+                    chunk_index(n, name.as_bytes()).and_then(|i| chunks.get_mut(i))
+                {
+                    *sent = true;
+                }
+            }
+        }
+        let plain = plain.then(|| self.set_cookie(name, "", 0));
+        let chunks = (0..MAX_CHUNKS)
+            .filter(|&i| chunks[i])
+            .map(|i| self.set_cookie(&self.session_chunk_name(i), "", 0));
+        plain.into_iter().chain(chunks).collect()
+    }
+
     /// The session value from the request's `Cookie` headers (all of them, in order).
     ///
     /// The plain name wins if present and non-empty; otherwise chunks `NAME.0`, `NAME.1`, … are

@@ -292,25 +292,35 @@ where
     if policy == Policy::Public {
         return Gate::Forward(None);
     }
-    match check_session(auth, cookie_headers, now) {
-        Ok(session) => Gate::Forward(Some(session)),
-        Err(_) if policy == Policy::Optional => Gate::Forward(None),
-        Err(_) if wants_html() => {
-            let rd = safe_return_target(original_target).unwrap_or_else(|| "/".into());
-            let query: String = form_urlencoded::Serializer::new(String::new())
-                .append_pair("rd", &rd)
-                .finish();
-            Gate::Respond(AuthResponse::redirect(format!("/login?{query}")))
-        }
-        Err(_) => Gate::Respond(AuthResponse {
+    let error = match check_session(auth, &cookie_headers, now) {
+        Ok(session) => return Gate::Forward(Some(session)),
+        Err(_) if policy == Policy::Optional => return Gate::Forward(None),
+        Err(error) => error,
+    };
+    let mut refused = if wants_html() {
+        let rd = safe_return_target(original_target).unwrap_or_else(|| "/".into());
+        let query: String = form_urlencoded::Serializer::new(String::new())
+            .append_pair("rd", &rd)
+            .finish();
+        AuthResponse::redirect(format!("/login?{query}"))
+    } else {
+        AuthResponse {
             status: 401,
             headers: vec![("www-authenticate", "Bearer realm=\"custodia\"".into())],
             page: Some(Page {
                 title: "unauthenticated",
                 detail: "Sign in at /login first.".into(),
             }),
-        }),
+        }
+    };
+    // A session cookie sent but refused (expired, tampered, sealed with a retired key): the
+    // browser is told to drop it rather than send it with every request until it expires.
+    if !matches!(error, SessionError::Absent) {
+        for clear in auth.cookies.clear_sent_session_cookies(cookie_headers()) {
+            refused = refused.with_cookie(clear);
+        }
     }
+    Gate::Respond(refused)
 }
 
 fn query_param(query: Option<&str>, name: &str) -> Option<String> {
@@ -900,13 +910,27 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(
-            matches!(
-                gate(&auth, Policy::Required, cookies, "/api/me", || false, 100),
-                Gate::Respond(_)
+        match gate(&auth, Policy::Required, cookies, "/api/me", || false, 100) {
+            // Expired: refused, and the browser told to drop the cookie it sent (not others).
+            Gate::Respond(refused) => {
+                let cleared: Vec<&String> = refused
+                    .headers
+                    .iter()
+                    .filter(|(h, _)| *h == "set-cookie")
+                    .map(|(_, v)| v)
+                    .collect();
+                assert_eq!(cleared.len(), 1, "{cleared:?}");
+                assert!(cleared[0].starts_with("custodia_session=; Max-Age=0"));
+            }
+            other => panic!("expired: {other:?}"),
+        }
+        match gate(&auth, Policy::Required, no_cookies, "/api/me", || true, 100) {
+            Gate::Respond(refused) => assert!(
+                refused.headers.iter().all(|(h, _)| *h != "set-cookie"),
+                "no cookie sent, none cleared: {refused:?}"
             ),
-            "expired"
-        );
+            other => panic!("{other:?}"),
+        }
 
         // A stale cookie of the same name (on a longer path: browsers send it first) does not
         // hide the valid one, in one Cookie header or two; found the other way round too.
