@@ -313,9 +313,11 @@ where
             }),
         }
     };
-    // A session cookie sent but refused (expired, tampered, sealed with a retired key): the
-    // browser is told to drop it rather than send it with every request until it expires.
-    if !matches!(error, SessionError::Absent) {
+    // A session cookie that can never pass again (expired, or not a sealed session at all):
+    // the browser is told to drop it rather than send it with every request. Not one that
+    // fails to open (a key left out of a rotation by mistake) or whose email a reload dropped:
+    // put right, those sessions are good again, and users would have to sign in anew.
+    if matches!(error, SessionError::Expired | SessionError::Malformed) {
         for clear in auth.cookies.clear_sent_session_cookies(cookie_headers()) {
             refused = refused.with_cookie(clear);
         }
