@@ -337,7 +337,8 @@ fn query_param(query: Option<&str>, name: &str) -> Option<String> {
 /// of the log (an outage under load wrote 50,000 a second). The metrics count every one.
 static LOG_IDP_UNAVAILABLE: FailureLog = FailureLog::new();
 static LOG_IDP_REPORTED: FailureLog = FailureLog::new();
-static LOG_STATE_MISMATCH: FailureLog = FailureLog::new();
+static LOG_NO_LOGIN_COOKIE: FailureLog = FailureLog::new();
+static LOG_BAD_LOGIN_STATE: FailureLog = FailureLog::new();
 
 /// Logins one browser may have under way at once (tabs); starting one more forgets the oldest.
 pub const MAX_PENDING_LOGINS: usize = 4;
@@ -487,7 +488,7 @@ pub async fn callback<'a>(
         if signed_in() {
             return AuthResponse::redirect("/".into());
         }
-        if let Some(unlogged) = LOG_STATE_MISMATCH.admit(now) {
+        if let Some(unlogged) = LOG_NO_LOGIN_COOKIE.admit(now) {
             tracing::warn!(
                 unlogged = unlogged.count,
                 unlogged_over_secs = unlogged.over_secs,
@@ -505,7 +506,7 @@ pub async fn callback<'a>(
         Ok(login) => login,
         Err(_) if signed_in() => return clear_login(AuthResponse::redirect("/".into())),
         Err(e) => {
-            if let Some(unlogged) = LOG_STATE_MISMATCH.admit(now) {
+            if let Some(unlogged) = LOG_BAD_LOGIN_STATE.admit(now) {
                 tracing::warn!(
                     error = %e,
                     unlogged = unlogged.count,
