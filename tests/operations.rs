@@ -872,6 +872,48 @@ async fn a_client_that_leaves_before_the_answer_releases_the_worker() {
     assert!(requests("4xx").await >= 2.0);
 }
 
+/// A failure on Pingora's path (a POST) is logged as the fast path logs one: a line that
+/// names the method and path, with the backend, the error and the request id as fields, not
+/// Pingora's free text of nested contexts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_on_either_path_is_logged_with_the_same_fields() {
+    let dead = free_addr();
+    let section = format!(
+        "[upstream]\nbackends = [\"{dead}\"]\nconnect_timeout = \"1s\"\nretries = 0\n\n\
+         [upstream.health]\ninterval = \"30s\"\ntimeout = \"1s\"\n\n[log]\naccess_log = false\n"
+    );
+    let proxy = Ops::start(&section);
+    let c = client();
+    let post = c
+        .post(proxy.url("/api/hello"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert!(post.status().is_server_error(), "{}", post.status());
+    let id = post.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let logged = eventually_async("the POST's failure line", Duration::from_secs(5), || {
+        let line = proxy
+            .stderr()
+            .lines()
+            .find(|l| l.contains("POST /api/hello: fail to proxy"))
+            .map(str::to_owned);
+        async move { line }
+    })
+    .await;
+    assert!(logged.contains(&format!("backend=\"{dead}\"")), "{logged}");
+    assert!(logged.contains(&format!("request_id=\"{id}\"")), "{logged}");
+    // Why in a phrase: every backend out once this one refused the connection.
+    assert!(
+        logged.contains("error=status 503: no healthy backend"),
+        "{logged}"
+    );
+    assert!(
+        !logged.contains("context:"),
+        "no nested Pingora contexts: {logged}"
+    );
+}
+
 /// With nowhere else to go, a failed attempt is no failover: the request fails (503) and
 /// neither `failovers_total` nor `retries_total` says it moved, on either path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

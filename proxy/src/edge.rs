@@ -44,7 +44,7 @@ use crate::auth::flow::{self, AuthResponse, AuthRuntime, Endpoint, Gate};
 use crate::auth::identity_headers;
 use crate::auth::policy::Policy;
 use crate::auth::Verified;
-use crate::balancer::{FailureLog, Lease, ResponseFailure};
+use crate::balancer::{FailureLog, Lease, ResponseFailure, Unlogged};
 use crate::headers;
 use crate::limits::{login_rate, ClientStream, LoginRate, ShutdownSignal};
 use crate::metrics::{self, InFlight, PolicyClass};
@@ -530,23 +530,56 @@ impl ProxyHttp for Edge {
     /// Requests refused for the client's fault (4xx, malformed framing, a client that left or
     /// timed out) get no error line each: a flood of bad requests must not flood the log. They
     /// are counted and in the access log.
-    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, e: &Error) -> bool {
+    // Pingora's own lines are free text ("Fail to proxy: Upstream ConnectRefused context: …"):
+    // each is suppressed, and the line written here instead, with the fields the fast path's
+    // has (backend, error, request_id, unlogged), so one query finds a failure on either path.
+    fn suppress_error_log(&self, session: &Session, ctx: &RequestCtx, e: &Error) -> bool {
         let status = status_for(e);
-        (400..500).contains(&status)
-            || (status == 0 && *e.esource() == ErrorSource::Downstream)
-            || !failure_logged(ctx)
+        let quiet = (400..500).contains(&status)
+            || (status == 0 && *e.esource() == ErrorSource::Downstream);
+        if !quiet {
+            if let Some(unlogged) = failure_logged(ctx) {
+                let req = session.req_header();
+                tracing::error!(
+                    backend = failure_backend(ctx),
+                    error = %failure_text(e),
+                    request_id = ctx.request_id.to_str().unwrap_or(""),
+                    unlogged = unlogged.count,
+                    unlogged_over_secs = unlogged.over_secs,
+                    "{} {}: fail to proxy",
+                    req.method,
+                    req.uri.path()
+                );
+            }
+        }
+        true
     }
 
     fn suppress_proxy_warn_log(
         &self,
-        _session: &Session,
+        session: &Session,
         ctx: &RequestCtx,
-        _e: &Error,
+        e: &Error,
         _context: ProxyWarnLogContext,
     ) -> bool {
         // A pooled connection found closed is no failure of the backend's: no warning, as on
         // the fast path, and no share of its one line a second.
-        ctx.stale_retry_pending || !failure_logged(ctx)
+        if !ctx.stale_retry_pending {
+            if let Some(unlogged) = failure_logged(ctx) {
+                let req = session.req_header();
+                tracing::warn!(
+                    backend = failure_backend(ctx),
+                    error = %failure_text(e),
+                    request_id = ctx.request_id.to_str().unwrap_or(""),
+                    unlogged = unlogged.count,
+                    unlogged_over_secs = unlogged.over_secs,
+                    "{} {}: failed; trying another backend if one is left",
+                    req.method,
+                    req.uri.path()
+                );
+            }
+        }
+        true
     }
 
     /// What Pingora's own log lines say about a request: no query string (it may hold
@@ -845,37 +878,63 @@ const QUIET: u8 = 2;
 /// Failures with no backend to blame (none left to try), a line a second, on both paths.
 pub(crate) static NO_BACKEND_LOG: FailureLog = FailureLog::new();
 
-/// Whether a failed request's lines (Pingora's retry warning, its final error) reach the log:
-/// a line a second per backend, as on the fast path, decided at the request's first line. A
-/// backend that is down would otherwise write one or two lines per request.
-fn failure_logged(ctx: &RequestCtx) -> bool {
+/// Whether a failed request's lines (its retry warning, its final error) reach the log, with
+/// the failures left unlogged before it (the first line carries them, later ones 0): a line a
+/// second per backend, as on the fast path, decided at the request's first line. A backend
+/// that is down would otherwise write one or two lines per request.
+fn failure_logged(ctx: &RequestCtx) -> Option<Unlogged> {
     match ctx.failure_log.load(Ordering::Relaxed) {
-        LOGGED => return true,
-        QUIET => return false,
+        LOGGED => {
+            return Some(Unlogged {
+                count: 0,
+                over_secs: 0,
+            })
+        }
+        QUIET => return None,
         _ => {}
     }
-    let (log, backend) = match &ctx.lease {
-        Some(lease) => (lease.slot().failure_log(), lease.slot().label.as_str()),
-        None => (&NO_BACKEND_LOG, "none"),
+    let log = match &ctx.lease {
+        Some(lease) => lease.slot().failure_log(),
+        None => &NO_BACKEND_LOG,
     };
-    let logged = match log.admit(flow::now_unix()) {
-        Some(unlogged) if unlogged.count == 0 => true,
-        Some(unlogged) => {
-            tracing::error!(
-                backend,
-                unlogged = unlogged.count,
-                unlogged_over_secs = unlogged.over_secs,
-                "{} more requests failed over the {} s since the last line",
-                unlogged.count,
-                unlogged.over_secs
-            );
-            true
-        }
-        None => false,
-    };
-    let decision = if logged { LOGGED } else { QUIET };
+    let admitted = log.admit(flow::now_unix());
+    let decision = if admitted.is_some() { LOGGED } else { QUIET };
     ctx.failure_log.store(decision, Ordering::Relaxed);
-    logged
+    admitted
+}
+
+/// The backend a failed request's line names: the one it last tried.
+fn failure_backend(ctx: &RequestCtx) -> &str {
+    ctx.lease
+        .as_ref()
+        .map_or("none", |lease| lease.slot().label.as_str())
+}
+
+/// A Pingora error as one short phrase: the kind of the deepest Pingora error in its chain
+/// (the outer ones wrap it: `HTTPStatus(502)`) and what went wrong at the bottom, without the
+/// context every layer adds ("ConnectRefused: Connection refused (os error 111)").
+fn failure_text(e: &Error) -> String {
+    let mut deepest = e;
+    let mut bottom: &(dyn std::error::Error + 'static) = e;
+    while let Some(cause) = bottom.source() {
+        if let Some(inner) = cause.downcast_ref::<Error>() {
+            deepest = inner;
+        }
+        bottom = cause;
+    }
+    let kind = match deepest.etype() {
+        // Ours: the status the request got, and why.
+        ErrorType::HTTPStatus(code) => format!("status {code}"),
+        _ => deepest.reason_str().to_string(),
+    };
+    if bottom.downcast_ref::<Error>().is_some() {
+        // Pingora's own at the bottom: its kind and its context, if any.
+        return match &deepest.context {
+            Some(context) => format!("{kind}: {}", context.as_str()),
+            None => kind,
+        };
+    }
+    format!("{kind}: {bottom}")
 }
 
 fn accepts_html(req: &impl RequestHead) -> bool {
