@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use support::custodia::{upstream_section, Proxy};
 use support::echo::RecordingServer;
-use support::process::free_addr;
+use support::process::{free_addr, unix_second};
 use support::raw_tcp::{self, Outcome};
 
 const LOGINS_PER_MINUTE: usize = 3;
@@ -142,12 +142,6 @@ async fn logins_are_rate_limited_per_real_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_logins_are_counted_each_and_logged_a_line_a_second() {
     let (_upstream, proxy) = auth_stack_with("\"127.0.0.1/32\"", true);
-    let unix_second = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-    };
     let first_second = unix_second();
     const USERS: usize = 200;
     for user in 0..USERS {

@@ -21,7 +21,9 @@ use support::custodia::{
     clear_secret_env, client, custodia_bin, parse_samples, upstream_section, Worker, STARTUP,
 };
 use support::echo::EchoServer;
-use support::process::{eventually_async, free_addr, wait_for_port, ChildGuard, TempDir};
+use support::process::{
+    eventually_async, free_addr, unix_second, wait_for_port, ChildGuard, TempDir,
+};
 use support::prometheus::{promtool_check, Prometheus};
 
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -872,17 +874,22 @@ async fn a_client_that_leaves_before_the_answer_releases_the_worker() {
     assert!(requests("4xx").await >= 2.0);
 }
 
+/// Config sections for a pool of one backend, `dead`, that nothing listens on; health checks
+/// too far apart to matter, access log off.
+fn lone_dead_backend(dead: SocketAddr, retries: u32) -> String {
+    format!(
+        "[upstream]\nbackends = [\"{dead}\"]\nconnect_timeout = \"1s\"\nretries = {retries}\n\n\
+         [upstream.health]\ninterval = \"30s\"\ntimeout = \"1s\"\n\n[log]\naccess_log = false\n"
+    )
+}
+
 /// A failure on Pingora's path (a POST) is logged as the fast path logs one: a line that
 /// names the method and path, with the backend, the error and the request id as fields, not
 /// Pingora's free text of nested contexts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failure_on_either_path_is_logged_with_the_same_fields() {
     let dead = free_addr();
-    let section = format!(
-        "[upstream]\nbackends = [\"{dead}\"]\nconnect_timeout = \"1s\"\nretries = 0\n\n\
-         [upstream.health]\ninterval = \"30s\"\ntimeout = \"1s\"\n\n[log]\naccess_log = false\n"
-    );
-    let proxy = Ops::start(&section);
+    let proxy = Ops::start(&lone_dead_backend(dead, 0));
     let c = client();
     let post = c
         .post(proxy.url("/api/hello"))
@@ -919,18 +926,8 @@ async fn a_failure_on_either_path_is_logged_with_the_same_fields() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_dead_backend_counts_no_failover() {
     let dead = free_addr();
-    let section = format!(
-        "[upstream]\nbackends = [\"{dead}\"]\nconnect_timeout = \"1s\"\nretries = 2\n\n\
-         [upstream.health]\ninterval = \"30s\"\ntimeout = \"1s\"\n\n[log]\naccess_log = false\n"
-    );
-    let proxy = Ops::start(&section);
+    let proxy = Ops::start(&lone_dead_backend(dead, 2));
     let c = client();
-    let unix_second = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-    };
     let first_second = unix_second();
     for _ in 0..20 {
         // GET takes the fast path, POST Pingora's.

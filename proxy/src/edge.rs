@@ -538,19 +538,7 @@ impl ProxyHttp for Edge {
         let quiet = (400..500).contains(&status)
             || (status == 0 && *e.esource() == ErrorSource::Downstream);
         if !quiet {
-            if let Some(unlogged) = failure_logged(ctx) {
-                let req = session.req_header();
-                tracing::error!(
-                    backend = failure_backend(ctx),
-                    error = %failure_text(e),
-                    request_id = ctx.request_id.to_str().unwrap_or(""),
-                    unlogged = unlogged.count,
-                    unlogged_over_secs = unlogged.over_secs,
-                    "{} {}: fail to proxy",
-                    req.method,
-                    req.uri.path()
-                );
-            }
+            log_failure(session, ctx, e, false);
         }
         true
     }
@@ -565,19 +553,7 @@ impl ProxyHttp for Edge {
         // A pooled connection found closed is no failure of the backend's: no warning, as on
         // the fast path, and no share of its one line a second.
         if !ctx.stale_retry_pending {
-            if let Some(unlogged) = failure_logged(ctx) {
-                let req = session.req_header();
-                tracing::warn!(
-                    backend = failure_backend(ctx),
-                    error = %failure_text(e),
-                    request_id = ctx.request_id.to_str().unwrap_or(""),
-                    unlogged = unlogged.count,
-                    unlogged_over_secs = unlogged.over_secs,
-                    "{} {}: failed; trying another backend if one is left",
-                    req.method,
-                    req.uri.path()
-                );
-            }
+            log_failure(session, ctx, e, true);
         }
         true
     }
@@ -903,11 +879,40 @@ fn failure_logged(ctx: &RequestCtx) -> Option<Unlogged> {
     admitted
 }
 
-/// The backend a failed request's line names: the one it last tried.
-fn failure_backend(ctx: &RequestCtx) -> &str {
-    ctx.lease
+/// A failed request's line, as the fast path writes it: a failure the request moves on from
+/// is a warning, the one that fails it an error; within the backend's line a second.
+fn log_failure(session: &Session, ctx: &RequestCtx, e: &Error, retrying: bool) {
+    let Some(unlogged) = failure_logged(ctx) else {
+        return;
+    };
+    let req = session.req_header();
+    let (method, path) = (&req.method, req.uri.path());
+    // The backend it last tried.
+    let backend = ctx
+        .lease
         .as_ref()
-        .map_or("none", |lease| lease.slot().label.as_str())
+        .map_or("none", |lease| lease.slot().label.as_str());
+    let error = failure_text(e);
+    let request_id = ctx.request_id.to_str().unwrap_or("");
+    if retrying {
+        tracing::warn!(
+            backend,
+            error,
+            request_id,
+            unlogged = unlogged.count,
+            unlogged_over_secs = unlogged.over_secs,
+            "{method} {path}: failed; trying another backend if one is left"
+        );
+    } else {
+        tracing::error!(
+            backend,
+            error,
+            request_id,
+            unlogged = unlogged.count,
+            unlogged_over_secs = unlogged.over_secs,
+            "{method} {path}: fail to proxy"
+        );
+    }
 }
 
 /// A Pingora error as one short phrase: the kind of the deepest Pingora error in its chain

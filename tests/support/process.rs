@@ -22,6 +22,14 @@ pub fn free_addr() -> SocketAddr {
     panic!("no fresh loopback port after 1000 tries");
 }
 
+/// The wall clock's unix second, as the proxy's once-a-second log budgets count them.
+pub fn unix_second() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970")
+        .as_secs()
+}
+
 /// Kills (SIGKILL) and reaps the child when dropped.
 pub struct ChildGuard {
     pub name: String,

@@ -820,20 +820,25 @@ mod tests {
         assert!(!email_allowed(&lists, None));
     }
 
-    /// The Back button to the IdP's form and through it again, or a second tab's sign-in: a
-    /// callback that cannot finish, from a browser signed in already, goes home.
-    #[tokio::test]
-    async fn a_stale_callback_from_a_signed_in_browser_goes_home() {
-        let auth = AuthRuntime::build(settings(&[], &[]), None).unwrap();
-        let now = 50;
-        let session = Session {
+    /// User "u1"'s session, signed in at 1 and valid until 100.
+    fn u1_until_100() -> Session {
+        Session {
             sub: "u1".into(),
             email: None,
             name: None,
             picture: None,
             iat: 1,
             exp: 100,
-        };
+        }
+    }
+
+    /// The Back button to the IdP's form and through it again, or a second tab's sign-in: a
+    /// callback that cannot finish, from a browser signed in already, goes home.
+    #[tokio::test]
+    async fn a_stale_callback_from_a_signed_in_browser_goes_home() {
+        let auth = AuthRuntime::build(settings(&[], &[]), None).unwrap();
+        let now = 50;
+        let session = u1_until_100();
         let signed_in = format!("custodia_session={}", seal_session(&auth.keys, &session));
         let query = Some("code=abc&state=used-already");
         let home = callback(&auth, query, std::iter::once(signed_in.as_bytes()), now).await;
@@ -890,14 +895,7 @@ mod tests {
             Gate::Forward(None)
         ));
 
-        let session = Session {
-            sub: "u1".into(),
-            email: None,
-            name: None,
-            picture: None,
-            iat: 1,
-            exp: 100,
-        };
+        let session = u1_until_100();
         let cookie = format!("custodia_session={}", seal_session(&auth.keys, &session));
         let cookies = || std::iter::once(cookie.as_bytes());
         match gate(&auth, Policy::Required, cookies, "/api/me", || false, 50) {

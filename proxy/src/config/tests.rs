@@ -472,7 +472,7 @@ fn the_shipped_config_is_valid() {
         .contains(&("/api/".into(), RoutePolicy::Required)));
 }
 
-fn stack_env() -> std::collections::HashMap<String, String> {
+pub(super) fn stack_env() -> std::collections::HashMap<String, String> {
     [
         ("CUSTODIA_AUTH_ISSUER", "http://127.0.0.1:9400"),
         ("AUTH0_CLIENT_ID", "custodia-local"),

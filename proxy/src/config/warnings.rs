@@ -48,21 +48,12 @@ fn public_url_is_loopback(public_url: &str) -> bool {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use std::collections::HashMap;
     use std::path::Path;
 
     use super::*;
 
     fn warnings_of(auth: &str) -> Vec<String> {
-        let env: HashMap<String, String> = [
-            ("CUSTODIA_AUTH_ISSUER", "http://127.0.0.1:9400"),
-            ("AUTH0_CLIENT_ID", "custodia-local"),
-            ("AUTH0_CLIENT_SECRET", "client-secret"),
-            ("APP_SECRET_KEY", "5f0c7a1d9e2b4c6f8a0d1e3f5a7c9b1d"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+        let env = super::super::tests::stack_env();
         let text = format!("[upstream]\nbackends = [\"127.0.0.1:1\"]\n[auth]\n{auth}");
         risky_settings(&super::super::parse_with_env(&text, Path::new("w.toml"), &env).unwrap())
     }
