@@ -897,7 +897,7 @@ fn log_failure(session: &Session, ctx: &RequestCtx, e: &Error, retrying: bool) {
     if retrying {
         tracing::warn!(
             backend,
-            error,
+            error = %error,
             request_id,
             unlogged = unlogged.count,
             unlogged_over_secs = unlogged.over_secs,
@@ -906,7 +906,7 @@ fn log_failure(session: &Session, ctx: &RequestCtx, e: &Error, retrying: bool) {
     } else {
         tracing::error!(
             backend,
-            error,
+            error = %error,
             request_id,
             unlogged = unlogged.count,
             unlogged_over_secs = unlogged.over_secs,
