@@ -277,11 +277,23 @@ impl Running {
     }
 }
 
+/// A free loopback port (bound, then released), never one handed out before in this process:
+/// the kernel may give a just-released port again, and a test that takes several (two proxies'
+/// listen and admin addresses) would then start one proxy on another's address.
 fn free_port() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    for _ in 0..1000 {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut seen = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+        if !seen.contains(&addr.port()) {
+            seen.push(addr.port());
+            return addr;
+        }
+    }
+    panic!("no fresh loopback port after 1000 tries");
 }
 
 /// A plain load balancer on `listen` with its admin listener on `admin`.
